@@ -1,0 +1,143 @@
+"""Every setting of the system, typed, in one place.
+
+Values come from `METAVOICE_*` environment variables (and a `.env` file when present);
+CLI flags override them through `Settings.with_overrides`. S3 credentials follow the
+standard AWS chain (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, profiles, instance
+roles) unless given here explicitly; secrets are `SecretStr` so they never print.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METAVOICE_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    # --- Kafka -------------------------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic: str = "r2-object-events"
+    dlq_topic: str = ""  # empty: "<topic>.dlq"
+    group: str = "metavoice-consumer"
+    topic_partitions: int = Field(8, ge=1)
+    topic_replication: int = Field(1, ge=1)
+    # Events are the dataset's source of truth for replays: keep them forever by default.
+    topic_retention_ms: int = -1
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    # Well under aiokafka's max_poll_interval_ms (300 s): a slow batch must never look dead.
+    kafka_session_timeout_ms: int = 30_000
+
+    # --- S3 / R2 -----------------------------------------------------------------------
+    s3_endpoint_url: str | None = None
+    s3_region: str = "auto"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    bucket: str | None = None
+    download_concurrency: int = Field(8, ge=1)
+    max_object_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    s3_retry_attempts: int = Field(8, ge=1)
+
+    # --- micro-batching and output -----------------------------------------------------
+    output_dir: Path = Path("output")
+    batch_max_events: int = Field(32, ge=1)
+    batch_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    batch_linger_ms: int = Field(500, ge=0)
+    roll_max_rows: int = Field(10_000, ge=1)
+    roll_max_seconds: float = Field(300.0, gt=0)
+    exit_when_idle: float | None = None
+    shutdown_timeout: float = Field(120.0, gt=0)
+    from_beginning: bool = False
+    from_timestamp: str | None = None
+    force: bool = False
+    min_duration_sec: float = Field(0.1, ge=0)
+    max_duration_sec: float = Field(3600.0, gt=0)
+
+    # --- models ------------------------------------------------------------------------
+    whisper_model: str = ""  # empty: bundled tiny.en when installed, else "tiny.en" from the hub
+    device: Device = "auto"
+    compute_type: str = "auto"  # auto: float16 on CUDA, int8 on CPU
+    cpu_threads: int = 0  # 0: all cores
+    whisper_batch_size: int = Field(0, ge=0)  # 0: 16 on CUDA, 8 on CPU
+    beam_size: int = Field(1, ge=1)
+    language: str | None = None
+    tokenizer: str = "synthetic"
+    tokenizer_weights: str | None = None
+    tokenizer_bandwidth: float = 6.0
+    tokenizer_batch_size: int = Field(8, ge=1)
+    tokenizer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    synthetic_load_ms: float = Field(0.0, ge=0)  # the seed burned ~200 ms of GPU per file
+
+    # --- orchestration and operations --------------------------------------------------
+    prefect_enabled: bool = True
+    pipeline_depth: int = Field(2, ge=1)  # micro-batches in flight at once
+    metrics_port: int | None = None
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    webhook_token: SecretStr | None = None
+    webhook_hmac_secret: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> "Settings":
+        if not self.dlq_topic:
+            self.dlq_topic = f"{self.topic}.dlq"
+        return self
+
+    def with_overrides(self, **overrides: Any) -> "Settings":
+        """Apply CLI flags over env/defaults; `None` means "flag not given"."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if not given:
+            return self
+        data = self.model_dump()
+        data.update(given)
+        if "topic" in given and "dlq_topic" not in given and self.dlq_topic == f"{self.topic}.dlq":
+            data["dlq_topic"] = ""
+        return type(self).model_validate(data)
+
+    # --- derived views used by the clients --------------------------------------------
+    def kafka_client_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
+            kwargs["sasl_plain_username"] = self.kafka_sasl_username
+            if self.kafka_sasl_password is not None:
+                kwargs["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+        return kwargs
+
+    def s3_client_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"region_name": self.s3_region}
+        if self.s3_endpoint_url:
+            kwargs["endpoint_url"] = self.s3_endpoint_url
+        if self.s3_access_key_id is not None and self.s3_secret_access_key is not None:
+            kwargs["aws_access_key_id"] = self.s3_access_key_id.get_secret_value()
+            kwargs["aws_secret_access_key"] = self.s3_secret_access_key.get_secret_value()
+        return kwargs
+
+    def resolved_cpu_threads(self) -> int:
+        return self.cpu_threads or (os.cpu_count() or 1)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings safe to print or store: secrets masked."""
+        return {
+            k: ("**********" if isinstance(v, SecretStr) else (str(v) if isinstance(v, Path) else v))
+            for k, v in self.__dict__.items()
+        }

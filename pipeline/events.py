@@ -1,0 +1,199 @@
+"""The one event model (`ObjectEvent`) and parsers for every notification shape we accept.
+
+Topic messages are written in Cloudflare R2's event-notification shape; the consumer also
+reads the AWS S3 / MinIO `Records[]` shape so a MinIO bucket can publish straight to Kafka.
+An object version is identified by `(bucket, key, etag)`: R2 has no version ids.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import unquote, unquote_plus
+
+import orjson
+
+from .errors import MalformedEvent
+
+CREATE_ACTIONS = frozenset({"PutObject", "CopyObject", "CompleteMultipartUpload", "PostObject"})
+DELETE_ACTIONS = frozenset({"DeleteObject", "LifecycleDeletion"})
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectEvent:
+    bucket: str
+    key: str
+    action: str = "PutObject"
+    size: int | None = None
+    etag: str | None = None
+    event_time: datetime | None = None
+    account: str = ""
+    copy_source: dict[str, str] | None = field(default=None, compare=False)
+
+    @property
+    def is_create(self) -> bool:
+        return self.action in CREATE_ACTIONS
+
+    @property
+    def message_key(self) -> bytes:
+        """Kafka key: all events of one object land in one partition, in order."""
+        return f"{self.bucket}/{self.key}".encode()
+
+    def to_r2_dict(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"key": self.key}
+        if self.size is not None:
+            obj["size"] = self.size
+        if self.etag is not None:
+            obj["eTag"] = self.etag
+        body: dict[str, Any] = {
+            "account": self.account,
+            "action": self.action,
+            "bucket": self.bucket,
+            "object": obj,
+            "eventTime": _format_time(self.event_time or datetime.now(timezone.utc)),
+        }
+        if self.copy_source:
+            body["copySource"] = self.copy_source
+        return body
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_r2_dict())
+
+
+def parse_event_payload(value: bytes | str | None) -> list[ObjectEvent]:
+    """Parse one message body into events (S3 `Records[]` may hold several, a test event none)."""
+    if value is None:
+        raise MalformedEvent("message has no value")
+    try:
+        payload = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEvent(f"message is not JSON: {exc}") from None
+    return parse_event_dict(payload)
+
+
+def parse_event_dict(payload: Any) -> list[ObjectEvent]:
+    if not isinstance(payload, dict):
+        raise MalformedEvent(f"event must be a JSON object, got {type(payload).__name__}")
+    if "Records" in payload:
+        records = payload["Records"]
+        if not isinstance(records, list):
+            raise MalformedEvent("'Records' must be a list")
+        return [_parse_s3_record(r) for r in records]
+    if payload.get("Event") == "s3:TestEvent" or payload.get("Service") == "Amazon S3":
+        return []  # configuration-time test event: nothing to do, nothing to dead-letter
+    return [_parse_r2_event(payload)]
+
+
+def _parse_r2_event(p: dict[str, Any]) -> ObjectEvent:
+    obj = p.get("object")
+    if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) or not obj["key"]:
+        raise MalformedEvent("R2 event lacks object.key")
+    bucket = p.get("bucket")
+    if not isinstance(bucket, str) or not bucket:
+        raise MalformedEvent("R2 event lacks bucket")
+    action = p.get("action")
+    if not isinstance(action, str) or not action:
+        raise MalformedEvent("R2 event lacks action")
+    return ObjectEvent(
+        bucket=bucket,
+        key=obj["key"],
+        action=action,
+        size=_optional_int(obj.get("size"), "object.size"),
+        etag=_normalize_etag(obj.get("eTag")),
+        event_time=_parse_time(p.get("eventTime")),
+        account=str(p.get("account") or ""),
+        copy_source=p.get("copySource") if isinstance(p.get("copySource"), dict) else None,
+    )
+
+
+def _parse_s3_record(r: Any) -> ObjectEvent:
+    if not isinstance(r, dict):
+        raise MalformedEvent("S3 record must be an object")
+    s3 = r.get("s3")
+    if not isinstance(s3, dict):
+        raise MalformedEvent("S3 record lacks 's3'")
+    bucket = (s3.get("bucket") or {}).get("name")
+    obj = s3.get("object") or {}
+    raw_key = obj.get("key")
+    if not isinstance(bucket, str) or not bucket or not isinstance(raw_key, str) or not raw_key:
+        raise MalformedEvent("S3 record lacks bucket name or object key")
+    name = r.get("eventName")
+    if not isinstance(name, str) or not name:
+        raise MalformedEvent("S3 record lacks eventName")
+    source = str(r.get("eventSource") or "")
+    # AWS form-encodes keys (space -> '+'); MinIO percent-escapes them ('+' stays literal).
+    key = unquote(raw_key) if source.startswith("minio") else unquote_plus(raw_key)
+    return ObjectEvent(
+        bucket=bucket,
+        key=key,
+        action=_s3_action(name),
+        size=_optional_int(obj.get("size"), "object.size"),
+        etag=_normalize_etag(obj.get("eTag") or obj.get("etag")),
+        event_time=_parse_time(r.get("eventTime")),
+        account=str((r.get("userIdentity") or {}).get("principalId") or ""),
+    )
+
+
+def _s3_action(event_name: str) -> str:
+    name = event_name.removeprefix("s3:")
+    kind, _, detail = name.partition(":")
+    if kind == "ObjectCreated":
+        return {
+            "Put": "PutObject",
+            "Copy": "CopyObject",
+            "Post": "PostObject",
+            "CompleteMultipartUpload": "CompleteMultipartUpload",
+        }.get(detail, "PutObject")
+    if kind == "ObjectRemoved":
+        return "DeleteObject"
+    if kind == "LifecycleExpiration":
+        return "LifecycleDeletion"
+    return name
+
+
+def decode_maybe_base64(body: Any) -> Any:
+    """Cloudflare Queues may deliver JSON bodies base64-encoded; accept both."""
+    if isinstance(body, str):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            try:
+                return orjson.loads(base64.b64decode(body, validate=True))
+            except Exception:
+                raise MalformedEvent("queue message body is neither JSON nor base64 JSON") from None
+    return body
+
+
+def _normalize_etag(etag: Any) -> str | None:
+    if etag is None or etag == "":
+        return None
+    return str(etag).strip('"')
+
+
+def _optional_int(v: Any, name: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise MalformedEvent(f"{name} must be an integer")
+    try:
+        return int(v)
+    except ValueError:
+        raise MalformedEvent(f"{name} must be an integer") from None
+
+
+def _parse_time(v: Any) -> datetime | None:
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise MalformedEvent("eventTime must be an ISO-8601 string")
+    try:
+        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        raise MalformedEvent(f"eventTime is not ISO-8601: {v!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _format_time(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,124 @@
+"""Object storage (R2 / S3 / MinIO) through aiobotocore: download with a size limit, list pages.
+
+S3 failures are sorted here into the pipeline's error tree: a missing object is permanent, a
+timeout, 5xx, throttle or refused connection is transient and retried with capped exponential
+backoff and jitter (tenacity) - it never reaches the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, AsyncIterator
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from .config import Settings
+from .errors import EmptyObject, ObjectMissing, ObjectTooLarge, PermanentError, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                    "ServiceUnavailable", "503", "500", "502", "504", "RequestTimeTooSkewed"}
+_NETWORK_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
+                   ConnectionError, TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+
+
+@contextlib.asynccontextmanager
+async def s3_client(settings: Settings) -> AsyncIterator[Any]:
+    config = AioConfig(
+        retries={"max_attempts": 1, "mode": "standard"},  # retries are ours (tenacity), typed
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=max(10, settings.download_concurrency * 2),
+    )
+    async with get_session().create_client("s3", config=config, **settings.s3_client_kwargs()) as client:
+        yield client
+
+
+def classify_s3_error(exc: BaseException, bucket: str, key: str) -> Exception:
+    where = f"s3://{bucket}/{key}"
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _MISSING_CODES or status == 404:
+            return ObjectMissing(f"{where} does not exist ({code or status})")
+        if code in _TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
+            return StorageUnavailable(f"{where}: {code or status}")
+        return PermanentError(f"{where}: {code or status}: {err.get('Message', '')}")
+    if isinstance(exc, _NETWORK_ERRORS):
+        return StorageUnavailable(f"{where}: {type(exc).__name__}: {exc}")
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+async def download_object(client: Any, bucket: str, key: str, max_bytes: int, attempts: int = 8) -> bytes:
+    """Bytes of one object; retries transient failures, raises typed permanent ones."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(StorageUnavailable),
+        wait=wait_exponential_jitter(initial=0.2, max=10),
+        stop=stop_after_attempt(attempts),
+        reraise=True,
+        before_sleep=lambda rs: log.warning(
+            "S3 unavailable, retrying (attempt %d): %s", rs.attempt_number, rs.outcome.exception()
+        ),
+    ):
+        with attempt:
+            return await _download_once(client, bucket, key, max_bytes)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _download_once(client: Any, bucket: str, key: str, max_bytes: int) -> bytes:
+    try:
+        resp = await client.get_object(Bucket=bucket, Key=key)
+        length = int(resp.get("ContentLength") or 0)
+        if length > max_bytes:
+            resp["Body"].close()
+            raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes, over the {max_bytes}-byte limit")
+        async with resp["Body"] as body:
+            data = await body.read()
+    except (PermanentError, StorageUnavailable):
+        raise
+    except Exception as exc:
+        raise classify_s3_error(exc, bucket, key) from exc
+    if not data:
+        raise EmptyObject(f"s3://{bucket}/{key} is empty (0 bytes)")
+    return data
+
+
+async def list_objects(
+    client: Any, bucket: str, prefix: str = "", start_after: str | None = None
+) -> AsyncIterator[ListedObject]:
+    """Every object under `prefix`, all pages, in key order."""
+    paginator = client.get_paginator("list_objects_v2")
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    if start_after:
+        kwargs["StartAfter"] = start_after
+    async for page in paginator.paginate(**kwargs):
+        for item in page.get("Contents", []):
+            yield ListedObject(
+                key=item["Key"],
+                size=int(item.get("Size", 0)),
+                etag=str(item.get("ETag", "")).strip('"'),
+                last_modified=item["LastModified"],
+            )

@@ -1,0 +1,1 @@
+"""Event sources -> Kafka: bucket notifications and backfills become object-created events."""

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real broker and S3 server once per session, fresh topics per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import boto3
+import pytest
+
+from pipeline.config import Settings
+from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION, LocalServices, local_services
+from pipeline.samples import SampleClip, make_corpus
+
+for _k, _v in MOTO_CREDENTIALS.items():
+    os.environ.setdefault(_k, _v)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
+    with local_services(tmp_path_factory.mktemp("services")) as s:
+        yield s
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def s3(services: LocalServices):
+    """A plain boto3 client for arranging test data (the code under test uses aiobotocore)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=services.s3_endpoint_url,
+        region_name=MOTO_REGION,
+        aws_access_key_id=MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+@pytest.fixture
+def bucket(s3, unique: str) -> str:
+    name = f"bucket-{unique}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def settings_factory(services: LocalServices, unique: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings pointed at the session's services, with a fresh topic, group and output dir."""
+
+    def make(**overrides) -> Settings:
+        base = dict(
+            kafka_bootstrap=services.kafka_bootstrap,
+            topic=f"events-{unique}",
+            group=f"group-{unique}",
+            s3_endpoint_url=services.s3_endpoint_url,
+            s3_region=MOTO_REGION,
+            output_dir=tmp_path / "out",
+            topic_partitions=4,
+            batch_linger_ms=100,
+            exit_when_idle=3.0,
+            prefect_enabled=False,
+        )
+        base.update(overrides)
+        return Settings(**base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def speech_corpus(tmp_path_factory: pytest.TempPathFactory) -> list[SampleClip]:
+    """Six spoken clips at several rates (clip 1 stereo), made once per session."""
+    return make_corpus(tmp_path_factory.mktemp("speech"), 6)
+
+
+def upload(s3, bucket: str, clips: list[SampleClip]) -> None:
+    for c in clips:
+        s3.upload_file(str(c.path), bucket, c.key)
