@@ -89,6 +89,17 @@ class Settings(BaseSettings):
     webhook_token: SecretStr | None = None
     webhook_hmac_secret: SecretStr | None = None
 
+    # --- producers ---------------------------------------------------------------------
+    webhook_max_body_bytes: int = Field(1024 * 1024, ge=1)  # larger bodies get 413
+    # The webhook answers 503 when Kafka has not acknowledged a request's events by then.
+    producer_publish_timeout_s: float = Field(15.0, gt=0)
+    cf_api_token: SecretStr | None = None  # Cloudflare API token with Queues Edit (r2-queue)
+    cf_account_id: str | None = None
+    cf_queue_id: str | None = None
+    cf_api_base: str = "https://api.cloudflare.com/client/v4"
+    # Cloudflare's API limit is 1200 requests per 5 minutes per account, pulls and acks together.
+    cf_api_requests_per_5min: int = Field(1200, ge=1)
+
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":
         if not self.dlq_topic:

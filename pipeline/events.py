@@ -3,6 +3,19 @@
 Topic messages are written in Cloudflare R2's event-notification shape; the consumer also
 reads the AWS S3 / MinIO `Records[]` shape so a MinIO bucket can publish straight to Kafka.
 An object version is identified by `(bucket, key, etag)`: R2 has no version ids.
+
+Shapes accepted (`parse_event_payload` / `parse_event_json`):
+
+- R2: one `{"account", "action", "bucket", "object": {...}, "eventTime"}` object, or a JSON
+  list of them (what a Worker or a webhook sender may batch).
+- AWS S3: `{"Records": [...]}`; keys are form-URL-encoded (space -> `+`, `+` -> `%2B`).
+- MinIO (Kafka target and webhook): `{"EventName", "Key", "Records": [...]}`; MinIO escapes
+  keys with Go's `url.QueryEscape`, which is the same form encoding (space -> `+`), so both
+  are decoded with `unquote_plus`.
+- `s3:TestEvent` (sent once when a notification is configured): no events, not an error.
+
+Anything else raises `MalformedEvent` (never `KeyError`/`AttributeError`), so every caller can
+dead-letter or reject it with a reason.
 """
 
 from __future__ import annotations
@@ -11,7 +24,7 @@ import base64
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -70,6 +83,19 @@ def parse_event_payload(value: bytes | str | None) -> list[ObjectEvent]:
         payload = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise MalformedEvent(f"message is not JSON: {exc}") from None
+    return parse_event_json(payload)
+
+
+def parse_event_json(payload: Any) -> list[ObjectEvent]:
+    """Events in an already-decoded body: one event object, or a JSON list of them."""
+    if isinstance(payload, list):
+        events: list[ObjectEvent] = []
+        for i, item in enumerate(payload):
+            try:
+                events.extend(parse_event_dict(item))
+            except MalformedEvent as exc:
+                raise MalformedEvent(f"item {i}: {exc}") from None
+        return events
     return parse_event_dict(payload)
 
 
@@ -81,7 +107,7 @@ def parse_event_dict(payload: Any) -> list[ObjectEvent]:
         if not isinstance(records, list):
             raise MalformedEvent("'Records' must be a list")
         return [_parse_s3_record(r) for r in records]
-    if payload.get("Event") == "s3:TestEvent" or payload.get("Service") == "Amazon S3":
+    if payload.get("Event") == "s3:TestEvent":
         return []  # configuration-time test event: nothing to do, nothing to dead-letter
     return [_parse_r2_event(payload)]
 
@@ -103,8 +129,8 @@ def _parse_r2_event(p: dict[str, Any]) -> ObjectEvent:
         size=_optional_int(obj.get("size"), "object.size"),
         etag=_normalize_etag(obj.get("eTag")),
         event_time=_parse_time(p.get("eventTime")),
-        account=str(p.get("account") or ""),
-        copy_source=p.get("copySource") if isinstance(p.get("copySource"), dict) else None,
+        account=_optional_str(p.get("account"), "account"),
+        copy_source=_copy_source(p.get("copySource")),
     )
 
 
@@ -114,17 +140,19 @@ def _parse_s3_record(r: Any) -> ObjectEvent:
     s3 = r.get("s3")
     if not isinstance(s3, dict):
         raise MalformedEvent("S3 record lacks 's3'")
-    bucket = (s3.get("bucket") or {}).get("name")
-    obj = s3.get("object") or {}
+    bucket = _dict(s3.get("bucket"), "s3.bucket").get("name")
+    obj = _dict(s3.get("object"), "s3.object")
     raw_key = obj.get("key")
     if not isinstance(bucket, str) or not bucket or not isinstance(raw_key, str) or not raw_key:
         raise MalformedEvent("S3 record lacks bucket name or object key")
     name = r.get("eventName")
     if not isinstance(name, str) or not name:
         raise MalformedEvent("S3 record lacks eventName")
-    source = str(r.get("eventSource") or "")
-    # AWS form-encodes keys (space -> '+'); MinIO percent-escapes them ('+' stays literal).
-    key = unquote(raw_key) if source.startswith("minio") else unquote_plus(raw_key)
+    # AWS form-encodes keys; MinIO uses Go's url.QueryEscape, the same encoding: space -> '+',
+    # a literal "+" -> "%2B", "/" -> "%2F". Plain `unquote` would keep the "+" that means a space.
+    key = unquote_plus(raw_key)
+    if not key:
+        raise MalformedEvent("S3 record has an empty object key")
     return ObjectEvent(
         bucket=bucket,
         key=key,
@@ -132,20 +160,27 @@ def _parse_s3_record(r: Any) -> ObjectEvent:
         size=_optional_int(obj.get("size"), "object.size"),
         etag=_normalize_etag(obj.get("eTag") or obj.get("etag")),
         event_time=_parse_time(r.get("eventTime")),
-        account=str((r.get("userIdentity") or {}).get("principalId") or ""),
+        account=_optional_str(_dict(r.get("userIdentity"), "userIdentity").get("principalId"), "principalId"),
     )
+
+
+_S3_CREATED = {
+    "Put": "PutObject",
+    "Copy": "CopyObject",
+    "Post": "PostObject",
+    "CompleteMultipartUpload": "CompleteMultipartUpload",
+    "*": "PutObject",
+}
 
 
 def _s3_action(event_name: str) -> str:
     name = event_name.removeprefix("s3:")
     kind, _, detail = name.partition(":")
     if kind == "ObjectCreated":
-        return {
-            "Put": "PutObject",
-            "Copy": "CopyObject",
-            "Post": "PostObject",
-            "CompleteMultipartUpload": "CompleteMultipartUpload",
-        }.get(detail, "PutObject")
+        # MinIO also files metadata-only changes under ObjectCreated (PutTagging, PutRetention,
+        # PutLegalHold, DeleteTagging): no new bytes, so they keep their own name and are not
+        # creates. A bare or wildcard detail ("ObjectCreated", "ObjectCreated:*") is a write.
+        return _S3_CREATED.get(detail, name if detail else "PutObject")
     if kind == "ObjectRemoved":
         return "DeleteObject"
     if kind == "LifecycleExpiration":
@@ -155,6 +190,11 @@ def _s3_action(event_name: str) -> str:
 
 def decode_maybe_base64(body: Any) -> Any:
     """Cloudflare Queues may deliver JSON bodies base64-encoded; accept both."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode()
+        except UnicodeDecodeError:
+            raise MalformedEvent("queue message body is not UTF-8") from None
     if isinstance(body, str):
         try:
             return orjson.loads(body)
@@ -169,7 +209,9 @@ def decode_maybe_base64(body: Any) -> Any:
 def _normalize_etag(etag: Any) -> str | None:
     if etag is None or etag == "":
         return None
-    return str(etag).strip('"')
+    if not isinstance(etag, str):
+        raise MalformedEvent("object eTag must be a string")
+    return etag.strip('"') or None
 
 
 def _optional_int(v: Any, name: str) -> int | None:
@@ -178,9 +220,36 @@ def _optional_int(v: Any, name: str) -> int | None:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise MalformedEvent(f"{name} must be an integer")
     try:
-        return int(v)
+        n = int(v)
     except ValueError:
         raise MalformedEvent(f"{name} must be an integer") from None
+    if n < 0:
+        raise MalformedEvent(f"{name} must not be negative")
+    return n
+
+
+def _optional_str(v: Any, name: str) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise MalformedEvent(f"{name} must be a string")
+    return v
+
+
+def _dict(v: Any, name: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise MalformedEvent(f"{name} must be an object")
+    return v
+
+
+def _copy_source(v: Any) -> dict[str, str] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise MalformedEvent("copySource must be an object of strings")
+    return v
 
 
 def _parse_time(v: Any) -> datetime | None:
