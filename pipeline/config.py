@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     tokenizer_batch_size: int = Field(8, ge=1)
     tokenizer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     synthetic_load_ms: float = Field(0.0, ge=0)  # the seed burned ~200 ms of GPU per file
+    tokenizer_codebooks: int = Field(0, ge=0)  # 0: from the bandwidth (encodec) or the codec's default
+    # Long files are encoded in windows of this many seconds: device memory stays bounded.
+    tokenizer_window_sec: float = Field(30.0, gt=0)
+    tokenizer_context_sec: float | None = Field(None, ge=0)  # None: per codec (see docs/tokenizers.md)
 
     # --- orchestration and operations --------------------------------------------------
     prefect_enabled: bool = True

@@ -72,8 +72,8 @@ def classify_s3_error(exc: BaseException, bucket: str, key: str) -> Exception:
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
-async def download_object(client: Any, bucket: str, key: str, max_bytes: int, attempts: int = 8) -> bytes:
-    """Bytes of one object; retries transient failures, raises typed permanent ones."""
+async def download_object(client: Any, bucket: str, key: str, max_bytes: int, attempts: int = 8) -> tuple[bytes, str]:
+    """Bytes and etag of one object; retries transient failures, raises typed permanent ones."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(StorageUnavailable),
         wait=wait_exponential_jitter(initial=0.2, max=10),
@@ -88,13 +88,14 @@ async def download_object(client: Any, bucket: str, key: str, max_bytes: int, at
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _download_once(client: Any, bucket: str, key: str, max_bytes: int) -> bytes:
+async def _download_once(client: Any, bucket: str, key: str, max_bytes: int) -> tuple[bytes, str]:
     try:
         resp = await client.get_object(Bucket=bucket, Key=key)
         length = int(resp.get("ContentLength") or 0)
         if length > max_bytes:
             resp["Body"].close()
             raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes, over the {max_bytes}-byte limit")
+        etag = str(resp.get("ETag", "")).strip('"')
         async with resp["Body"] as body:
             data = await body.read()
     except (PermanentError, StorageUnavailable):
@@ -103,7 +104,7 @@ async def _download_once(client: Any, bucket: str, key: str, max_bytes: int) -> 
         raise classify_s3_error(exc, bucket, key) from exc
     if not data:
         raise EmptyObject(f"s3://{bucket}/{key} is empty (0 bytes)")
-    return data
+    return data, etag
 
 
 async def list_objects(

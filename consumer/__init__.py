@@ -1,0 +1,1 @@
+"""Kafka -> micro-batches -> Prefect subflows -> rolling Parquet; offsets committed after files are durable."""

@@ -1,0 +1,366 @@
+"""The streaming consumer: Kafka records -> micro-batches -> subflows -> durable files -> commits.
+
+Three concurrent stages joined by bounded queues, in one task group:
+
+    fetch     getmany -> Batcher -> batch queue (blocks when `pipeline_depth` batches are in flight)
+    dispatch  batch queue -> one processing task per batch (Prefect subflow), started at once
+    commit    awaits the processing tasks *in batch order* -> OutputCommitter (write, roll, commit)
+
+So while the model works on batch N, batch N+1 is downloading and decoding and batch N-1 is
+being written. Shutdown (SIGTERM/SIGINT, or idle with --exit-when-idle) stops fetching, drains
+what was fetched, finalizes the file and commits. A failure commits nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import TopicPartition
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from pipeline.batch import BatchOutcome
+from pipeline.config import Settings
+from pipeline.errors import FatalError
+from pipeline.flows import consumer_flow, process_batch
+from pipeline.ledger import OutputLedger
+from pipeline.manifest import check_manifest
+from pipeline.models import Models
+from pipeline.parquet import RollingParquetWriter, discard_orphaned_inprogress
+from pipeline.storage import s3_client
+
+from .batcher import Batcher, PendingBatch
+from .committer import CommitStats, OutputCommitter
+from .dead_letters import DeadLetterWriter
+
+log = logging.getLogger(__name__)
+
+# How long the consumer waits for a broker that is down at start-up.
+BROKER_WAIT_SECONDS = 300
+# The revoke path (drain + finalize + commit) must end well inside the group's rebalance
+# timeout, which aiokafka takes from max_poll_interval_ms.
+MAX_POLL_INTERVAL_MS = 600_000
+REVOKE_BUDGET_SECONDS = 240
+
+
+@dataclass
+class RunStats(CommitStats):
+    batches: int = 0
+    records: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    model_busy_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    stop_reason: str = ""
+
+
+class Rebalancer(ConsumerRebalanceListener):
+    """Revoke: drain, finalize, commit. Assign: position each partition past what the files hold."""
+
+    def __init__(self, app: "StreamConsumer") -> None:
+        self.app = app
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.app.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.app.on_assigned(set(assigned))
+
+
+class StreamConsumer:
+    def __init__(self, settings: Settings, models: Models | None = None) -> None:
+        self.settings = settings
+        self.models = models
+        self.stats = RunStats()
+        self.stop_event = asyncio.Event()
+        self._batch_queue: asyncio.Queue[PendingBatch | None] = asyncio.Queue(maxsize=1)
+        self._result_queue: asyncio.Queue[tuple[PendingBatch, asyncio.Task] | None] = asyncio.Queue()
+        self._inflight = asyncio.Semaphore(settings.pipeline_depth)
+        self._pending = 0  # batches fetched but not yet applied by the committer
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._fetch_lock = asyncio.Lock()
+        self._first_assignment = True
+        self._last_record_at = time.monotonic()
+        self._commit_loop_done = False
+        self.consumer: AIOKafkaConsumer | None = None
+        self.committer: OutputCommitter | None = None
+        self.batcher: Batcher | None = None
+        self.ledger = OutputLedger(settings.output_dir)
+        self.on_batch_done: list[Any] = []  # observers (metrics, progress): fn(batch, outcome, stats)
+
+    # --- lifetime ------------------------------------------------------------------------
+    async def run(self) -> RunStats:
+        t0 = time.perf_counter()
+        st = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            if self.models is None:
+                self.models = await asyncio.to_thread(Models.load, st)
+                stack.callback(self.models.close)
+            check_manifest(
+                st.output_dir,
+                {"topic": st.topic, "group": st.group, "whisper_model": self.models.transcriber.name,
+                 "tokenizer": self.models.tokenizer.name},
+                force=st.force,
+            )
+            discard_orphaned_inprogress(st.output_dir)
+            await asyncio.to_thread(self.ledger.refresh)
+            s3 = await stack.enter_async_context(s3_client(st))
+            dlq_producer = AIOKafkaProducer(**st.kafka_client_kwargs(), acks="all")
+            await _start_when_broker_is_up(dlq_producer.start, st)
+            stack.push_async_callback(dlq_producer.stop)
+            consumer = AIOKafkaConsumer(
+                **st.kafka_client_kwargs(),
+                group_id=st.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",  # a new group starts from the first event: nothing lost
+                max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+                session_timeout_ms=st.kafka_session_timeout_ms,
+                max_partition_fetch_bytes=1 << 20,
+            )
+            self.consumer = consumer
+            writer = RollingParquetWriter(st.output_dir, st.roll_max_rows, st.roll_max_seconds)
+            stack.callback(writer.close)
+            self.committer = OutputCommitter(consumer, writer, self.ledger, DeadLetterWriter(dlq_producer, st.dlq_topic))
+            self.batcher = Batcher(self.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms)
+            consumer.subscribe([st.topic], listener=Rebalancer(self))
+            await _start_when_broker_is_up(consumer.start, st)
+            stack.push_async_callback(consumer.stop)
+            try:
+                if st.prefect_enabled:
+                    await consumer_flow(lambda: self._run_stages(s3), st.group, st.topic)
+                else:
+                    await self._run_stages(s3)
+            except BaseException:
+                self.committer.abort()
+                raise
+        self.stats.wall_seconds = time.perf_counter() - t0
+        if self.models is not None:
+            self.stats.model_busy_seconds = self.models.busy_seconds
+        return self.stats
+
+    async def _run_stages(self, s3: Any) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._fetch_loop())
+            tg.create_task(self._dispatch_loop(s3))
+            tg.create_task(self._commit_loop())
+            watcher = tg.create_task(self._idle_watch())
+            await self.stop_event.wait()
+            watcher.cancel()
+        # the three loops drained everything; the open file is finalized and committed
+        await self.committer.finalize_and_commit()  # type: ignore[union-attr]
+        self._copy_stats()
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_event.is_set():
+            log.info("stopping: %s (draining in-flight batches, then finalize and commit)", reason)
+            self.stats.stop_reason = reason
+            self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        hits = {"n": 0}
+
+        def on_signal(sig: signal.Signals) -> None:
+            hits["n"] += 1
+            if hits["n"] > 1:
+                log.error("second %s: exiting now without committing", sig.name)
+                raise SystemExit(130)
+            self.request_stop(sig.name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    # --- stages --------------------------------------------------------------------------
+    async def _fetch_loop(self) -> None:
+        consumer, batcher = self.consumer, self.batcher
+        assert consumer is not None and batcher is not None
+        while not self.stop_event.is_set():
+            wait = batcher.seconds_until_due()
+            timeout_ms = int(1000 * min(0.2 if wait is None else wait, 0.2))
+            records = await consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=self.settings.batch_max_events)
+            async with self._fetch_lock:
+                for tp_records in records.values():
+                    for rec in tp_records:
+                        batcher.add(rec)
+                        self.stats.records += 1
+                        if batcher.full():
+                            await self._enqueue(batcher.take())
+                if records:
+                    self._last_record_at = time.monotonic()
+                if batcher.due():
+                    await self._enqueue(batcher.take())
+        async with self._fetch_lock:
+            await self._enqueue(batcher.take())
+        await self._batch_queue.put(None)
+
+    async def _enqueue(self, batch: PendingBatch | None) -> None:
+        if batch is None or batch.records == 0:
+            return
+        self._pending += 1
+        self._drained.clear()
+        await self._batch_queue.put(batch)
+
+    async def _dispatch_loop(self, s3: Any) -> None:
+        while True:
+            batch = await self._batch_queue.get()
+            if batch is None:
+                await self._result_queue.put(None)
+                return
+            await self._inflight.acquire()
+            task = asyncio.create_task(self._process(batch, s3), name=f"batch-{batch.seq}")
+            await self._result_queue.put((batch, task))
+
+    async def _process(self, batch: PendingBatch, s3: Any) -> BatchOutcome:
+        if not batch.items:
+            return BatchOutcome()
+        return await process_batch(batch.micro_batch(), s3, self.models, self.settings)  # type: ignore[arg-type]
+
+    async def _commit_loop(self) -> None:
+        committer = self.committer
+        assert committer is not None
+        try:
+            while True:
+                roll_in = committer.writer.seconds_until_roll()
+                try:
+                    item = await asyncio.wait_for(self._result_queue.get(), timeout=roll_in if roll_in is not None else 1.0)
+                except TimeoutError:
+                    if committer.writer.due_to_roll():
+                        await committer.finalize_and_commit()
+                    continue
+                if item is None:
+                    return
+                batch, task = item
+                try:
+                    outcome = await task
+                finally:
+                    self._inflight.release()
+                await committer.apply(batch, outcome)
+                self.stats.batches += 1
+                for k, v in outcome.timings.items():
+                    self.stats.stage_seconds[k] = self.stats.stage_seconds.get(k, 0.0) + v
+                self._log_batch(batch, outcome)
+                for observer in self.on_batch_done:
+                    observer(batch, outcome, committer.stats)
+                self._pending -= 1
+                if self._pending == 0:
+                    self._drained.set()
+        finally:
+            self._commit_loop_done = True
+            self._drained.set()
+
+    async def _idle_watch(self) -> None:
+        idle = self.settings.exit_when_idle
+        if idle is None:
+            return
+        while True:
+            await asyncio.sleep(min(0.25, idle / 4))
+            quiet = time.monotonic() - self._last_record_at
+            if quiet >= idle and self._pending == 0 and self.batcher is not None and self.batcher.seconds_until_due() is None:
+                self.request_stop(f"idle for {idle:g}s")
+                return
+
+    # --- rebalancing -----------------------------------------------------------------------
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked or self.committer is None or self.batcher is None:
+            return
+        log.info("partitions revoked: %s; draining", _fmt(revoked))
+        async with self._fetch_lock:
+            self.batcher.discard(revoked)  # fetched, never processed: the next owner reads them again
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout=REVOKE_BUDGET_SECONDS)
+            except TimeoutError:
+                raise FatalError(f"could not drain in-flight batches within {REVOKE_BUDGET_SECONDS}s of a revoke") from None
+            await self.committer.finalize_and_commit()
+            self.committer.forget(revoked)
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        await asyncio.to_thread(self.ledger.refresh)  # other consumers may have finalized files meanwhile
+        first, self._first_assignment = self._first_assignment, False
+        positions = await self._start_positions(assigned, first)
+        for tp, offset in positions.items():
+            consumer.seek(tp, offset)
+        log.info("partitions assigned: %s; positions %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in positions.items()})
+
+    async def _start_positions(self, assigned: set[TopicPartition], first: bool) -> dict[TopicPartition, int]:
+        """Where each partition resumes: never before what the output files already hold."""
+        consumer, st = self.consumer, self.settings
+        assert consumer is not None
+        rewind: dict[TopicPartition, int | None] = {}
+        if first and st.from_timestamp:
+            from datetime import datetime
+
+            ts = int(datetime.fromisoformat(st.from_timestamp.replace("Z", "+00:00")).timestamp() * 1000)
+            found = await consumer.offsets_for_times({tp: ts for tp in assigned})
+            rewind = {tp: (o.offset if o is not None else None) for tp, o in found.items()}
+        elif first and st.from_beginning:
+            begins = await consumer.beginning_offsets(list(assigned))
+            rewind = dict(begins)
+        positions: dict[TopicPartition, int] = {}
+        for tp in assigned:
+            from_files = self.ledger.next_offset(tp.topic, tp.partition)
+            if tp in rewind:
+                start = rewind[tp]
+                if start is None:  # no event at or after the timestamp: start at the end
+                    continue
+            else:
+                committed = await consumer.committed(tp)
+                start = committed
+            candidates = [o for o in (start, from_files) if o is not None]
+            if candidates:
+                positions[tp] = max(candidates)
+        if first and st.from_timestamp:
+            for tp in assigned:
+                if tp not in positions and rewind.get(tp, 0) is None:
+                    await consumer.seek_to_end(tp)
+        return positions
+
+    # --- reporting ---------------------------------------------------------------------------
+    def _copy_stats(self) -> None:
+        c = self.committer.stats  # type: ignore[union-attr]
+        for name in CommitStats.__dataclass_fields__:
+            setattr(self.stats, name, getattr(c, name))
+
+    def _log_batch(self, batch: PendingBatch, outcome: BatchOutcome) -> None:
+        total = sum(outcome.timings.values()) or 1e-9
+        rtf = outcome.audio_seconds / outcome.timings.get("transcribe", total) if outcome.timings.get("transcribe") else 0.0
+        log.info(
+            "batch %d: %d records, %d rows, %d failed, %d skipped, %d duplicate, %.1fs audio, %.1fx realtime, stages %s",
+            batch.seq, batch.records, len(outcome.rows), len(outcome.failures) + len(batch.early_failures),
+            batch.skipped, batch.duplicates, outcome.audio_seconds, rtf,
+            {k: round(v, 3) for k, v in outcome.timings.items()},
+            extra={"fields": {"batch": batch.seq, "records": batch.records, "rows": len(outcome.rows),
+                              "audio_seconds": outcome.audio_seconds, "timings": outcome.timings,
+                              "offsets": {f"{tp.partition}": r for tp, r in batch.ranges.items()}}},
+        )
+
+
+async def _start_when_broker_is_up(start, settings: Settings) -> None:
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(KafkaConnectionError),
+        wait=wait_exponential_jitter(initial=0.5, max=5),
+        stop=stop_after_delay(BROKER_WAIT_SECONDS),
+        reraise=True,
+        before_sleep=lambda rs: log.warning("waiting for Kafka at %s: %s", settings.kafka_bootstrap, rs.outcome.exception()),
+    ):
+        with attempt:
+            await start()
+
+
+def _fmt(tps: set[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "none"
+
+
+async def run_consumer(settings: Settings, models: Models | None = None, handle_signals: bool = False) -> RunStats:
+    app = StreamConsumer(settings, models)
+    if handle_signals:
+        app.install_signal_handlers()
+    return await app.run()

@@ -1,0 +1,115 @@
+"""Micro-batching: Kafka records in, `PendingBatch`es out, closed on max events, bytes or linger.
+
+Every record is accounted for in the batch that holds its offset, whether it becomes work
+(an object to process), a skip (non-create action, S3 test event), a duplicate (that object
+version is already in the output) or an immediate failure (malformed message).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from pipeline.batch import Failure, MicroBatch, SourceRef, WorkItem
+from pipeline.errors import PermanentError
+from pipeline.events import parse_event_payload
+from pipeline.ledger import OutputLedger
+
+
+@dataclass
+class PendingBatch:
+    seq: int
+    items: list[WorkItem] = field(default_factory=list)
+    early_failures: list[Failure] = field(default_factory=list)
+    skipped: int = 0
+    duplicates: int = 0
+    ranges: dict[TopicPartition, list[int]] = field(default_factory=dict)  # tp -> [first, last]
+    bytes: int = 0
+    records: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+    newest_record_ms: int = 0  # broker timestamp of the newest record (latency metrics)
+
+    def micro_batch(self) -> MicroBatch:
+        return MicroBatch(self.seq, self.items)
+
+    def partitions(self) -> set[TopicPartition]:
+        return set(self.ranges)
+
+
+class Batcher:
+    def __init__(self, ledger: OutputLedger, max_events: int, max_bytes: int, linger_ms: int) -> None:
+        self.ledger = ledger
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.linger = linger_ms / 1000.0
+        self._seq = 0
+        self._open: PendingBatch | None = None
+
+    def add(self, record: ConsumerRecord) -> None:
+        b = self._open or self._new()
+        tp = TopicPartition(record.topic, record.partition)
+        span = b.ranges.get(tp)
+        if span is None:
+            b.ranges[tp] = [record.offset, record.offset]
+        else:
+            span[1] = record.offset
+        b.records += 1
+        b.newest_record_ms = max(b.newest_record_ms, record.timestamp or 0)
+        source = SourceRef(record.topic, record.partition, record.offset)
+        try:
+            events = parse_event_payload(record.value)
+        except PermanentError as exc:
+            b.early_failures.append(Failure(WorkItem(_unknown_event(), source, record.value), exc))
+            return
+        if not events:
+            b.skipped += 1
+        for ev in events:
+            if not ev.is_create:
+                b.skipped += 1
+            elif ev.etag and self.ledger.already_written(ev.bucket, ev.key, ev.etag):
+                b.duplicates += 1
+            else:
+                b.items.append(WorkItem(ev, source, record.value))
+                b.bytes += ev.size or 0
+
+    def full(self) -> bool:
+        b = self._open
+        return b is not None and (len(b.items) >= self.max_events or b.bytes >= self.max_bytes)
+
+    def due(self, now: float | None = None) -> bool:
+        b = self._open
+        if b is None:
+            return False
+        now = time.monotonic() if now is None else now
+        return self.full() or (now - b.opened_at) >= self.linger
+
+    def seconds_until_due(self) -> float | None:
+        if self._open is None:
+            return None
+        return max(0.0, self._open.opened_at + self.linger - time.monotonic())
+
+    def take(self) -> PendingBatch | None:
+        b, self._open = self._open, None
+        return b
+
+    def discard(self, partitions: set[TopicPartition]) -> None:
+        """Forget buffered records of revoked partitions: they were never processed or committed."""
+        b = self._open
+        if b is None or not (b.partitions() & partitions):
+            return
+        # Rebuilding is simpler and safer than surgery: drop the whole open batch.
+        # Records of partitions we keep are fetched again after the seek on re-assignment.
+        self._open = None
+
+    def _new(self) -> PendingBatch:
+        self._seq += 1
+        self._open = PendingBatch(self._seq)
+        return self._open
+
+
+def _unknown_event():
+    from pipeline.events import ObjectEvent
+
+    return ObjectEvent(bucket="", key="", action="Unknown")

@@ -1,0 +1,156 @@
+"""The commit path: batch outcomes in, durable files and committed offsets out.
+
+Outcomes are applied strictly in batch order (batches may finish out of order). For each:
+drop object versions already written, write dead letters (acknowledged), append rows to the
+open file. When the file is due to roll - or on revoke, shutdown, idle exit - `finalize_and_commit`
+runs its steps in this order, each failure typed:
+
+    1. finalize the file (footer with offset ranges, fsync, rename, fsync dir)   OutputWriteFailed
+    2. learn it in the ledger (offsets, object versions)
+    3. bring summary.json up to date (atomic replace)                           OutputWriteFailed
+    4. commit the offsets the file covers                                        (logged: the file
+                                                                                  already proves them)
+A failure before step 4 never commits: a restart resumes from the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from pipeline.batch import BatchOutcome, Failure
+from pipeline.errors import OutputWriteFailed
+from pipeline.ledger import OutputLedger, object_version_hash, publish_summary
+from pipeline.parquet import OffsetRange, RollingParquetWriter
+from pipeline.records import to_table
+from pipeline.summary import Aggregates
+
+from .batcher import PendingBatch
+from .dead_letters import DeadLetterWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CommitStats:
+    rows: int = 0
+    dead_letters: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    files: int = 0
+    commits: int = 0
+    audio_seconds: float = 0.0
+    errors_by_type: dict[str, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)  # publish -> finalized, seconds
+
+
+class OutputCommitter:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        writer: RollingParquetWriter,
+        ledger: OutputLedger,
+        dead_letters: DeadLetterWriter,
+    ) -> None:
+        self.consumer = consumer
+        self.writer = writer
+        self.ledger = ledger
+        self.dead_letters = dead_letters
+        self.stats = CommitStats()
+        self._to_commit: dict[TopicPartition, int] = {}
+        self._open_record_ms: list[int] = []
+        self._committed_check: dict[TopicPartition, int] = {}
+
+    async def apply(self, batch: PendingBatch, outcome: BatchOutcome) -> None:
+        rows, dups = self._drop_written(outcome)
+        failures: list[Failure] = batch.early_failures + outcome.failures
+        await self.dead_letters.send(failures)
+        agg = Aggregates(skipped=batch.skipped, duplicates=batch.duplicates + dups)
+        for r in rows:
+            agg.add_row(r)
+        for f in failures:
+            agg.add_error(f.error.error_type)
+            self.stats.errors_by_type[f.error.error_type] = self.stats.errors_by_type.get(f.error.error_type, 0) + 1
+        ranges = [OffsetRange(tp.topic, tp.partition, a, b) for tp, (a, b) in sorted(batch.ranges.items())]
+        self.writer.append(to_table(rows), ranges, agg)
+        for r in rows:
+            self.ledger.index.add(object_version_hash(r.bucket, r.id, r.etag))
+        for tp, (_, last) in batch.ranges.items():
+            self._to_commit[tp] = max(self._to_commit.get(tp, 0), last + 1)
+        if batch.newest_record_ms:
+            self._open_record_ms.append(batch.newest_record_ms)
+        self.stats.rows += len(rows)
+        self.stats.dead_letters += len(failures)
+        self.stats.skipped += batch.skipped
+        self.stats.duplicates += batch.duplicates + dups
+        self.stats.audio_seconds += outcome.audio_seconds
+        if self.writer.due_to_roll():
+            await self.finalize_and_commit()
+
+    def _drop_written(self, outcome: BatchOutcome):
+        rows, seen, dups = [], set(), 0
+        for r in outcome.rows:
+            h = object_version_hash(r.bucket, r.id, r.etag)
+            if h in self.ledger.index or h in seen:
+                dups += 1
+                continue
+            seen.add(h)
+            rows.append(r)
+        return rows, dups
+
+    async def finalize_and_commit(self) -> None:
+        if not self.writer.has_open_file:
+            return
+        # 1. finalize: footer, fsync, rename, fsync dir
+        finalized = self.writer.finalize()
+        if finalized is None:
+            return
+        self.stats.files += 1
+        now_ms = time.time() * 1000
+        self.stats.latencies.extend((now_ms - t) / 1000 for t in self._open_record_ms)
+        self._open_record_ms.clear()
+        # 2. ledger
+        from pipeline.parquet import FileFooter
+
+        self.ledger.record_finalized(
+            FileFooter(finalized.path, finalized.rows, finalized.offsets, finalized.aggregates), []
+        )
+        # 3. summary
+        try:
+            publish_summary(self.writer.data_dir.parent)
+        except OSError as exc:
+            raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
+        # 4. commit
+        await self.commit()
+
+    async def commit(self) -> None:
+        offsets = {tp: off for tp, off in self._to_commit.items() if tp in self.consumer.assignment()}
+        if not offsets:
+            self._to_commit.clear()
+            return
+        for tp, off in offsets.items():
+            prev = self._committed_check.get(tp, -1)
+            if off < prev:  # paranoid: a commit must never move backwards
+                raise AssertionError(f"refusing to commit {tp} at {off} below {prev}")
+        try:
+            await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
+            self.stats.commits += 1
+            self._committed_check.update(offsets)
+        except KafkaError as exc:
+            # Safe: the finalized file's footer records these offsets; recovery seeks past them.
+            log.warning("offset commit failed (%s); the finalized files still hold the positions", exc)
+        self._to_commit.clear()
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._committed_check.pop(tp, None)
+
+    def abort(self) -> None:
+        """A failure: drop the open file, commit nothing."""
+        self.writer.abort()
+        self._to_commit.clear()

@@ -1,0 +1,227 @@
+"""A micro-batch and the stages that turn it into rows: download, decode, transcribe, tokenize, assemble.
+
+Pure processing: nothing here knows Kafka. `SourceRef` is only provenance (where an event came
+from), carried into the row. Every stage works on the whole batch and returns, per item, either
+its result or the `PermanentError` that ends that item - one bad file never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from .audio import WHISPER_SAMPLE_RATE, DecodedAudio, check_duration, decode_audio
+from .config import Settings
+from .errors import PermanentError, TokenizationFailed
+from .events import ObjectEvent
+from .models import Models
+from .records import Transcript, TranscribedAudio
+from .storage import download_object
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class WorkItem:
+    event: ObjectEvent
+    source: SourceRef
+    raw: bytes | None = None  # the original message value, for dead letters
+
+
+@dataclass
+class MicroBatch:
+    seq: int
+    items: list[WorkItem]
+
+    @property
+    def label(self) -> str:
+        """`topic[p]@first-last,…`: names the flow run so an operator sees which events it held."""
+        spans: dict[tuple[str, int], list[int]] = {}
+        for it in self.items:
+            spans.setdefault((it.source.topic, it.source.partition), []).append(it.source.offset)
+        parts = [f"p{p}@{min(o)}-{max(o)}" for (_, p), o in sorted(spans.items())]
+        return f"batch-{self.seq}:" + ",".join(parts) if parts else f"batch-{self.seq}"
+
+
+@dataclass(slots=True)
+class Failure:
+    item: WorkItem
+    error: PermanentError
+
+
+@dataclass(slots=True)
+class Slot(Generic[T]):
+    """One item's progress through the stages: a value, or the error that stopped it."""
+
+    item: WorkItem
+    value: T | None = None
+    error: PermanentError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Downloaded:
+    data: bytes
+    etag: str
+
+
+@dataclass
+class BatchOutcome:
+    rows: list[TranscribedAudio] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    audio_seconds: float = 0.0
+
+
+# --- stages ---------------------------------------------------------------------------
+async def download_stage(s3: Any, items: list[WorkItem], settings: Settings) -> list[Slot[Downloaded]]:
+    sem = asyncio.Semaphore(settings.download_concurrency)
+
+    async def one(item: WorkItem) -> Slot[Downloaded]:
+        async with sem:
+            try:
+                data, etag = await download_object(
+                    s3, item.event.bucket, item.event.key, settings.max_object_bytes, settings.s3_retry_attempts
+                )
+            except PermanentError as exc:
+                return Slot(item, error=exc)
+        return Slot(item, Downloaded(data, item.event.etag or etag))
+
+    return list(await asyncio.gather(*(one(i) for i in items)))
+
+
+def decode_stage(slots: list[Slot[Downloaded]], settings: Settings) -> list[Slot[DecodedAudio]]:
+    out: list[Slot[DecodedAudio]] = []
+    for s in slots:
+        if not s.ok:
+            out.append(Slot(s.item, error=s.error))
+            continue
+        try:
+            audio = decode_audio(s.value.data)  # type: ignore[union-attr]
+            check_duration(audio, settings.min_duration_sec, settings.max_duration_sec)
+            out.append(Slot(s.item, audio))
+        except PermanentError as exc:
+            out.append(Slot(s.item, error=exc))
+    return out
+
+
+def whisper_inputs(slots: list[Slot[DecodedAudio]]) -> list[np.ndarray]:
+    return [s.value.at_rate(WHISPER_SAMPLE_RATE) for s in slots if s.ok]  # type: ignore[union-attr]
+
+
+def transcribe_stage(models: Models, slots: list[Slot[DecodedAudio]], clips16k: list[np.ndarray]) -> list[Slot[Transcript]]:
+    results = iter(models.transcriber.transcribe_batch(clips16k) if clips16k else [])
+    return [_merge(s, next(results)) if s.ok else Slot(s.item, error=s.error) for s in slots]
+
+
+def tokenize_stage(models: Models, slots: list[Slot[DecodedAudio]]) -> list[Slot[np.ndarray]]:
+    good = [s for s in slots if s.ok]
+    codes = iter(_tokenize_isolating_failures(models, [s.value for s in good]))  # type: ignore[misc]
+    return [_merge(s, next(codes)) if s.ok else Slot(s.item, error=s.error) for s in slots]
+
+
+def _tokenize_isolating_failures(models: Models, clips: list[DecodedAudio]) -> list[np.ndarray | PermanentError]:
+    if not clips:
+        return []
+    batch = models.settings.tokenizer_batch_size
+    out: list[np.ndarray | PermanentError] = []
+    for i in range(0, len(clips), batch):
+        part = clips[i : i + batch]
+        try:
+            out.extend(models.tokenizer.encode_batch(part))
+        except Exception as exc:
+            if len(part) == 1:
+                out.append(exc if isinstance(exc, PermanentError) else TokenizationFailed(f"{type(exc).__name__}: {exc}"))
+            else:
+                for clip in part:
+                    out.extend(_tokenize_isolating_failures_one(models, clip))
+    return out
+
+
+def _tokenize_isolating_failures_one(models: Models, clip: DecodedAudio) -> list[np.ndarray | PermanentError]:
+    try:
+        return list(models.tokenizer.encode_batch([clip]))
+    except PermanentError as exc:
+        return [exc]
+    except Exception as exc:
+        return [TokenizationFailed(f"{type(exc).__name__}: {exc}")]
+
+
+def _merge(slot: Slot, result: Any) -> Slot:
+    if isinstance(result, PermanentError):
+        return Slot(slot.item, error=result)
+    return Slot(slot.item, result)
+
+
+def assemble_stage(
+    models: Models,
+    downloaded: list[Slot[Downloaded]],
+    decoded: list[Slot[DecodedAudio]],
+    transcripts: list[Slot[Transcript]],
+    tokens: list[Slot[np.ndarray]],
+) -> BatchOutcome:
+    outcome = BatchOutcome()
+    now = datetime.now(timezone.utc)
+    for d, a, t, k in zip(downloaded, decoded, transcripts, tokens):
+        err = d.error or a.error or t.error or k.error
+        if err is not None:
+            outcome.failures.append(Failure(d.item, err))
+            continue
+        ev, src, audio, tr = d.item.event, d.item.source, a.value, t.value
+        outcome.audio_seconds += audio.duration_sec  # type: ignore[union-attr]
+        outcome.rows.append(
+            TranscribedAudio(
+                id=ev.key,
+                bucket=ev.bucket,
+                etag=d.value.etag,  # type: ignore[union-attr]
+                size_bytes=len(d.value.data),  # type: ignore[union-attr]
+                event_time=ev.event_time,
+                duration_sec=round(audio.duration_sec, 6),  # type: ignore[union-attr]
+                sampling_rate=audio.sample_rate,  # type: ignore[union-attr]
+                channels=audio.channels,  # type: ignore[union-attr]
+                transcription=tr.text,  # type: ignore[union-attr]
+                language=tr.language,  # type: ignore[union-attr]
+                segments=tr.segments,  # type: ignore[union-attr]
+                tokens=k.value,  # type: ignore[arg-type]
+                tokenizer=models.tokenizer.name,
+                token_frame_rate=float(models.tokenizer.frame_rate),
+                whisper_model=models.transcriber.name,
+                kafka_topic=src.topic,
+                kafka_partition=src.partition,
+                kafka_offset=src.offset,
+                processed_at=now,
+            )
+        )
+    return outcome
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def measure(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.timings[name] = timer.timings.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Ctx()

@@ -1,0 +1,163 @@
+"""What an output directory already holds, rebuilt from its finalized Parquet files.
+
+Two questions recovery must answer from the files themselves, never from the broker alone:
+- how far has each source partition been handled? (footer offset ranges; a commit can be lost
+  in a crash after the rename, the file cannot)
+- was this object version `(bucket, key, etag)` already written? (3 columns read once at
+  start-up, then kept as 8-byte hashes: a few MB for millions of rows)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .parquet import FileFooter, finalized_files, read_footer
+from .summary import Aggregates, load_summary, summary_lock, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def object_version_hash(bucket: str, key: str, etag: str) -> int:
+    digest = hashlib.blake2b(f"{bucket}\x00{key}\x00{etag}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=False)
+
+
+class DedupeIndex:
+    """A set of 64-bit hashes: sorted numpy array plus a small set merged in when it grows."""
+
+    MERGE_AT = 50_000
+
+    def __init__(self) -> None:
+        self._sorted = np.zeros(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+
+    def __len__(self) -> int:
+        return int(self._sorted.size) + len(self._recent)
+
+    def __contains__(self, h: int) -> bool:
+        if h in self._recent:
+            return True
+        i = np.searchsorted(self._sorted, np.uint64(h))
+        return bool(i < self._sorted.size and self._sorted[i] == np.uint64(h))
+
+    def add(self, h: int) -> None:
+        self._recent.add(h)
+        if len(self._recent) >= self.MERGE_AT:
+            self._merge()
+
+    def add_many(self, hashes: np.ndarray) -> None:
+        self._merge(np.asarray(hashes, dtype=np.uint64))
+
+    def _merge(self, extra: np.ndarray | None = None) -> None:
+        parts = [self._sorted, np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))]
+        if extra is not None:
+            parts.append(extra)
+        self._sorted = np.unique(np.concatenate(parts))
+        self._recent.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._sorted.nbytes) + len(self._recent) * 64
+
+
+class OutputLedger:
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.index = DedupeIndex()
+        self._indexed: set[str] = set()
+        self._next_offsets: dict[tuple[str, int], int] = {}
+
+    def refresh(self) -> int:
+        """Index finalized files not seen yet (written by us or by other consumers). Returns how many."""
+        new = [p for p in finalized_files(self.output_dir) if p.name not in self._indexed]
+        for p in new:
+            self._index_file(read_footer(p))
+        if new:
+            log.info("indexed %d finalized files (%d object versions)", len(new), len(self.index))
+        return len(new)
+
+    def record_finalized(self, footer: FileFooter, hashes: list[int]) -> None:
+        """Our own file was finalized: learn it without reading it back."""
+        self._indexed.add(footer.path.name)
+        self._advance(footer)
+        for h in hashes:
+            self.index.add(h)
+
+    def next_offset(self, topic: str, partition: int) -> int | None:
+        """First offset of the partition not yet held by any finalized file."""
+        return self._next_offsets.get((topic, partition))
+
+    def already_written(self, bucket: str, key: str, etag: str) -> bool:
+        return object_version_hash(bucket, key, etag) in self.index
+
+    def _index_file(self, footer: FileFooter) -> None:
+        self._indexed.add(footer.path.name)
+        self._advance(footer)
+        if footer.rows:
+            t = pq.read_table(footer.path, columns=["bucket", "id", "etag"])
+            hashes = np.fromiter(
+                (object_version_hash(b, k, e or "") for b, k, e in zip(*(t.column(c).to_pylist() for c in ("bucket", "id", "etag")))),
+                dtype=np.uint64,
+                count=t.num_rows,
+            )
+            self.index.add_many(hashes)
+
+    def _advance(self, footer: FileFooter) -> None:
+        for r in footer.offsets:
+            key = (r.topic, r.partition)
+            self._next_offsets[key] = max(self._next_offsets.get(key, 0), r.last + 1)
+
+
+def publish_summary(output_dir: Path) -> dict:
+    """Bring summary.json up to date with every finalized file, merging only the ones it lacks.
+
+    Called after each finalize; also repairs a summary left behind by a crash between the
+    rename and the summary write (or a missing/corrupt summary: rebuilt from footers).
+    """
+    with summary_lock(output_dir):
+        loaded = load_summary(output_dir)
+        aggregates, included = loaded if loaded else (Aggregates(), set())
+        on_disk = {p.name: p for p in finalized_files(output_dir)}
+        if not included <= on_disk.keys():  # a file vanished: trust only what is there
+            aggregates, included = Aggregates(), set()
+        for name in sorted(on_disk.keys() - included):
+            aggregates.merge(read_footer(on_disk[name]).aggregates)
+            included.add(name)
+        return write_summary(output_dir, aggregates, included)
+
+
+def rebuild_aggregates(output_dir: Path) -> tuple[Aggregates, list[str]]:
+    """Aggregates recomputed from the row data itself (checks the incremental summary)."""
+    from .records import TranscribedAudio  # noqa: F401  (schema documentation)
+
+    agg = Aggregates()
+    names = []
+    for p in finalized_files(output_dir):
+        names.append(p.name)
+        footer = read_footer(p)
+        # errors/skips live only in footers; row statistics are recomputed from the data
+        agg.errors.update(footer.aggregates.errors)
+        agg.skipped += footer.aggregates.skipped
+        agg.duplicates += footer.aggregates.duplicates
+        if not footer.rows:
+            continue
+        t = pq.read_table(p, columns=["duration_sec", "sampling_rate", "language", "transcription", "tokens"])
+        for d, sr, lang, text, toks in zip(
+            t.column("duration_sec").to_pylist(),
+            t.column("sampling_rate").to_pylist(),
+            t.column("language").to_pylist(),
+            t.column("transcription").to_pylist(),
+            t.column("tokens").to_pylist(),
+        ):
+            agg.files += 1
+            agg.total_duration_sec += d
+            agg.sampling_rates[str(sr)] += 1
+            agg.languages[lang] += 1
+            agg.transcription_lengths.add(len(text))
+            agg.token_frames.add(len(toks[0]) if toks else 0)
+    return agg, names

@@ -1,0 +1,69 @@
+"""The loaded models and the one thread that runs them.
+
+Whisper and the tokenizer share one device; a single worker thread runs all model work in the
+order it is asked for, so the GPU is never oversubscribed and the event loop never blocks on it.
+CPU-bound preprocessing (decode, resample, Parquet encoding) runs on a separate small pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, TypeVar
+
+from .config import Settings
+from .tokenizers import AudioTokenizer, load_tokenizer
+from .transcribe import WhisperTranscriber
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class Models:
+    def __init__(self, settings: Settings, transcriber: WhisperTranscriber, tokenizer: AudioTokenizer) -> None:
+        self.settings = settings
+        self.transcriber = transcriber
+        self.tokenizer = tokenizer
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._cpu = ThreadPoolExecutor(max_workers=max(1, min(4, settings.resolved_cpu_threads())), thread_name_prefix="cpu")
+        self.busy_seconds = 0.0  # time the device thread spent on model work (utilisation)
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Models":
+        """Load both models up front: a missing checkpoint fails here, never mid-stream."""
+        t = time.perf_counter()
+        transcriber = WhisperTranscriber(settings)
+        tokenizer = load_tokenizer(settings)
+        log.info(
+            "models ready in %.1fs: whisper=%s tokenizer=%s device=%s",
+            time.perf_counter() - t, transcriber.name, tokenizer.name, transcriber.device,
+        )
+        return cls(settings, transcriber, tokenizer)
+
+    async def on_device(self, stage: str, timings: dict[str, float], fn: Callable[..., R], *args: Any) -> R:
+        """Run model work on the device thread; `timings[stage]` gets the time it ran (not queued)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._device, partial(self._timed, stage, timings, True, fn, *args))
+
+    async def on_cpu(self, stage: str, timings: dict[str, float], fn: Callable[..., R], *args: Any) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cpu, partial(self._timed, stage, timings, False, fn, *args))
+
+    def _timed(self, stage: str, timings: dict[str, float], device: bool, fn: Callable[..., R], *args: Any) -> R:
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            took = time.perf_counter() - t
+            timings[stage] = timings.get(stage, 0.0) + took
+            if device:
+                self.busy_seconds += took
+
+    def close(self) -> None:
+        self._device.shutdown(wait=True)
+        self._cpu.shutdown(wait=True)
+        self.tokenizer.close()
+        self.transcriber.close()

@@ -1,0 +1,190 @@
+"""`summary.json`: dataset statistics from mergeable aggregates.
+
+Each finalized Parquet file carries the aggregates of what its epoch handled (rows, errors,
+skips) in its footer. `summary.json` is the merge of exactly the finalized files' aggregates,
+so it can be updated incrementally (merge one file's aggregates) and rebuilt from footers alone,
+without re-reading any row data. Several consumers may share one output directory: updates
+take a file lock, re-read, add every finalized file not yet included, and replace atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+
+from .records import TranscribedAudio
+
+SUMMARY_NAME = "summary.json"
+LOCK_NAME = ".summary.lock"
+
+
+@dataclass
+class MinMaxSum:
+    count: int = 0
+    total: float = 0.0
+    min: float | None = None
+    max: float | None = None
+
+    def add(self, v: float) -> None:
+        self.count += 1
+        self.total += v
+        self.min = v if self.min is None else min(self.min, v)
+        self.max = v if self.max is None else max(self.max, v)
+
+    def merge(self, o: "MinMaxSum") -> None:
+        if o.count == 0:
+            return
+        self.count += o.count
+        self.total += o.total
+        self.min = o.min if self.min is None else min(self.min, o.min)  # type: ignore[type-var]
+        self.max = o.max if self.max is None else max(self.max, o.max)  # type: ignore[type-var]
+
+    def report(self) -> dict[str, float | None]:
+        return {
+            "min": self.min,
+            "max": self.max,
+            "avg": round(self.total / self.count, 3) if self.count else None,
+        }
+
+
+@dataclass
+class Aggregates:
+    """Everything summary.json says, in a form where merge(a, b) == aggregate(a ∪ b)."""
+
+    files: int = 0
+    total_duration_sec: float = 0.0
+    sampling_rates: Counter = field(default_factory=Counter)
+    languages: Counter = field(default_factory=Counter)
+    transcription_lengths: MinMaxSum = field(default_factory=MinMaxSum)
+    token_frames: MinMaxSum = field(default_factory=MinMaxSum)
+    errors: Counter = field(default_factory=Counter)
+    skipped: int = 0
+    duplicates: int = 0
+
+    def add_row(self, row: TranscribedAudio) -> None:
+        self.files += 1
+        self.total_duration_sec += row.duration_sec
+        self.sampling_rates[str(row.sampling_rate)] += 1
+        self.languages[row.language] += 1
+        self.transcription_lengths.add(len(row.transcription))
+        self.token_frames.add(row.token_frames)
+
+    def add_error(self, error_type: str) -> None:
+        self.errors[error_type] += 1
+
+    def merge(self, o: "Aggregates") -> None:
+        self.files += o.files
+        self.total_duration_sec += o.total_duration_sec
+        self.sampling_rates.update(o.sampling_rates)
+        self.languages.update(o.languages)
+        self.transcription_lengths.merge(o.transcription_lengths)
+        self.token_frames.merge(o.token_frames)
+        self.errors.update(o.errors)
+        self.skipped += o.skipped
+        self.duplicates += o.duplicates
+
+    @property
+    def empty(self) -> bool:
+        return self.files == 0 and not self.errors and self.skipped == 0 and self.duplicates == 0
+
+    # --- serialization (footer metadata and summary.json's "_state") ---------------------
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "total_duration_sec": self.total_duration_sec,
+            "sampling_rates": dict(self.sampling_rates),
+            "languages": dict(self.languages),
+            "transcription_lengths": vars(self.transcription_lengths),
+            "token_frames": vars(self.token_frames),
+            "errors": dict(self.errors),
+            "skipped": self.skipped,
+            "duplicates": self.duplicates,
+        }
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "Aggregates":
+        return cls(
+            files=int(s.get("files", 0)),
+            total_duration_sec=float(s.get("total_duration_sec", 0.0)),
+            sampling_rates=Counter(s.get("sampling_rates", {})),
+            languages=Counter(s.get("languages", {})),
+            transcription_lengths=MinMaxSum(**s.get("transcription_lengths", {})),
+            token_frames=MinMaxSum(**s.get("token_frames", {})),
+            errors=Counter(s.get("errors", {})),
+            skipped=int(s.get("skipped", 0)),
+            duplicates=int(s.get("duplicates", 0)),
+        )
+
+    def report(self, parquet_files: Iterable[str]) -> dict[str, Any]:
+        names = sorted(parquet_files)
+        return {
+            "total_files": self.files,
+            "total_duration_sec": round(self.total_duration_sec, 3),
+            "average_duration_sec": round(self.total_duration_sec / self.files, 3) if self.files else 0.0,
+            "sampling_rate_distribution": dict(sorted(self.sampling_rates.items(), key=lambda kv: int(kv[0]))),
+            "transcription_lengths": self.transcription_lengths.report(),
+            "token_counts": self.token_frames.report(),
+            "languages": dict(self.languages.most_common()),
+            "errors": {"total": sum(self.errors.values()), "by_type": dict(self.errors.most_common())},
+            "skipped": self.skipped,
+            "duplicates": self.duplicates,
+            "parquet_files": len(names),
+            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "_state": {"aggregates": self.to_state(), "files": names},
+        }
+
+
+def load_summary(output_dir: Path) -> tuple[Aggregates, set[str]] | None:
+    """The aggregates and file set of summary.json, or None if missing or unreadable."""
+    path = output_dir / SUMMARY_NAME
+    try:
+        doc = orjson.loads(path.read_bytes())
+        state = doc["_state"]
+        return Aggregates.from_state(state["aggregates"]), set(state["files"])
+    except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def write_summary(output_dir: Path, aggregates: Aggregates, files: Iterable[str]) -> dict[str, Any]:
+    doc = aggregates.report(files)
+    atomic_write_bytes(output_dir / SUMMARY_NAME, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    return doc
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write beside, fsync, rename over, fsync the directory: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def summary_lock(output_dir: Path) -> Iterator[None]:
+    """Serialises summary updates between consumers sharing one directory (same host or NFS)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / LOCK_NAME, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
