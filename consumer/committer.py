@@ -25,6 +25,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.batch import BatchOutcome, Failure
 from pipeline.errors import OutputWriteFailed
+from pipeline.faults import crash_point
 from pipeline.ledger import OutputLedger, object_version_hash, publish_summary
 from pipeline.parquet import OffsetRange, RollingParquetWriter
 from pipeline.records import to_table
@@ -107,9 +108,11 @@ class OutputCommitter:
         if not self.writer.has_open_file:
             return
         # 1. finalize: footer, fsync, rename, fsync dir
+        crash_point("before_finalize")
         finalized = self.writer.finalize()
         if finalized is None:
             return
+        crash_point("after_rename")
         self.stats.files += 1
         now_ms = time.time() * 1000
         self.stats.latencies.extend((now_ms - t) / 1000 for t in self._open_record_ms)
@@ -125,8 +128,10 @@ class OutputCommitter:
             publish_summary(self.writer.data_dir.parent)
         except OSError as exc:
             raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
+        crash_point("after_summary")
         # 4. commit
         await self.commit()
+        crash_point("after_commit")
 
     async def commit(self) -> None:
         offsets = {tp: off for tp, off in self._to_commit.items() if tp in self.consumer.assignment()}

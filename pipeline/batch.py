@@ -19,6 +19,7 @@ from .audio import WHISPER_SAMPLE_RATE, DecodedAudio, check_duration, decode_aud
 from .config import Settings
 from .errors import PermanentError, TokenizationFailed
 from .events import ObjectEvent
+from .faults import crash_point
 from .models import Models
 from .records import Transcript, TranscribedAudio
 from .storage import download_object
@@ -94,6 +95,7 @@ async def download_stage(s3: Any, items: list[WorkItem], settings: Settings) -> 
 
     async def one(item: WorkItem) -> Slot[Downloaded]:
         async with sem:
+            crash_point("download")
             try:
                 data, etag = await download_object(
                     s3, item.event.bucket, item.event.key, settings.max_object_bytes, settings.s3_retry_attempts
@@ -125,6 +127,7 @@ def whisper_inputs(slots: list[Slot[DecodedAudio]]) -> list[np.ndarray]:
 
 
 def transcribe_stage(models: Models, slots: list[Slot[DecodedAudio]], clips16k: list[np.ndarray]) -> list[Slot[Transcript]]:
+    crash_point("transcribe")
     results = iter(models.transcriber.transcribe_batch(clips16k) if clips16k else [])
     return [_merge(s, next(results)) if s.ok else Slot(s.item, error=s.error) for s in slots]
 

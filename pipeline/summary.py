@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
+from .faults import crash_point
 from .records import TranscribedAudio
 
 SUMMARY_NAME = "summary.json"
@@ -163,7 +164,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write beside, fsync, rename over, fsync the directory: readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(data[: len(data) // 2])
+        crash_point("mid_summary_write")
+        f.write(data[len(data) // 2 :])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -81,3 +81,68 @@ def speech_corpus(tmp_path_factory: pytest.TempPathFactory) -> list[SampleClip]:
 def upload(s3, bucket: str, clips: list[SampleClip]) -> None:
     for c in clips:
         s3.upload_file(str(c.path), bucket, c.key)
+
+
+@pytest.fixture(scope="session")
+def models():
+    """Whisper (bundled tiny.en) and the synthetic tokenizer, loaded once for in-process consumers."""
+    from pipeline.models import Models
+
+    m = Models.load(Settings(prefect_enabled=False))
+    yield m
+    m.close()
+
+
+def consume_until_idle(settings: Settings, models) -> "RunStats":  # noqa: F821
+    """Run the real consumer in-process until the stream is idle; returns its stats."""
+    import asyncio
+
+    from consumer.app import run_consumer
+
+    assert settings.exit_when_idle, "settings must set exit_when_idle"
+    return asyncio.run(run_consumer(settings, models=models))
+
+
+def backfill(settings: Settings, bucket: str, suffix: str = ".flac"):
+    import asyncio
+
+    from producer.backfill import run_backfill
+
+    return asyncio.run(run_backfill(settings, bucket, [], suffix))
+
+
+def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 20.0) -> list:
+    """Every record of `topic` from the earliest offset, until `expected` arrived or `timeout`.
+
+    Reads with a throwaway consumer instead of trusting end offsets (Tansu's ListOffsets
+    "latest" is unreliable for multi-record batches).
+    """
+    import asyncio
+    import time
+
+    from aiokafka import AIOKafkaConsumer
+
+    async def run() -> list:
+        c = AIOKafkaConsumer(
+            topic, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+            auto_offset_reset="earliest", enable_auto_commit=False,
+        )
+        await c.start()
+        got: list = []
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                batch = await c.getmany(timeout_ms=300)
+                for recs in batch.values():
+                    got.extend(recs)
+                if len(got) >= expected:
+                    # linger briefly so that "more than expected" is caught too
+                    extra = await c.getmany(timeout_ms=500)
+                    for recs in extra.values():
+                        got.extend(recs)
+                    break
+        finally:
+            await c.stop()
+        return got
+
+    return asyncio.run(run())
