@@ -28,9 +28,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from pipeline.batch import BatchOutcome
 from pipeline.config import Settings
-from pipeline.errors import FatalError
+from pipeline.errors import FatalError, OutputWriteFailed
 from pipeline.flows import consumer_flow, process_batch
-from pipeline.ledger import OutputLedger
+from pipeline.ledger import OutputLedger, publish_summary
 from pipeline.manifest import check_manifest
 from pipeline.models import Models
 from pipeline.parquet import RollingParquetWriter, discard_orphaned_inprogress
@@ -39,6 +39,8 @@ from pipeline.storage import s3_client
 from .batcher import Batcher, PendingBatch
 from .committer import CommitStats, OutputCommitter
 from .dead_letters import DeadLetterWriter
+from .positions import lagging_commit, resume_offset
+from .metrics import Operations, realtime_factor
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +63,29 @@ class RunStats(CommitStats):
 
 
 class Rebalancer(ConsumerRebalanceListener):
-    """Revoke: drain, finalize, commit. Assign: position each partition past what the files hold."""
+    """Revoke: drain, finalize, commit. Assign: position each partition past what the files hold.
+
+    aiokafka logs and swallows a listener's exception and carries on with the new assignment,
+    so a failure here (a file that cannot be finalized, a drain over budget) is handed to the
+    app, which stops without committing anything more.
+    """
 
     def __init__(self, app: "StreamConsumer") -> None:
         self.app = app
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.app.on_revoked(set(revoked))
+        try:
+            await self.app.on_revoked(set(revoked))
+        except Exception as exc:
+            self.app.fail(exc)
+            raise
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.app.on_assigned(set(assigned))
+        try:
+            await self.app.on_assigned(set(assigned))
+        except Exception as exc:
+            self.app.fail(exc)
+            raise
 
 
 class StreamConsumer:
@@ -89,17 +104,22 @@ class StreamConsumer:
         self._first_assignment = True
         self._last_record_at = time.monotonic()
         self._commit_loop_done = False
+        self._epoch = 0  # bumped by every rebalance: records fetched before one are dropped
+        self._failure: BaseException | None = None  # a rebalance-listener failure (see Rebalancer)
         self.consumer: AIOKafkaConsumer | None = None
         self.committer: OutputCommitter | None = None
         self.batcher: Batcher | None = None
         self.ledger = OutputLedger(settings.output_dir)
         self.on_batch_done: list[Any] = []  # observers (metrics, progress): fn(batch, outcome, stats)
+        self.s3: Any = None
+        self.operations = Operations(self)  # metrics, /healthz, /readyz, status line
 
     # --- lifetime ------------------------------------------------------------------------
     async def run(self) -> RunStats:
         t0 = time.perf_counter()
         st = self.settings
         async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.operations.running())  # first: /healthz answers while models load
             if self.models is None:
                 self.models = await asyncio.to_thread(Models.load, st)
                 stack.callback(self.models.close)
@@ -111,7 +131,11 @@ class StreamConsumer:
             )
             discard_orphaned_inprogress(st.output_dir)
             await asyncio.to_thread(self.ledger.refresh)
-            s3 = await stack.enter_async_context(s3_client(st))
+            try:  # a crash between a rename and the summary write left summary.json behind the files
+                await asyncio.to_thread(publish_summary, st.output_dir)
+            except OSError as exc:
+                raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
+            s3 = self.s3 = await stack.enter_async_context(s3_client(st))
             dlq_producer = AIOKafkaProducer(**st.kafka_client_kwargs(), acks="all")
             await _start_when_broker_is_up(dlq_producer.start, st)
             stack.push_async_callback(dlq_producer.stop)
@@ -132,6 +156,7 @@ class StreamConsumer:
             consumer.subscribe([st.topic], listener=Rebalancer(self))
             await _start_when_broker_is_up(consumer.start, st)
             stack.push_async_callback(consumer.stop)
+            self.operations.broker_up = True
             try:
                 if st.prefect_enabled:
                     await consumer_flow(lambda: self._run_stages(s3), st.group, st.topic)
@@ -153,9 +178,22 @@ class StreamConsumer:
             watcher = tg.create_task(self._idle_watch())
             await self.stop_event.wait()
             watcher.cancel()
+        self._raise_if_failed()
         # the three loops drained everything; the open file is finalized and committed
         await self.committer.finalize_and_commit()  # type: ignore[union-attr]
         self._copy_stats()
+
+    def fail(self, exc: BaseException) -> None:
+        """A failure outside the stages (a rebalance callback): commit nothing more, stop."""
+        if self._failure is None:
+            log.error("rebalance failed, stopping without committing: %s: %s", type(exc).__name__, exc)
+            self._failure = exc
+        if self.committer is not None:
+            self.committer.abort()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def request_stop(self, reason: str) -> None:
         if not self.stop_event.is_set():
@@ -184,8 +222,14 @@ class StreamConsumer:
         while not self.stop_event.is_set():
             wait = batcher.seconds_until_due()
             timeout_ms = int(1000 * min(0.2 if wait is None else wait, 0.2))
+            epoch = self._epoch
             records = await consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=self.settings.batch_max_events)
+            self._raise_if_failed()
             async with self._fetch_lock:
+                if epoch != self._epoch:
+                    # fetched before a rebalance that ran while we waited for the lock: the
+                    # partitions may belong to another consumer now, and ours were re-positioned
+                    records = {}
                 for tp_records in records.values():
                     for rec in tp_records:
                         batcher.add(rec)
@@ -241,7 +285,9 @@ class StreamConsumer:
                     outcome = await task
                 finally:
                     self._inflight.release()
+                t_write = time.perf_counter()
                 await committer.apply(batch, outcome)
+                outcome.timings["write"] = time.perf_counter() - t_write
                 self.stats.batches += 1
                 for k, v in outcome.timings.items():
                     self.stats.stage_seconds[k] = self.stats.stage_seconds.get(k, 0.0) + v
@@ -268,10 +314,11 @@ class StreamConsumer:
 
     # --- rebalancing -----------------------------------------------------------------------
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        if not revoked or self.committer is None or self.batcher is None:
+        if not revoked or self.committer is None or self.batcher is None or self._failure is not None:
             return
         log.info("partitions revoked: %s; draining", _fmt(revoked))
         async with self._fetch_lock:
+            self._epoch += 1
             self.batcher.discard(revoked)  # fetched, never processed: the next owner reads them again
             try:
                 await asyncio.wait_for(self._drained.wait(), timeout=REVOKE_BUDGET_SECONDS)
@@ -283,15 +330,25 @@ class StreamConsumer:
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         consumer = self.consumer
         assert consumer is not None
-        await asyncio.to_thread(self.ledger.refresh)  # other consumers may have finalized files meanwhile
-        first, self._first_assignment = self._first_assignment, False
-        positions = await self._start_positions(assigned, first)
-        for tp, offset in positions.items():
-            consumer.seek(tp, offset)
-        log.info("partitions assigned: %s; positions %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in positions.items()})
+        async with self._fetch_lock:
+            self._epoch += 1
+            # other consumers may have finalized files meanwhile, or died leaving in-progress ones
+            await asyncio.to_thread(discard_orphaned_inprogress, self.settings.output_dir)
+            await asyncio.to_thread(self.ledger.refresh)
+            first, self._first_assignment = self._first_assignment, False
+            positions, lagging = await self._start_positions(assigned, first)
+            for tp, offset in positions.items():
+                consumer.seek(tp, offset)
+            log.info("partitions assigned: %s; positions %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in positions.items()})
+            if lagging and self.committer is not None:
+                log.info("committing offsets the files hold but the broker lacks: %s", {f"{tp.partition}": o for tp, o in lagging.items()})
+                await self.committer.commit_recovered(lagging)
 
-    async def _start_positions(self, assigned: set[TopicPartition], first: bool) -> dict[TopicPartition, int]:
-        """Where each partition resumes: never before what the output files already hold."""
+    async def _start_positions(
+        self, assigned: set[TopicPartition], first: bool
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        """Where each partition resumes (never before what the output files already hold), and
+        the offsets to commit because the files are ahead of the broker (see consumer/positions.py)."""
         consumer, st = self.consumer, self.settings
         assert consumer is not None
         rewind: dict[TopicPartition, int | None] = {}
@@ -305,23 +362,23 @@ class StreamConsumer:
             begins = await consumer.beginning_offsets(list(assigned))
             rewind = dict(begins)
         positions: dict[TopicPartition, int] = {}
+        lagging: dict[TopicPartition, int] = {}
         for tp in assigned:
             from_files = self.ledger.next_offset(tp.topic, tp.partition)
-            if tp in rewind:
-                start = rewind[tp]
-                if start is None:  # no event at or after the timestamp: start at the end
-                    continue
-            else:
-                committed = await consumer.committed(tp)
-                start = committed
-            candidates = [o for o in (start, from_files) if o is not None]
-            if candidates:
-                positions[tp] = max(candidates)
+            committed = await consumer.committed(tp)
+            behind = lagging_commit(committed, from_files)
+            if behind is not None:
+                lagging[tp] = behind
+            if tp in rewind and rewind[tp] is None:  # no event at or after the timestamp: start at the end
+                continue
+            start = resume_offset(committed, from_files, rewind.get(tp))
+            if start is not None:
+                positions[tp] = start
         if first and st.from_timestamp:
             for tp in assigned:
                 if tp not in positions and rewind.get(tp, 0) is None:
                     await consumer.seek_to_end(tp)
-        return positions
+        return positions, lagging
 
     # --- reporting ---------------------------------------------------------------------------
     def _copy_stats(self) -> None:
@@ -330,23 +387,32 @@ class StreamConsumer:
             setattr(self.stats, name, getattr(c, name))
 
     def _log_batch(self, batch: PendingBatch, outcome: BatchOutcome) -> None:
-        total = sum(outcome.timings.values()) or 1e-9
-        rtf = outcome.audio_seconds / outcome.timings.get("transcribe", total) if outcome.timings.get("transcribe") else 0.0
+        """One line per batch. With --log-format json the fields below are keys of the line;
+        they name counts, timings and offsets only - never settings, so never a credential."""
+        rtf = realtime_factor(outcome)
+        failed = len(outcome.failures) + len(batch.early_failures)
+        timings = {k: round(v, 4) for k, v in outcome.timings.items()}
         log.info(
-            "batch %d: %d records, %d rows, %d failed, %d skipped, %d duplicate, %.1fs audio, %.1fx realtime, stages %s",
-            batch.seq, batch.records, len(outcome.rows), len(outcome.failures) + len(batch.early_failures),
-            batch.skipped, batch.duplicates, outcome.audio_seconds, rtf,
-            {k: round(v, 3) for k, v in outcome.timings.items()},
-            extra={"fields": {"batch": batch.seq, "records": batch.records, "rows": len(outcome.rows),
-                              "audio_seconds": outcome.audio_seconds, "timings": outcome.timings,
-                              "offsets": {f"{tp.partition}": r for tp, r in batch.ranges.items()}}},
+            "batch %d: %d records, %d rows, %d failed, %d skipped, %d duplicate, %.1fs audio, RTF %s, stages %s",
+            batch.seq, batch.records, len(outcome.rows), failed, batch.skipped, batch.duplicates,
+            outcome.audio_seconds, f"{rtf:.3f}" if rtf is not None else "-", timings,
+            extra={"fields": {
+                "batch": batch.seq, "label": batch.micro_batch().label, "records": batch.records,
+                "events": len(batch.items) + batch.skipped + batch.duplicates + len(batch.early_failures),
+                "rows": len(outcome.rows), "failed": failed, "skipped": batch.skipped, "duplicates": batch.duplicates,
+                "audio_seconds": round(outcome.audio_seconds, 3), "rtf": round(rtf, 4) if rtf is not None else None,
+                "timings": timings,
+                "offsets": {f"{tp.partition}": r for tp, r in batch.ranges.items()},  # [first, last] handled
+                # next offset per partition that finalized files hold (committed, or provable after a crash)
+                "committed": {f"{tp.partition}": self.ledger.next_offset(tp.topic, tp.partition) for tp in batch.ranges},
+            }},
         )
 
 
 async def _start_when_broker_is_up(start, settings: Settings) -> None:
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(KafkaConnectionError),
-        wait=wait_exponential_jitter(initial=0.5, max=5),
+        wait=wait_exponential_jitter(multiplier=0.5, max=5),
         stop=stop_after_delay(BROKER_WAIT_SECONDS),
         reraise=True,
         before_sleep=lambda rs: log.warning("waiting for Kafka at %s: %s", settings.kafka_bootstrap, rs.outcome.exception()),

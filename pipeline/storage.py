@@ -76,7 +76,7 @@ async def download_object(client: Any, bucket: str, key: str, max_bytes: int, at
     """Bytes and etag of one object; retries transient failures, raises typed permanent ones."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(StorageUnavailable),
-        wait=wait_exponential_jitter(initial=0.2, max=10),
+        wait=wait_exponential_jitter(multiplier=0.2, max=10),
         stop=stop_after_attempt(attempts),
         reraise=True,
         before_sleep=lambda rs: log.warning(

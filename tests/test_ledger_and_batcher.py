@@ -1,0 +1,73 @@
+"""What the output already holds, and how records are accounted for in micro-batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+from aiokafka.structs import ConsumerRecord
+
+from consumer.batcher import Batcher
+from pipeline.ledger import DedupeIndex, OutputLedger, object_version_hash
+
+from .test_summary_aggregates import write_file
+
+
+def test_dedupe_index_answers_membership_across_merges():
+    idx = DedupeIndex()
+    idx.MERGE_AT = 10
+    hashes = [object_version_hash("b", f"k{i}", "e") for i in range(35)]
+    for h in hashes:
+        idx.add(h)
+    idx.add_many(np.array([object_version_hash("b", "bulk", "e")], dtype=np.uint64))
+    assert all(h in idx for h in hashes) and object_version_hash("b", "bulk", "e") in idx
+    assert object_version_hash("b", "k0", "other-etag") not in idx
+    assert len(idx) == 36 and idx.nbytes < 36 * 64 + 1024
+
+
+def test_ledger_rebuilds_positions_and_object_versions_from_files(tmp_path):
+    write_file(tmp_path, 0, 3)
+    write_file(tmp_path, 3, 2)
+    ledger = OutputLedger(tmp_path)
+    assert ledger.refresh() == 2
+    assert ledger.next_offset("t", 0) == 5
+    assert ledger.next_offset("t", 1) is None
+    assert ledger.already_written("b", "k4.flac", "e4")
+    assert not ledger.already_written("b", "k4.flac", "new-etag")
+    assert ledger.refresh() == 0  # nothing new
+
+
+def record(offset: int, value: bytes | None, partition: int = 0) -> ConsumerRecord:
+    return ConsumerRecord("t", partition, offset, 0, 0, b"k", value, None, 0, len(value or b""), [])
+
+
+def r2(key: str, action: str = "PutObject", etag: str = "e1") -> bytes:
+    return orjson.dumps({"account": "a", "action": action, "bucket": "b", "object": {"key": key, "size": 10, "eTag": etag},
+                         "eventTime": "2026-01-01T00:00:00Z"})
+
+
+def test_every_record_is_accounted_for_in_its_batch(tmp_path):
+    write_file(tmp_path, 0, 1)  # k0.flac/e0 already written
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    b = Batcher(ledger, max_events=100, max_bytes=1 << 30, linger_ms=1000)
+    b.add(record(10, r2("a.flac")))
+    b.add(record(11, b"not json"))
+    b.add(record(12, r2("a.flac", action="DeleteObject")))
+    b.add(record(13, orjson.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent"})))
+    b.add(record(14, r2("k0.flac", etag="e0")))
+    b.add(record(3, r2("c.flac"), partition=2))
+    batch = b.take()
+    assert [i.event.key for i in batch.items] == ["a.flac", "c.flac"]
+    assert [f.error.error_type for f in batch.early_failures] == ["MalformedEvent"]
+    assert batch.skipped == 2 and batch.duplicates == 1
+    assert {tp.partition: tuple(r) for tp, r in batch.ranges.items()} == {0: (10, 14), 2: (3, 3)}
+
+
+def test_batch_closes_on_events_bytes_or_linger(tmp_path):
+    ledger = OutputLedger(tmp_path)
+    b = Batcher(ledger, max_events=2, max_bytes=15, linger_ms=50)
+    b.add(record(0, r2("a.flac")))
+    assert not b.full() and not b.due(now=b._open.opened_at + 0.01)  # noqa: SLF001
+    assert b.due(now=b._open.opened_at + 0.06)  # noqa: SLF001
+    b.add(record(1, r2("b.flac")))
+    assert b.full()  # 2 events (and 20 bytes > 15)
