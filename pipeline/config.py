@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     cpu_threads: int = 0  # 0: all cores
     whisper_batch_size: int = Field(0, ge=0)  # 0: 16 on CUDA, 8 on CPU
     beam_size: int = Field(1, ge=1)
+    whisper_pack_clips: bool = True  # short clips share a 30 s encoder window (see transcribe.py)
     language: str | None = None
     tokenizer: str = "synthetic"
     tokenizer_weights: str | None = None

@@ -55,6 +55,55 @@ class _Chunk:
     duration: float
 
 
+# Clips shorter than a window are packed together: Whisper's encoder costs the same for 3 s as
+# for 30 s, so ten 3-second clips in one window cost a tenth. A pause between them keeps
+# Whisper's segments from running across clips; a segment that does anyway sends the window's
+# clips back to be decoded alone.
+PACK_GAP_SECONDS = 1.5
+PACK_LIMIT_SECONDS = 28.0
+STRADDLE_TOLERANCE = 0.3
+
+
+@dataclass
+class _Window:
+    pieces: list[tuple[int, float]]  # (chunk index, start second within the window)
+    parts: list[np.ndarray]
+    duration: float
+
+    @classmethod
+    def single(cls, k: int, c: _Chunk) -> "_Window":
+        return cls([(k, 0.0)], [c.audio], c.duration)
+
+    def add(self, k: int, c: _Chunk, gap: np.ndarray) -> None:
+        self.parts += [gap, c.audio]
+        start = self.duration + PACK_GAP_SECONDS
+        self.pieces.append((k, start))
+        self.duration = start + c.duration
+
+    def as_chunk(self) -> _Chunk:
+        audio = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
+        return _Chunk(-1, audio, 0.0, self.duration)
+
+    def assign(self, segs: list[Segment], chunks: list[_Chunk], strict: bool = True) -> dict[int, list[Segment]] | None:
+        """Window-time segments -> file-time segments per chunk; None if one straddles two clips."""
+        out: dict[int, list[Segment]] = {k: [] for k, _ in self.pieces}
+        for s in segs:
+            mid = (s.start + s.end) / 2
+            k, start = self.pieces[0]
+            for pk, pstart in self.pieces:
+                if pstart - PACK_GAP_SECONDS / 2 <= mid:
+                    k, start = pk, pstart
+            end = start + chunks[k].duration
+            if strict and len(self.pieces) > 1 and (
+                s.start < start - STRADDLE_TOLERANCE - PACK_GAP_SECONDS / 2
+                or s.end > end + STRADDLE_TOLERANCE + PACK_GAP_SECONDS / 2
+            ):
+                return None
+            shift = chunks[k].offset - start
+            out[k].append(Segment(max(chunks[k].offset, s.start + shift), min(chunks[k].offset + chunks[k].duration, s.end + shift), s.text))
+        return out
+
+
 class WhisperTranscriber:
     """One loaded model; call `transcribe_batch` from one thread at a time."""
 
@@ -67,6 +116,7 @@ class WhisperTranscriber:
         self.compute_type = resolve_compute_type(settings.compute_type, self.device)
         self.batch_size = settings.whisper_batch_size or (16 if self.device == "cuda" else 8)
         self.beam_size = settings.beam_size
+        self.pack_clips = settings.whisper_pack_clips
         self.language = settings.language
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         try:
@@ -125,13 +175,7 @@ class WhisperTranscriber:
             file_chunks, restore = self._split(i, clip)
             chunks.extend(file_chunks)
             restorers.append(restore)
-        # Similar lengths side by side waste less padding work in the decoder.
-        order = sorted(range(len(chunks)), key=lambda k: chunks[k].duration)
-        outputs: dict[int, tuple[list[Segment], str]] = {}
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            for k, result in zip(idx, self._generate([chunks[k] for k in idx])):
-                outputs[k] = result
+        outputs = self._decode_chunks(chunks)
         per_file: list[list[Segment]] = [[] for _ in clips]
         languages: list[list[str]] = [[] for _ in clips]
         for k, chunk in enumerate(chunks):
@@ -147,6 +191,45 @@ class WhisperTranscriber:
             language = max(set(langs), key=langs.count) if langs else (self.language or "en")
             transcripts.append(Transcript(" ".join(s.text for s in segs).strip(), language, segs))
         return transcripts
+
+    def _decode_chunks(self, chunks: list[_Chunk]) -> dict[int, tuple[list[Segment], str]]:
+        """Segments (in file time) per chunk: packed into shared windows, then batched."""
+        windows = self._pack(chunks)
+        outputs: dict[int, tuple[list[Segment], str]] = {}
+        retry: list[int] = []
+        for start in range(0, len(windows), self.batch_size):
+            group = windows[start : start + self.batch_size]
+            for window, (segs, lang) in zip(group, self._generate([w.as_chunk() for w in group])):
+                assigned = window.assign(segs, chunks)
+                if assigned is None:  # a segment ran across two clips: decode those clips alone
+                    retry.extend(k for k, _ in window.pieces)
+                    continue
+                for k, k_segs in assigned.items():
+                    outputs[k] = (k_segs, lang)
+        if retry:
+            singles = [_Window.single(k, chunks[k]) for k in retry]
+            for start in range(0, len(singles), self.batch_size):
+                group = singles[start : start + self.batch_size]
+                for window, (segs, lang) in zip(group, self._generate([w.as_chunk() for w in group])):
+                    outputs.update({k: (v, lang) for k, v in window.assign(segs, chunks, strict=False).items()})
+        return outputs
+
+    def _pack(self, chunks: list[_Chunk]) -> list["_Window"]:
+        """Short chunks share one 30 s window (the encoder always pays for 30 s), a gap of silence apart."""
+        if not self.pack_clips:
+            return [_Window.single(k, c) for k, c in enumerate(chunks)]
+        gap = np.zeros(int(PACK_GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
+        windows: list[_Window] = []
+        current: _Window | None = None
+        # Longest first packs tighter (first-fit decreasing would be tighter still; this is enough).
+        for k in sorted(range(len(chunks)), key=lambda k: -chunks[k].duration):
+            c = chunks[k]
+            if current is not None and current.duration + PACK_GAP_SECONDS + c.duration <= PACK_LIMIT_SECONDS:
+                current.add(k, c, gap)
+            else:
+                current = _Window.single(k, c)
+                windows.append(current)
+        return windows
 
     def _split(self, file_index: int, clip: np.ndarray):
         duration = clip.shape[0] / SAMPLE_RATE
