@@ -45,6 +45,8 @@ SIGNATURE_HEADER = "X-Metavoice-Signature"
 RETRY_AFTER_S = "5"
 # How long connecting to Kafka may take inside one request before it answers 503.
 CONNECT_TIMEOUT_S = 10.0
+# After a failed connect, requests answer 503 at once for this long instead of each trying again.
+CONNECT_COOLDOWN_S = 2.0
 
 
 class KafkaGate:
@@ -55,6 +57,8 @@ class KafkaGate:
         self._publisher: EventPublisher | None = None
         self._producer = None
         self._lock = asyncio.Lock()
+        self._failure: KafkaUnavailable | None = None
+        self._retry_at = 0.0
 
     @property
     def connected(self) -> bool:
@@ -65,7 +69,14 @@ class KafkaGate:
             return self._publisher
         async with self._lock:
             if self._publisher is None:
-                await self._connect()
+                loop = asyncio.get_running_loop()
+                if self._failure is not None and loop.time() < self._retry_at:
+                    raise self._failure
+                try:
+                    await self._connect()
+                except KafkaUnavailable as exc:
+                    self._failure, self._retry_at = exc, loop.time() + CONNECT_COOLDOWN_S
+                    raise
             assert self._publisher is not None
             return self._publisher
 
@@ -73,15 +84,17 @@ class KafkaGate:
         producer = make_producer(self.settings)
         try:
             await asyncio.wait_for(producer.start(), CONNECT_TIMEOUT_S)
-        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        except BaseException as exc:  # also a cancelled start (shutdown): never leak its tasks
             with contextlib.suppress(Exception):
                 await producer.stop()
-            raise KafkaUnavailable(f"Kafka at {self.settings.kafka_bootstrap} is unreachable: {exc!r}") from exc
+            if isinstance(exc, (KafkaError, OSError, asyncio.TimeoutError)):
+                raise KafkaUnavailable(f"Kafka at {self.settings.kafka_bootstrap} is unreachable: {exc!r}") from exc
+            raise
+        self._producer = producer  # from here on close() stops it, whatever happens next
         try:
             await asyncio.wait_for(ensure_topics(self.settings, wait_seconds=0), CONNECT_TIMEOUT_S)
         except (KafkaError, KafkaUnavailable, OSError, asyncio.TimeoutError) as exc:
             log.warning("could not ensure topics (%s); publishing anyway", exc)
-        self._producer = producer
         self._publisher = EventPublisher(producer, self.settings.topic, self.settings.dlq_topic)
         log.info("webhook connected to Kafka at %s", self.settings.kafka_bootstrap)
 

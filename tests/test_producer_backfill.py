@@ -20,7 +20,7 @@ from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION
 from producer.backfill import run_backfill
 from producer.cli import main
 from producer.errors import CheckpointMismatch
-from tests.test_producer_support import read_topic
+from tests.test_producer_support import cli_logging, read_topic  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -156,7 +156,8 @@ async def test_modified_since_and_until_select_objects_by_last_modified(s3, buck
     assert before.matched == 2  # until is exclusive: exactly the old ones
 
 
-def test_dry_run_prints_the_counts_and_publishes_nothing(big_bucket, services, unique, monkeypatch, capsys):
+def test_dry_run_prints_the_counts_and_publishes_nothing(big_bucket, services, unique, monkeypatch, capsys,
+                                                          cli_logging):
     topic = f"dry-{unique}"
     monkeypatch.setenv("METAVOICE_KAFKA_BOOTSTRAP", services.kafka_bootstrap)
     monkeypatch.setenv("METAVOICE_S3_ENDPOINT_URL", services.s3_endpoint_url)

@@ -23,7 +23,7 @@ from pipeline.local_services import free_port, start_broker
 from producer.cli import main
 from producer.kafka import ensure_topics
 from producer.r2_queue import QueueConfig, run_r2_queue
-from tests.test_producer_support import read_topic, wait_until
+from tests.test_producer_support import cli_logging, read_topic, wait_until  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +167,7 @@ def queue_config(fake: FakeCloudflareQueue, **kw) -> QueueConfig:
 
 
 def test_every_message_is_acked_only_after_kafka_acknowledged_its_events_and_acks_go_in_bulk(
-    fake_queue, services, unique, monkeypatch, capsys
+    fake_queue, services, unique, monkeypatch, capsys, cli_logging
 ):
     topic = f"r2q-{unique}"
     expected: list[str] = []
@@ -309,7 +309,9 @@ async def test_pulls_and_acks_together_stay_within_the_request_quota(fake_queue,
     assert all(times[i + 2] - times[i] >= 0.45 for i in range(len(times) - 2))
 
 
-def test_a_rejected_token_stops_with_a_clear_error_and_acks_nothing(fake_queue, services, unique, monkeypatch, capsys):
+def test_a_rejected_token_stops_with_a_clear_error_and_acks_nothing(
+    fake_queue, services, unique, monkeypatch, capsys, cli_logging
+):
     mid = fake_queue.send(orjson.dumps(r2_body("kept.flac")).decode())
     monkeypatch.setenv("METAVOICE_KAFKA_BOOTSTRAP", services.kafka_bootstrap)
     monkeypatch.setenv("METAVOICE_TOPIC", f"r2q-{unique}")

@@ -8,11 +8,23 @@ records arrived (then a short settle to catch extras): the embedded broker's Lis
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer
+
+
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    """`main()` points the root logger at the (captured) stderr of its test; put it back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 async def read_topic(

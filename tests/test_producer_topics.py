@@ -9,6 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from producer.cli import main
+from tests.test_producer_support import cli_logging  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ async def _configs(bootstrap: str, topics: list[str]) -> dict[str, dict[str, str
 
 
 @pytest.fixture
-def topic_env(services, unique, monkeypatch) -> str:
+def topic_env(services, unique, monkeypatch, cli_logging) -> str:
     topic = f"replay-{unique}"
     monkeypatch.setenv("METAVOICE_KAFKA_BOOTSTRAP", services.kafka_bootstrap)
     monkeypatch.setenv("METAVOICE_TOPIC", topic)
