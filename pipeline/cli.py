@@ -23,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", type=Path)
     s.add_argument("--rebuild", action="store_true", help="recompute from the Parquet files and report mismatches")
 
+    r = sub.add_parser("report", help="write an HTML report with figures about an output directory")
+    r.add_argument("output", type=Path)
+    r.add_argument("--out", type=Path, help="HTML file to write (default DIR/report.html; figures beside it in *_files/)")
+    r.add_argument("--embed", action="store_true", help="inline the figures into the HTML (one self-contained file)")
+
     from .tokens_cli import add_tokens_parser
 
     add_tokens_parser(sub)
@@ -43,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from .summary_cli import run_summary
 
         return run_summary(args.output, rebuild=args.rebuild)
+    if args.command == "report":
+        from .report import run_report
+
+        return run_report(args.output, args.out, embed=args.embed)
     if args.command == "tokens":
         from .tokens_cli import run_tokens_command
 
