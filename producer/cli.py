@@ -111,7 +111,8 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
             print(f"interrupted; run again with --checkpoint {args.checkpoint} to resume", file=sys.stderr)
         raise
     size = decimal(result.bytes)
-    done = f"; prefixes already done per checkpoint: {', '.join(map(repr, result.already_done))}" if result.already_done else ""
+    done_names = ", ".join(repr(p) if p else "(whole bucket)" for p in result.already_done)
+    done = f"; already done per checkpoint: {done_names}" if result.already_done else ""
     if result.dry_run:
         print(f"dry run: {result.matched} of {result.listed} listed objects match ({size}); nothing published{done}")
     else:
