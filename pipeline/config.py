@@ -87,7 +87,7 @@ class Settings(BaseSettings):
 
     # --- orchestration and operations --------------------------------------------------
     prefect_enabled: bool = True
-    pipeline_depth: int = Field(2, ge=1)  # micro-batches in flight at once
+    pipeline_depth: int = Field(3, ge=1)  # micro-batches in flight at once
     metrics_port: int | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
