@@ -36,7 +36,18 @@ import orjson
 from aiohttp import web
 from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 from pipeline.batch import BatchOutcome
@@ -96,6 +107,9 @@ class _Seen:
 class ConsumerMetrics:
     def __init__(self, group: str = "", topic: str = "") -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_open_fds, process_start_time_seconds, ...
+        PlatformCollector(registry=r)  # python_info
+        r.register(GC_COLLECTOR)  # python_gc_*
         kw: dict[str, Any] = {"namespace": NAMESPACE, "registry": r}
         self.info = Info("consumer", "the consumer group and topic this process serves", **kw)
         self.info.info({"group": group, "topic": topic})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from producer.backfill import run_backfill
+from producer.backfill import progress_wanted, run_backfill
 
 from .config import Settings
 from .local_services import MOTO_CREDENTIALS, MOTO_REGION, local_services
@@ -45,7 +45,7 @@ def run_demo(output_dir: Path, clips: int, settings: Settings) -> int:
             bucket=DEMO_BUCKET,
         )
         asyncio.run(_fill_bucket(st, corpus))
-        result = asyncio.run(run_backfill(st, DEMO_BUCKET, [], ".flac"))
+        result = asyncio.run(run_backfill(st, DEMO_BUCKET, [], ".flac", progress=progress_wanted(False)))
         console.print(f"backfill published [bold]{result.published}[/] events to topic {st.topic}")
         console.print(
             f"consumer: whisper={st.whisper_model or 'bundled tiny.en'} tokenizer=[bold]{st.tokenizer}[/]"

@@ -29,6 +29,7 @@ from consumer.metrics import (
 )
 from consumer.status import StatusLine, StatusSnapshot, format_status
 from pipeline.batch import BatchOutcome
+from pipeline.config import Settings
 from pipeline.errors import FatalError
 from pipeline.logs import JsonFormatter
 from pipeline.summary import SUMMARY_NAME
@@ -183,14 +184,14 @@ async def test_metrics_match_what_the_consumer_processed(services, s3, bucket, s
 
 # --- readiness against real and dead dependencies -----------------------------------------------
 @pytest.mark.integration
-async def test_readyz_names_the_dependency_that_is_missing(services, bucket, settings_factory, models):
+async def test_readyz_names_the_dependency_that_is_missing(services, bucket, settings_factory):
     from pipeline.storage import s3_client
 
     app = StreamConsumer(settings_factory(bucket=bucket))
     ok, report = await app.operations.readiness.evaluate()
     assert not ok and {k: v["ok"] for k, v in report.items()} == {"broker": False, "s3": False, "models": False}
 
-    app.models = models
+    app.models = SimpleNamespace(transcriber=SimpleNamespace(name="tiny.en", device="cpu"), tokenizer=SimpleNamespace(name="synthetic"))
     async with s3_client(app.settings) as s3:
         app.s3 = s3
         ok, report = await Readiness(app.operations.readiness.checks).evaluate()
@@ -272,18 +273,13 @@ async def test_healthz_is_always_200_and_readyz_503_until_every_check_passes():
         await server.stop()
 
 
-async def test_a_hanging_probe_reads_as_not_ready():
+async def test_a_hanging_probe_reads_as_not_ready(monkeypatch):
     async def hangs():
         await asyncio.sleep(60)
         return True, "never"
 
-    import consumer.metrics as mod
-
-    old, mod.PROBE_TIMEOUT_S = mod.PROBE_TIMEOUT_S, 0.05
-    try:
-        ok, report = await Readiness({"s3": hangs}).evaluate()
-    finally:
-        mod.PROBE_TIMEOUT_S = old
+    monkeypatch.setattr("consumer.metrics.PROBE_TIMEOUT_S", 0.05)
+    ok, report = await Readiness({"s3": hangs}).evaluate()
     assert not ok and "no answer" in report["s3"]["detail"]
 
 
@@ -296,8 +292,13 @@ async def test_a_taken_metrics_port_is_a_fatal_error():
             await server.start(s.getsockname()[1], "127.0.0.1")
 
 
-def test_each_consumer_has_its_own_registry(settings_factory):
-    a, b = StreamConsumer(settings_factory()), StreamConsumer(settings_factory(group="other"))
+def offline(tmp_path, **overrides) -> Settings:
+    """Settings for a consumer that is built but never run: no broker needed."""
+    return Settings(output_dir=tmp_path / "out", prefect_enabled=False, **overrides)
+
+
+def test_each_consumer_has_its_own_registry(tmp_path):
+    a, b = StreamConsumer(offline(tmp_path)), StreamConsumer(offline(tmp_path, group="other"))
     assert a.operations.registry is not b.operations.registry
     stats = SimpleNamespace(rows=3, skipped=0, duplicates=0, files=1, commits=1, audio_seconds=9.5,
                             errors_by_type={"NotAudio": 2}, latencies=[1.5])
@@ -362,13 +363,13 @@ def test_status_line_is_silent_when_disabled_and_says_when_lag_is_unknown():
     assert "lag ?" in format_status(StatusSnapshot(), None)
 
 
-def test_status_is_on_only_for_a_terminal_with_text_logs(settings_factory):
+def test_status_is_on_only_for_a_terminal_with_text_logs(tmp_path):
     from consumer.metrics import Operations
 
-    tty_text = StreamConsumer(settings_factory())
+    tty_text = StreamConsumer(offline(tmp_path))
     assert Operations(tty_text, status_stream=Tty()).status.enabled
     assert not Operations(tty_text, status_stream=io.StringIO()).status.enabled
-    json_logs = StreamConsumer(settings_factory(log_format="json"))
+    json_logs = StreamConsumer(offline(tmp_path, log_format="json"))
     assert not Operations(json_logs, status_stream=Tty()).status.enabled
 
 
