@@ -64,27 +64,39 @@ async def run_stages(ctx: BatchContext) -> BatchOutcome:
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=0)
 
 
-@task(name="download", **_TASK)
+def _stage_run_name(stage: str):
+    """Task runs named `download batch-3:p0@10-12`: the Prefect UI says which events a run held."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        ctx = _REGISTRY.get(task_run.parameters.get("ref", ""))
+        return f"{stage} {ctx.batch.label}" if ctx else stage
+
+    return name
+
+
+@task(name="download", task_run_name=_stage_run_name("download"), **_TASK)
 async def _download(ref: str):
     ctx = _REGISTRY[ref]
     with ctx.timer.measure("download"):
         return await download_stage(ctx.s3, ctx.batch.items, ctx.settings)
 
 
-@task(name="decode", **_TASK)
+@task(name="decode", task_run_name=_stage_run_name("decode"), **_TASK)
 async def _decode(ref: str, downloaded):
     ctx = _REGISTRY[ref]
     decoded = await ctx.models.on_cpu("decode", ctx.timer.timings, decode_stage, downloaded, ctx.settings)
     return decoded, await ctx.models.on_cpu("decode", ctx.timer.timings, whisper_inputs, decoded)
 
 
-@task(name="transcribe", **_TASK)
+@task(name="transcribe", task_run_name=_stage_run_name("transcribe"), **_TASK)
 async def _transcribe(ref: str, decoded, clips):
     ctx = _REGISTRY[ref]
     return await ctx.models.on_device("transcribe", ctx.timer.timings, transcribe_stage, ctx.models, decoded, clips)
 
 
-@task(name="tokenize", **_TASK)
+@task(name="tokenize", task_run_name=_stage_run_name("tokenize"), **_TASK)
 async def _tokenize(ref: str, decoded):
     ctx = _REGISTRY[ref]
     return await ctx.models.on_device("tokenize", ctx.timer.timings, tokenize_stage, ctx.models, decoded)

@@ -21,7 +21,11 @@ def run_summary(output_dir: Path, rebuild: bool = False) -> int:
     if not path.exists():
         console.print(f"[red]no {SUMMARY_NAME} in {output_dir}[/]")
         return 2
-    doc = orjson.loads(path.read_bytes())
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        console.print(f"[red]{path} is not valid JSON ({exc}); the consumer rebuilds it from the file footers on its next finalize[/]")
+        return 1
     table = Table(title=f"{output_dir} ({doc.get('updated_at', '?')})", show_header=True)
     table.add_column("metric")
     table.add_column("value", overflow="fold")
@@ -38,6 +42,8 @@ def run_summary(output_dir: Path, rebuild: bool = False) -> int:
     mismatches = [k for k in CHECKED if _norm(incremental.get(k)) != _norm(recomputed.to_state().get(k))]
     if loaded and set(files) != loaded[1]:
         mismatches.append("files included")
+    shown = recomputed.report(files)
+    mismatches += [k for k in shown if not k.startswith("_") and k != "updated_at" and _norm(doc.get(k)) != _norm(shown[k])]
     if mismatches:
         console.print(f"[red]summary.json disagrees with the Parquet files on: {', '.join(mismatches)}[/]")
         return 1
@@ -49,5 +55,5 @@ def _norm(v):
     if isinstance(v, float):
         return round(v, 6)
     if isinstance(v, dict):
-        return {k: _norm(x) for k, x in v.items() if not (k in ("total",) and False)}
+        return {k: _norm(x) for k, x in v.items()}
     return v

@@ -65,6 +65,8 @@ def settings_factory(services: LocalServices, unique: str, tmp_path: Path) -> Ca
             batch_linger_ms=100,
             exit_when_idle=3.0,
             prefect_enabled=False,
+            # Tansu holds a first group join for about half the session timeout: keep it short.
+            kafka_session_timeout_ms=6000,
         )
         base.update(overrides)
         return Settings(**base)

@@ -52,6 +52,7 @@ def streamed(services, speech_corpus, models, tmp_path_factory):
         batch_linger_ms=100,
         exit_when_idle=3.0,
         prefect_enabled=True,  # the real orchestration path, once
+        kafka_session_timeout_ms=6000,
     )
     published = backfill(settings, bucket)
     stats = consume_until_idle(settings, models)
