@@ -101,31 +101,33 @@ def _is_local(source: str) -> bool:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
+    line = text[0].rstrip(". ") if text else type(exc).__name__
     return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _unavailable(family: str, source: str, download_id: str, reason: str) -> ModelUnavailable:
+    """Where the weights were looked for, and how to provide them."""
     from huggingface_hub import constants
 
     if _is_local(source):
-        where = f"local directory {str(Path(source).expanduser().resolve())!r}"
+        where = f"the local directory {str(Path(source).expanduser().resolve())!r}"
+    elif hub_offline():
+        where = f"hub id {source!r} in the cache {constants.HF_HUB_CACHE!r} only (HF_HUB_OFFLINE=1)"
     else:
-        mode = "offline (HF_HUB_OFFLINE set): the hub was not contacted" if hub_offline() else (
-            "online: downloaded from the hub unless cached"
-        )
-        where = f"hub id {source!r} in the cache {constants.HF_HUB_CACHE!r}, {mode}"
+        where = f"hub id {source!r} in the cache {constants.HF_HUB_CACHE!r}, then on the hub (HF_HUB_OFFLINE unset)"
     return ModelUnavailable(
-        f"cannot load the {family} codec from {where}: {reason}. Provide the weights with "
+        f"cannot load the {family} codec: {reason}. Looked for {where}. Provide the weights with "
         f"METAVOICE_TOKENIZER_WEIGHTS=/path/to/dir (a directory holding config.json and the weights, e.g. "
-        f"made by `hf download {download_id} --local-dir /path/to/dir`; `huggingface-cli download` on older "
-        f"huggingface_hub), or fill the cache on a host with network access with "
-        f"`hf download {download_id}` and run with HF_HUB_OFFLINE=1."
+        f"made by `hf download {download_id} --local-dir /path/to/dir`, or `huggingface-cli download` on "
+        f"older huggingface_hub), or fill the cache with `hf download {download_id}` where the network "
+        f"reaches the hub and run with HF_HUB_OFFLINE=1."
     )
 
 
-def _load_model(family: str, model_type: str, model_class: str, source: str, download_id: str, dtype: torch.dtype):
-    """Config and weights from a local directory or the hub cache; every failure is a `ModelUnavailable`."""
+def _load_model(
+    family: str, model_type: str, model_class: str, source: str, download_id: str, dtype: torch.dtype
+) -> Any:
+    """Config and weights from a local directory or the hub (cache); every failure is a `ModelUnavailable`."""
     try:
         import transformers
     except ImportError as exc:
@@ -174,7 +176,7 @@ class _Span:
 def _spans(frames: int, window: int, left: int, right: int) -> list[_Span]:
     """Hop-aligned windows of `window` frames covering `frames`, each with up to left/right context."""
     if frames <= window:
-        return [_Span(0, frames, 0, frames)]
+        return [_Span(0, frames, 0, frames)] if frames else []
     spans = []
     for core in range(0, frames, window):
         core_end = min(core + window, frames)
@@ -208,7 +210,9 @@ class CodecTokenizer(AudioTokenizer):
         self.device = resolve_device(settings.device)
         self.dtype = _DTYPES[settings.tokenizer_dtype]
         self.batch_size = settings.tokenizer_batch_size
-        self.model = _load_model(self.family, self.model_type, self.model_class, source, download_id, self.dtype)
+        self.model = _load_model(
+            self.family, self.model_type, self.model_class, source, download_id, self.dtype
+        )
 
         config = self.model.config
         self.sample_rate = int(config.sampling_rate)
@@ -216,7 +220,7 @@ class CodecTokenizer(AudioTokenizer):
         self.hop = self._hop(config)
         self.frame_rate = self.sample_rate / self.hop
         if int(config.codebook_size) > np.iinfo(np.int16).max + 1:
-            raise ModelUnavailable(f"{source!r}: codebooks of {config.codebook_size} entries do not fit int16")
+            raise ModelUnavailable(f"{source!r}: codebooks of {config.codebook_size} entries overflow int16")
         self.codebooks, label = self._choose_codebooks(settings, spec)
         self.name = f"{self.family}:{self.checkpoint}@{label}"
 
@@ -228,7 +232,8 @@ class CodecTokenizer(AudioTokenizer):
 
         try:
             self.model.to(self.device)
-            self._encode_padded(torch.zeros(1, self.channels, self.hop), torch.ones(1, self.channels, self.hop, dtype=torch.bool))
+            silence = torch.zeros(1, self.channels, self.hop)
+            self._encode_padded(silence, torch.ones(silence.shape, dtype=torch.bool))
         except Exception as exc:  # e.g. no CUDA, or a dtype the device cannot run
             raise ModelUnavailable(
                 f"{self.name} does not run on {self.device} in {settings.tokenizer_dtype}: {_first_line(exc)}"
@@ -299,20 +304,23 @@ class CodecTokenizer(AudioTokenizer):
         ]
         pieces: dict[int, np.ndarray] = {}
         for group in self._groups(jobs):
-            segments = [waves[jobs[j][0]][:, jobs[j][1].start * self.hop : jobs[j][1].stop * self.hop] for j in group]
-            codes = self._encode_segments(segments)
-            for j, c in zip(group, codes):
-                span = jobs[j][1]
-                pieces[j] = c[:, span.keep_from : span.keep_to]
+            spans = [jobs[j][1] for j in group]
+            segments = [waves[jobs[j][0]][:, s.start * self.hop : s.stop * self.hop] for j, s in zip(group, spans)]
+            for j, span, codes in zip(group, spans, self._encode_segments(segments)):
+                pieces[j] = codes[:, span.keep_from : span.keep_to]
         out: list[list[np.ndarray]] = [[] for _ in waves]
         for j, (i, _) in enumerate(jobs):
             out[i].append(pieces[j])
-        return [np.ascontiguousarray(np.concatenate(p, axis=1)) for p in out]
+        empty = np.zeros((self.codebooks, 0), dtype=np.int16)
+        return [np.ascontiguousarray(np.concatenate(p, axis=1)) if p else empty for p in out]
 
     def _groups(self, jobs: list[tuple[int, _Span]]) -> list[list[int]]:
         """Batches of job indices: longest first; equal lengths only when the codec looks ahead."""
         order = sorted(range(len(jobs)), key=lambda j: -jobs[j][1].frames)
-        runs = [order] if self.causal else [list(g) for _, g in groupby(order, key=lambda j: jobs[j][1].frames)]
+        if self.causal:
+            runs = [order]
+        else:
+            runs = [list(run) for _, run in groupby(order, key=lambda j: jobs[j][1].frames)]
         return [run[k : k + self.batch_size] for run in runs for k in range(0, len(run), self.batch_size)]
 
     def _encode_segments(self, segments: list[np.ndarray]) -> list[np.ndarray]:
@@ -382,18 +390,20 @@ class EncodecTokenizer(CodecTokenizer):
                 "cannot be decoded without per-chunk scales, which the dataset does not keep. Use "
                 "facebook/encodec_24khz, or the dac / mimi codecs."
             )
-        supported = {float(b): self.model.quantizer.get_num_quantizers_for_bandwidth(float(b)) for b in config.target_bandwidths}
+        quantizer = self.model.quantizer
+        bandwidths = [float(b) for b in config.target_bandwidths]
+        supported = {b: quantizer.get_num_quantizers_for_bandwidth(b) for b in bandwidths}
         choices = ", ".join(f"{b:g} kbps = {n} codebooks" for b, n in supported.items())
         codebooks = spec.codebooks or (None if spec.bandwidth else settings.tokenizer_codebooks or None)
         if codebooks is not None:
             matches = [b for b, n in supported.items() if n == codebooks]
             if not matches:
-                raise ModelUnavailable(f"{self.checkpoint!r} cannot code {codebooks} codebooks; choose one of {choices}")
+                raise ModelUnavailable(f"{self.checkpoint!r} cannot code {codebooks} codebooks: {choices}")
             bandwidth = matches[0]
         else:
             bandwidth = float(spec.bandwidth or settings.tokenizer_bandwidth)
             if bandwidth not in supported:
-                raise ModelUnavailable(f"{self.checkpoint!r} has no {bandwidth:g} kbps bandwidth; choose one of {choices}")
+                raise ModelUnavailable(f"{self.checkpoint!r} has no {bandwidth:g} kbps bandwidth: {choices}")
         self.bandwidth = bandwidth
         return supported[bandwidth], f"{bandwidth:g}kbps"
 
@@ -421,7 +431,9 @@ class DacTokenizer(CodecTokenizer):
         most = int(self.model.config.n_codebooks)
         codebooks = spec.codebooks or settings.tokenizer_codebooks or most
         if spec.bandwidth is not None or not 1 <= codebooks <= most:
-            raise ModelUnavailable(f"{self.checkpoint!r} codes 1 to {most} codebooks (METAVOICE_TOKENIZER_CODEBOOKS)")
+            raise ModelUnavailable(
+                f"{self.checkpoint!r} codes 1 to {most} codebooks, not {codebooks} (METAVOICE_TOKENIZER_CODEBOOKS)"
+            )
         return codebooks, f"{codebooks}cb"
 
     def _default_context_sec(self, config: Any) -> float:
@@ -451,7 +463,10 @@ class MimiTokenizer(CodecTokenizer):
         most, least = int(config.num_quantizers), int(config.num_semantic_quantizers)
         codebooks = spec.codebooks or settings.tokenizer_codebooks or min(self.default_codebooks, most)
         if spec.bandwidth is not None or not least <= codebooks <= most:
-            raise ModelUnavailable(f"{self.checkpoint!r} codes {least} to {most} codebooks (METAVOICE_TOKENIZER_CODEBOOKS)")
+            raise ModelUnavailable(
+                f"{self.checkpoint!r} codes {least} to {most} codebooks, not {codebooks} "
+                "(METAVOICE_TOKENIZER_CODEBOOKS)"
+            )
         return codebooks, f"{codebooks}cb"
 
     def _default_context_sec(self, config: Any) -> float:
@@ -468,46 +483,53 @@ class MimiTokenizer(CodecTokenizer):
         return self.model.decode(codes).audio_values
 
     def _encode_waves(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        """Steps 3 to 5 by streaming: clips longest first, batched, windows fed in order with the
+        """Steps 3 to 5 by streaming: clips longest first, in batches, fed window by window with the
         convolution and attention caches carried over, so windowed codes equal one pass exactly."""
         order = sorted(range(len(waves)), key=lambda i: -waves[i].shape[1])
-        out: list[np.ndarray] = [np.zeros((self.codebooks, 0), np.int16)] * len(waves)
+        out = [np.zeros((self.codebooks, 0), np.int16) for _ in waves]
         for k in range(0, len(order), self.batch_size):
-            group = order[k : k + self.batch_size]
-            frames = [waves[i].shape[1] // self.hop for i in group]
-            longest = max(frames)
-            if longest == 0:
-                continue
-            x = torch.zeros(len(group), self.channels, longest * self.hop)
-            for b, i in enumerate(group):
-                x[b, :, : waves[i].shape[1]] = torch.from_numpy(waves[i])
-            if longest <= self.window_frames:
-                codes = self._encode_padded(x, torch.ones(x.shape, dtype=torch.bool))
-            else:
-                codes = self._stream(x)
-            for b, i in enumerate(group):
-                out[i] = np.ascontiguousarray(codes[b, :, : frames[b]])
+            group = [waves[i] for i in order[k : k + self.batch_size]]
+            codes = self._stream(group)
+            for b, i in enumerate(order[k : k + self.batch_size]):
+                out[i] = np.ascontiguousarray(codes[b, :, : waves[i].shape[1] // self.hop])
         return out
 
-    def _stream(self, x: torch.Tensor) -> np.ndarray:
+    def _stream(self, group: list[np.ndarray]) -> np.ndarray:
+        """Codes [B, codebooks, frames of the longest] for whole-frame waves, one window at a time."""
+        total = max(w.shape[1] for w in group)
+        if total == 0:
+            return np.zeros((len(group), self.codebooks, 0), np.int16)
         step = self.window_frames * self.hop
+        if total <= step:  # one window: a plain, batched call
+            return self._encode_padded(*self._window(group, 0, total))
         encoder_cache = padding_cache = None
         chunks = []
-        with torch.inference_mode():
-            for start in range(0, x.shape[-1], step):
-                out = self.model.encode(
-                    x[..., start : start + step].to(self.device, self.dtype),
+        for start in range(0, total, step):
+            x, _ = self._window(group, start, min(start + step, total))
+            with torch.inference_mode():
+                result = self.model.encode(
+                    x.to(self.device, self.dtype),
                     num_quantizers=self.codebooks,
                     encoder_cache=encoder_cache,
                     padding_cache=padding_cache,
                     use_streaming=True,
                 )
-                encoder_cache, padding_cache = out.encoder_cache, out.padding_cache
-                chunks.append(out.audio_codes)
+            encoder_cache, padding_cache = result.encoder_cache, result.padding_cache
+            chunks.append(result.audio_codes)
         codes = torch.cat(chunks, dim=-1)
-        if codes.shape[2] < x.shape[-1] // self.hop:
-            raise RuntimeError(f"streaming returned {codes.shape[2]} frames for {x.shape[-1] // self.hop}")
+        if codes.shape[1] != self.codebooks or codes.shape[2] < total // self.hop:
+            raise RuntimeError(f"streaming returned codes {tuple(codes.shape)} for {total // self.hop} frames")
         return codes.to(torch.int16).cpu().numpy()
+
+    def _window(self, group: list[np.ndarray], start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples [start, stop) of every wave, zero-padded past its end, and where it has audio."""
+        x = torch.zeros(len(group), self.channels, stop - start)
+        mask = torch.zeros(x.shape, dtype=torch.bool)
+        for b, wave in enumerate(group):
+            part = wave[:, start:stop]
+            x[b, :, : part.shape[1]] = torch.from_numpy(part)
+            mask[b, :, : part.shape[1]] = True
+        return x, mask
 
 
 @register("encodec")
