@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 import soundfile as sf
 
 from .config import Settings
@@ -29,13 +28,29 @@ class RowNotFound(LookupError):
     pass
 
 
+def parquet_files(path: str | Path) -> list[Path]:
+    """`path` itself, or the `*.parquet` files under it (an output directory keeps them in `data/`;
+    in-progress `.parquet.inprogress` files, hidden and `_` files are left out)."""
+    root = Path(path)
+    if not root.is_dir():
+        return [root]
+    files = [
+        f for f in sorted(root.rglob("*.parquet"))
+        if f.is_file() and not any(part.startswith((".", "_")) for part in f.relative_to(root).parts)
+    ]  # fmt: skip
+    if not files:
+        raise RowNotFound(f"no Parquet files under {str(root)!r}")
+    return files
+
+
 def read_row_tokens(parquet_path: str | Path, row_id: str) -> tuple[np.ndarray, str]:
     """The `tokens` (int16 `[codebooks, frames]`) and `tokenizer` of the row whose `id` is `row_id`.
 
     `parquet_path` is one file or a directory of them; when a key was written more than once
     (a forced reprocess), the last row read wins.
     """
-    rows = pq.read_table(parquet_path, columns=["id", "tokenizer", "tokens"], filters=pc.field("id") == row_id)
+    dataset = ds.dataset([str(f) for f in parquet_files(parquet_path)], format="parquet")
+    rows = dataset.to_table(columns=["id", "tokenizer", "tokens"], filter=ds.field("id") == row_id)
     if rows.num_rows == 0:
         raise RowNotFound(f"no row with id {row_id!r} in {str(parquet_path)!r}")
     last = rows.num_rows - 1

@@ -400,21 +400,27 @@ def test_decode_row_to_wav_writes_the_rows_audio(checkpoints, tmp_path: Path) ->
     np.testing.assert_allclose(audio, np.clip(expected, -1, 1), atol=2 / 32768)
 
 
-def test_tokens_decode_command_takes_weights_for_the_checkpoint_the_column_names(checkpoints, tmp_path: Path) -> None:
+def test_tokens_decode_command_takes_weights_for_the_checkpoint_the_column_names(checkpoints, tmp_path, capsys) -> None:
     codec = load_tokenizer(Settings(
         tokenizer="dac:descript/dac_24khz", tokenizer_weights=str(checkpoints["dac"]), device="cpu"
     ))  # fmt: skip
     (tokens,) = codec.encode_batch([clip(0.5)])
     assert codec.name == "dac:descript/dac_24khz@4cb"
-    pq.write_table(to_table([_row("x.flac", tokens, codec.name, codec.frame_rate)]), tmp_path / "p.parquet")
+    output = tmp_path / "output"  # laid out as the pipeline writes it, with files that are not Parquet
+    (output / "data").mkdir(parents=True)
+    pq.write_table(to_table([_row("x.flac", tokens, codec.name, codec.frame_rate)]), output / "data" / "p.parquet")
+    (output / "data" / "q.parquet.inprogress").write_bytes(b"half a file")
+    (output / "summary.json").write_text("{}")
 
     parser = argparse.ArgumentParser()
     add_tokens_parser(parser.add_subparsers(dest="command"))
-    argv = ["tokens", "decode", "--parquet", str(tmp_path), "--id", "x.flac", "--out", str(tmp_path / "x.wav")]
-    assert run_tokens_command(parser.parse_args([*argv, "--weights", str(checkpoints["dac"])]), Settings()) == 0
-    assert sf.info(tmp_path / "x.wav").frames == tokens.shape[1] * codec.hop
+    argv = ["tokens", "decode", "--parquet", str(output), "--id", "x.flac", "--out", str(output / "x.wav")]
+    for _ in range(2):  # the second time, the WAV of the first lies in the directory too
+        assert run_tokens_command(parser.parse_args([*argv, "--weights", str(checkpoints["dac"])]), Settings()) == 0
+        assert sf.info(output / "x.wav").frames == tokens.shape[1] * codec.hop
 
     assert run_tokens_command(parser.parse_args([*argv[:5], "nope.flac", *argv[6:]]), Settings()) == 1
+    assert "no row with id 'nope.flac'" in capsys.readouterr().err
 
 
 def test_decode_row_refuses_tokens_that_carry_no_audio(tmp_path: Path) -> None:
