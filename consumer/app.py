@@ -33,7 +33,7 @@ from pipeline.flows import consumer_flow, process_batch
 from pipeline.ledger import OutputLedger, publish_summary
 from pipeline.manifest import check_manifest
 from pipeline.models import Models
-from pipeline.parquet import RollingParquetWriter, discard_orphaned_inprogress
+from pipeline.parquet import RollingParquetWriter, discard_orphaned_inprogress, finalized_files
 from pipeline.storage import s3_client
 
 from .batcher import Batcher, PendingBatch
@@ -132,7 +132,8 @@ class StreamConsumer:
             discard_orphaned_inprogress(st.output_dir)
             await asyncio.to_thread(self.ledger.refresh)
             try:  # a crash between a rename and the summary write left summary.json behind the files
-                await asyncio.to_thread(publish_summary, st.output_dir)
+                if finalized_files(st.output_dir):
+                    await asyncio.to_thread(publish_summary, st.output_dir)
             except OSError as exc:
                 raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
             s3 = self.s3 = await stack.enter_async_context(s3_client(st))
@@ -146,6 +147,7 @@ class StreamConsumer:
                 auto_offset_reset="earliest",  # a new group starts from the first event: nothing lost
                 max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
                 session_timeout_ms=st.kafka_session_timeout_ms,
+                heartbeat_interval_ms=max(100, st.kafka_session_timeout_ms // 3),
                 max_partition_fetch_bytes=1 << 20,
             )
             self.consumer = consumer
@@ -172,12 +174,21 @@ class StreamConsumer:
 
     async def _run_stages(self, s3: Any) -> None:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._fetch_loop())
-            tg.create_task(self._dispatch_loop(s3))
-            tg.create_task(self._commit_loop())
+            stages = [
+                tg.create_task(self._fetch_loop()),
+                tg.create_task(self._dispatch_loop(s3)),
+                tg.create_task(self._commit_loop()),
+            ]
             watcher = tg.create_task(self._idle_watch())
             await self.stop_event.wait()
             watcher.cancel()
+            # Draining is bounded: past the limit we stop without committing (a restart resumes).
+            _, still_running = await asyncio.wait(stages, timeout=self.settings.shutdown_timeout)
+            if still_running:
+                raise FatalError(
+                    f"draining took longer than shutdown_timeout={self.settings.shutdown_timeout:g}s; "
+                    "stopping without committing the open file (its events will be processed again)"
+                )
         self._raise_if_failed()
         # the three loops drained everything; the open file is finalized and committed
         await self.committer.finalize_and_commit()  # type: ignore[union-attr]
@@ -337,6 +348,7 @@ class StreamConsumer:
             await asyncio.to_thread(self.ledger.refresh)
             first, self._first_assignment = self._first_assignment, False
             positions, lagging = await self._start_positions(assigned, first)
+            self._last_record_at = time.monotonic()  # --exit-when-idle counts from the assignment, not the join
             for tp, offset in positions.items():
                 consumer.seek(tp, offset)
             log.info("partitions assigned: %s; positions %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in positions.items()})
