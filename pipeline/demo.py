@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import orjson
 from rich.console import Console
 
 from producer.backfill import progress_wanted, run_backfill
@@ -56,8 +57,9 @@ def run_demo(output_dir: Path, clips: int, settings: Settings) -> int:
         from consumer.app import run_consumer
 
         stats = asyncio.run(run_consumer(st, handle_signals=True))
-    summary = (output_dir / SUMMARY_NAME).read_text()
-    console.print_json(summary)
+    summary = orjson.loads((output_dir / SUMMARY_NAME).read_bytes())
+    summary.pop("_state", None)  # the mergeable internals; the rest is what a person reads
+    console.print_json(orjson.dumps(summary).decode())
     files = sorted((output_dir / "data").glob("*.parquet"))
     console.print(
         f"[bold green]{stats.rows} rows[/] in {len(files)} Parquet file(s) under {output_dir / 'data'}; "
