@@ -104,7 +104,9 @@ class StreamConsumer:
         self._first_assignment = True
         self._last_record_at = time.monotonic()
         self._commit_loop_done = False
-        self._epoch = 0  # bumped by every rebalance: records fetched before one are dropped
+        # Per assigned partition, the next offset the batcher may accept (see _accept); set by
+        # on_assigned, cleared by on_revoked. A partition without an entry accepts nothing.
+        self._next_offsets: dict[TopicPartition, int] = {}
         self._failure: BaseException | None = None  # a rebalance-listener failure (see Rebalancer)
         self.consumer: AIOKafkaConsumer | None = None
         self.committer: OutputCommitter | None = None
@@ -233,16 +235,13 @@ class StreamConsumer:
         while not self.stop_event.is_set():
             wait = batcher.seconds_until_due()
             timeout_ms = int(1000 * min(0.2 if wait is None else wait, 0.2))
-            epoch = self._epoch
             records = await consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=self.settings.batch_max_events)
             self._raise_if_failed()
             async with self._fetch_lock:
-                if epoch != self._epoch:
-                    # fetched before a rebalance that ran while we waited for the lock: the
-                    # partitions may belong to another consumer now, and ours were re-positioned
-                    records = {}
                 for tp_records in records.values():
                     for rec in tp_records:
+                        if not self._accept(rec):
+                            continue
                         batcher.add(rec)
                         self.stats.records += 1
                         if batcher.full():
@@ -254,6 +253,22 @@ class StreamConsumer:
         async with self._fetch_lock:
             await self._enqueue(batcher.take())
         await self._batch_queue.put(None)
+
+    def _accept(self, rec: Any) -> bool:
+        """Whether a fetched record is new work; call with the fetch lock held.
+
+        aiokafka hands out records as soon as a new assignment exists - fetched from the committed
+        offset, before on_assigned has positioned the partition past what the files hold - and
+        the seek then delivers them again. Records from before a revoke may still be in hand
+        after it. So each partition accepts offsets only from where on_assigned put it, each
+        offset once; the rest were or will be fetched again from the right position.
+        """
+        tp = TopicPartition(rec.topic, rec.partition)
+        nxt = self._next_offsets.get(tp)
+        if nxt is None or rec.offset < nxt:
+            return False
+        self._next_offsets[tp] = rec.offset + 1
+        return True
 
     async def _enqueue(self, batch: PendingBatch | None) -> None:
         if batch is None or batch.records == 0:
@@ -329,7 +344,8 @@ class StreamConsumer:
             return
         log.info("partitions revoked: %s; draining", _fmt(revoked))
         async with self._fetch_lock:
-            self._epoch += 1
+            for tp in revoked:  # records in hand for these are stale: the next owner reads them again
+                self._next_offsets.pop(tp, None)
             self.batcher.discard(revoked)  # fetched, never processed: the next owner reads them again
             try:
                 await asyncio.wait_for(self._drained.wait(), timeout=REVOKE_BUDGET_SECONDS)
@@ -342,7 +358,6 @@ class StreamConsumer:
         consumer = self.consumer
         assert consumer is not None
         async with self._fetch_lock:
-            self._epoch += 1
             # other consumers may have finalized files meanwhile, or died leaving in-progress ones
             await asyncio.to_thread(discard_orphaned_inprogress, self.settings.output_dir)
             await asyncio.to_thread(self.ledger.refresh)
@@ -351,6 +366,9 @@ class StreamConsumer:
             self._last_record_at = time.monotonic()  # --exit-when-idle counts from the assignment, not the join
             for tp, offset in positions.items():
                 consumer.seek(tp, offset)
+            # A partition neither the broker nor the files know starts where auto_offset_reset
+            # puts it (the earliest record): every offset is new there.
+            self._next_offsets.update({tp: positions.get(tp, 0) for tp in assigned})
             log.info("partitions assigned: %s; positions %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in positions.items()})
             if lagging and self.committer is not None:
                 log.info("committing offsets the files hold but the broker lacks: %s", {f"{tp.partition}": o for tp, o in lagging.items()})

@@ -15,6 +15,7 @@ A failure before step 4 never commits: a restart resumes from the files.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.batch import BatchOutcome, Failure
-from pipeline.errors import OutputWriteFailed
+from pipeline.errors import FatalError, OutputWriteFailed
 from pipeline.faults import crash_point
 from pipeline.ledger import OutputLedger, object_version_hash, publish_summary
 from pipeline.parquet import OffsetRange, RollingParquetWriter
@@ -66,8 +67,10 @@ class OutputCommitter:
         self._to_commit: dict[TopicPartition, int] = {}
         self._open_record_ms: list[int] = []
         self._committed_check: dict[TopicPartition, int] = {}
+        self._aborted = False
 
     async def apply(self, batch: PendingBatch, outcome: BatchOutcome) -> None:
+        self._refuse_after_abort()
         rows, dups = self._drop_written(outcome)
         failures: list[Failure] = batch.early_failures + outcome.failures
         await self.dead_letters.send(failures)
@@ -78,7 +81,8 @@ class OutputCommitter:
             agg.add_error(f.error.error_type)
             self.stats.errors_by_type[f.error.error_type] = self.stats.errors_by_type.get(f.error.error_type, 0) + 1
         ranges = [OffsetRange(tp.topic, tp.partition, a, b) for tp, (a, b) in sorted(batch.ranges.items())]
-        self.writer.append(to_table(rows), ranges, agg)
+        # Arrow/Parquet encoding is CPU work: keep it off the event loop.
+        await asyncio.to_thread(self._append, rows, ranges, agg)
         for r in rows:
             self.ledger.index.add(object_version_hash(r.bucket, r.id, r.etag))
         for tp, (_, last) in batch.ranges.items():
@@ -92,6 +96,9 @@ class OutputCommitter:
         self.stats.audio_seconds += outcome.audio_seconds
         if self.writer.due_to_roll():
             await self.finalize_and_commit()
+
+    def _append(self, rows, ranges, agg) -> None:
+        self.writer.append(to_table(rows), ranges, agg)
 
     def _drop_written(self, outcome: BatchOutcome):
         rows, seen, dups = [], set(), 0
@@ -109,7 +116,7 @@ class OutputCommitter:
             return
         # 1. finalize: footer, fsync, rename, fsync dir
         crash_point("before_finalize")
-        finalized = self.writer.finalize()
+        finalized = await asyncio.to_thread(self.writer.finalize)
         if finalized is None:
             return
         crash_point("after_rename")
@@ -125,7 +132,7 @@ class OutputCommitter:
         )
         # 3. summary
         try:
-            publish_summary(self.writer.data_dir.parent)
+            await asyncio.to_thread(publish_summary, self.writer.data_dir.parent)
         except OSError as exc:
             raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
         crash_point("after_summary")
@@ -134,6 +141,7 @@ class OutputCommitter:
         crash_point("after_commit")
 
     async def commit(self) -> None:
+        self._refuse_after_abort()
         offsets = {tp: off for tp, off in self._to_commit.items() if tp in self.consumer.assignment()}
         if not offsets:
             self._to_commit.clear()
@@ -151,11 +159,35 @@ class OutputCommitter:
             log.warning("offset commit failed (%s); the finalized files still hold the positions", exc)
         self._to_commit.clear()
 
+    async def commit_recovered(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit offsets that finalized files already hold but the broker lacks (a crash between
+        a rename and its commit). Only these: what is applied to the open file is not touched."""
+        offsets = {
+            tp: off for tp, off in offsets.items()
+            if tp in self.consumer.assignment() and off > self._committed_check.get(tp, -1)
+        }
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
+            self._committed_check.update(offsets)
+        except KafkaError as exc:  # harmless: the files hold these positions either way
+            log.warning("committing recovered offsets failed (%s); the finalized files still hold them", exc)
+
     def forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._committed_check.pop(tp, None)
 
     def abort(self) -> None:
-        """A failure: drop the open file, commit nothing."""
+        """A failure: drop the open file, commit nothing - now or later (safe to call twice).
+
+        Nothing may be finalized after a failure either: a later file's footer would claim the
+        offsets of the dropped one (recovery resumes after the highest offset a footer holds).
+        """
+        self._aborted = True
         self.writer.abort()
         self._to_commit.clear()
+
+    def _refuse_after_abort(self) -> None:
+        if self._aborted:
+            raise FatalError("the committer was aborted after a failure; restart the consumer to resume from the files")
