@@ -55,10 +55,12 @@ class _Chunk:
     duration: float
 
 
-# Clips shorter than a window are packed together: Whisper's encoder costs the same for 3 s as
-# for 30 s, so ten 3-second clips in one window cost a tenth. A pause between them keeps
-# Whisper's segments from running across clips; a segment that does anyway sends the window's
-# clips back to be decoded alone.
+# Throughput mode (`whisper_pack_clips`): clips shorter than a window are packed together.
+# Whisper's encoder costs the same for 3 s as for 30 s, so ten 3-second clips in one window cost a
+# tenth. A pause between them keeps Whisper's segments from running across clips; a segment that
+# does anyway sends the window's clips back to be decoded alone. The price: a clip's transcript
+# depends on its window-mates (the encoder attends across the window), so it is off by default -
+# replays must reproduce rows exactly.
 PACK_GAP_SECONDS = 1.5
 PACK_LIMIT_SECONDS = 28.0
 STRADDLE_TOLERANCE = 0.3
@@ -181,8 +183,9 @@ class WhisperTranscriber:
         for k, chunk in enumerate(chunks):
             segs, lang = outputs[k]
             restore = restorers[chunk.file_index]
+            end_of_file = clips[chunk.file_index].shape[0] / SAMPLE_RATE
             per_file[chunk.file_index].extend(
-                Segment(restore(s.start), restore(s.end), s.text) for s in segs
+                Segment(max(0.0, restore(s.start)), min(end_of_file, restore(s.end)), s.text) for s in segs
             )
             languages[chunk.file_index].append(lang)
         transcripts = []
