@@ -49,27 +49,35 @@ def bucket(s3, unique: str) -> str:
     return name
 
 
+def test_settings(services: LocalServices, unique: str, output_dir: Path, **overrides) -> Settings:
+    """Settings pointed at the session's services, with their own topic, group and output dir."""
+    base = dict(
+        kafka_bootstrap=services.kafka_bootstrap,
+        topic=f"events-{unique}",
+        group=f"group-{unique}",
+        s3_endpoint_url=services.s3_endpoint_url,
+        s3_region=MOTO_REGION,
+        output_dir=output_dir,
+        topic_partitions=4,
+        batch_linger_ms=100,
+        exit_when_idle=3.0,
+        prefect_enabled=False,
+        # Tansu holds a first group join for about half the session timeout: keep it short.
+        kafka_session_timeout_ms=6000,
+    )
+    base.update(overrides)
+    return Settings(**base)
+
+
+test_settings.__test__ = False  # a helper, not a test
+
+
 @pytest.fixture
 def settings_factory(services: LocalServices, unique: str, tmp_path: Path) -> Callable[..., Settings]:
     """Settings pointed at the session's services, with a fresh topic, group and output dir."""
 
     def make(**overrides) -> Settings:
-        base = dict(
-            kafka_bootstrap=services.kafka_bootstrap,
-            topic=f"events-{unique}",
-            group=f"group-{unique}",
-            s3_endpoint_url=services.s3_endpoint_url,
-            s3_region=MOTO_REGION,
-            output_dir=tmp_path / "out",
-            topic_partitions=4,
-            batch_linger_ms=100,
-            exit_when_idle=3.0,
-            prefect_enabled=False,
-            # Tansu holds a first group join for about half the session timeout: keep it short.
-            kafka_session_timeout_ms=6000,
-        )
-        base.update(overrides)
-        return Settings(**base)
+        return test_settings(services, unique, tmp_path / "out", **overrides)
 
     return make
 

@@ -30,8 +30,9 @@ def streamed(services, speech_corpus, models, tmp_path_factory):
 
     import boto3
 
-    from pipeline.config import Settings
     from pipeline.local_services import MOTO_REGION
+
+    from .conftest import test_settings
 
     unique = uuid.uuid4().hex[:8]
     s3 = boto3.client("s3", endpoint_url=services.s3_endpoint_url, region_name=MOTO_REGION)
@@ -40,19 +41,10 @@ def streamed(services, speech_corpus, models, tmp_path_factory):
     upload(s3, bucket, speech_corpus)
     s3.put_object(Bucket=bucket, Key="clips/broken.flac", Body=b"definitely not audio")
     s3.put_object(Bucket=bucket, Key="clips/notes.txt", Body=b"not matched by the suffix")
-    settings = Settings(
-        kafka_bootstrap=services.kafka_bootstrap,
-        topic=f"core-{unique}",
-        group=f"core-{unique}",
-        s3_endpoint_url=services.s3_endpoint_url,
-        s3_region=MOTO_REGION,
-        output_dir=tmp_path_factory.mktemp("core") / "out",
-        topic_partitions=4,
+    settings = test_settings(
+        services, unique, tmp_path_factory.mktemp("core") / "out",
         batch_max_events=3,
-        batch_linger_ms=100,
-        exit_when_idle=3.0,
         prefect_enabled=True,  # the real orchestration path, once
-        kafka_session_timeout_ms=6000,
     )
     published = backfill(settings, bucket)
     stats = consume_until_idle(settings, models)
