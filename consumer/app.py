@@ -366,8 +366,8 @@ class StreamConsumer:
             self._last_record_at = time.monotonic()  # --exit-when-idle counts from the assignment, not the join
             for tp, offset in positions.items():
                 consumer.seek(tp, offset)
-            # A partition neither the broker nor the files know starts where auto_offset_reset
-            # puts it (the earliest record): every offset is new there.
+            # A partition neither the broker nor the files know starts at its earliest record:
+            # every offset is new there.
             self._next_offsets.update({tp: positions.get(tp, 0) for tp in assigned})
             log.info("partitions assigned: %s; positions %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in positions.items()})
             if lagging and self.committer is not None:
@@ -408,6 +408,11 @@ class StreamConsumer:
             for tp in assigned:
                 if tp not in positions and rewind.get(tp, 0) is None:
                     await consumer.seek_to_end(tp)
+        # Neither the broker nor the files know these: auto_offset_reset's "earliest", made explicit
+        # so that records handed out before this callback (dropped by _accept) are fetched again.
+        fresh = [tp for tp in assigned if tp not in positions and not (tp in rewind and rewind[tp] is None)]
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
         return positions, lagging
 
     # --- reporting ---------------------------------------------------------------------------

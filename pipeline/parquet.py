@@ -178,6 +178,7 @@ class RollingParquetWriter:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             writer = pq.ParquetWriter(path, SCHEMA, compression=self.compression)
         except OSError as exc:
+            _discard(path)  # created, then the first write failed (a full disk): leave nothing behind
             raise OutputWriteFailed(f"cannot create {path}: {exc}") from exc
         self._open = _OpenFile(path, writer, time.monotonic())
         return self._open
@@ -199,8 +200,11 @@ def finalized_files(output_dir: Path) -> list[Path]:
 
 def _hold_writer_lock(data_dir: Path, writer_id: str):
     """An flock held for the writer's lifetime: proof to other consumers that it is alive."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    f = open(data_dir / f".writer-{writer_id}.lock", "a+")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        f = open(data_dir / f".writer-{writer_id}.lock", "a+")
+    except OSError as exc:
+        raise OutputWriteFailed(f"cannot write into the output directory {data_dir}: {exc}") from exc
     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     return f
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, AsyncIterator
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import (
@@ -20,6 +21,7 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    HTTPClientError,
     ReadTimeoutError,
 )
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
@@ -32,7 +34,10 @@ log = logging.getLogger(__name__)
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                     "ServiceUnavailable", "503", "500", "502", "504", "RequestTimeTooSkewed"}
+# HTTPClientError covers botocore's ResponseStreamingError: the connection dropped while the body
+# was being read (aiobotocore raises it, or aiohttp's ClientPayloadError, mid-download).
 _NETWORK_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
+                   HTTPClientError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
                    ConnectionError, TimeoutError, OSError)
 
 
