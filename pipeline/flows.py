@@ -21,6 +21,9 @@ if not os.environ.get("PREFECT_API_URL"):
     # client backs off >= 2 s - per task. Measured: ~2.3 s -> ~0.4 s per subflow. A real Prefect
     # server (PREFECT_API_URL, PostgreSQL) keeps its recorder and is unaffected.
     os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED", "false")
+    # The ephemeral server starts in a subprocess; 20 s (Prefect's default) is too short on a busy
+    # 2-core machine while Whisper loads beside it.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE
