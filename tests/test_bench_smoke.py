@@ -1,0 +1,44 @@
+"""The benchmark script runs end to end and reports every mode.
+
+Deliberately no timing assertions: performance figures come from `python -m pipeline.bench`
+on a quiet machine (docs/benchmarks.md), never from a timed test on a shared runner.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.bench import MODES, RATIOS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_reports_every_mode_with_positive_throughput_and_the_ratios(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=580,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+
+    assert set(report["modes"]) == set(MODES)
+    for name, mode in report["modes"].items():
+        assert mode["files"] == report["corpus"]["clips"], name
+        assert mode["audio_seconds"] > 0 and mode["wall_seconds"] > 0, name
+        assert mode["throughput"] > 0, name
+    assert set(report["ratios"]) == {f"{a}/{b}" for a, b in RATIOS}
+    assert all(v is not None and v > 0 for v in report["ratios"].values())
+    assert report["prefect"]["per_batch_prefect"]["batches"] >= 1
+    assert "overhead_per_batch_s" in report["prefect"]
+    assert report["latency"]["rows"] == report["latency"]["events"]
+    assert report["latency"]["p50_s"] > 0
+    assert "backlog" not in report  # --quick skips it
+    assert "pipeline/seed =" in proc.stdout  # the printed table and ratios
