@@ -62,8 +62,9 @@ async def run_stages(ctx: BatchContext) -> BatchOutcome:
         downloaded = await download_stage(ctx.s3, ctx.batch.items, st)
     decoded = await m.on_cpu("decode", timer.timings, decode_stage, downloaded, st)
     clips = await m.on_cpu("decode", timer.timings, whisper_inputs, decoded)
-    transcripts = await m.on_device("transcribe", timer.timings, transcribe_stage, m, decoded, clips)
-    tokens = await m.on_device("tokenize", timer.timings, tokenize_stage, m, decoded)
+    seq = ctx.batch.seq
+    transcripts = await m.on_device("transcribe", timer.timings, transcribe_stage, m, decoded, clips, priority=seq)
+    tokens = await m.on_device("tokenize", timer.timings, tokenize_stage, m, decoded, priority=seq)
     outcome = assemble_stage(m, downloaded, decoded, transcripts, tokens)
     outcome.timings = dict(timer.timings)
     return outcome
@@ -102,13 +103,17 @@ async def _decode(ref: str, downloaded):
 @task(name="transcribe", task_run_name=_stage_run_name("transcribe"), **_TASK)
 async def _transcribe(ref: str, decoded, clips):
     ctx = _REGISTRY[ref]
-    return await ctx.models.on_device("transcribe", ctx.timer.timings, transcribe_stage, ctx.models, decoded, clips)
+    return await ctx.models.on_device(
+        "transcribe", ctx.timer.timings, transcribe_stage, ctx.models, decoded, clips, priority=ctx.batch.seq
+    )
 
 
 @task(name="tokenize", task_run_name=_stage_run_name("tokenize"), **_TASK)
 async def _tokenize(ref: str, decoded):
     ctx = _REGISTRY[ref]
-    return await ctx.models.on_device("tokenize", ctx.timer.timings, tokenize_stage, ctx.models, decoded)
+    return await ctx.models.on_device(
+        "tokenize", ctx.timer.timings, tokenize_stage, ctx.models, decoded, priority=ctx.batch.seq
+    )
 
 
 @flow(name="process-micro-batch", flow_run_name="{label}", validate_parameters=False, persist_result=False, log_prints=False)

@@ -8,9 +8,12 @@ CPU-bound preprocessing (decode, resample, Parquet encoding) runs on a separate 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable, TypeVar
 
@@ -22,12 +25,52 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
+class DeviceThread:
+    """One thread for all model work, oldest batch first.
+
+    A plain FIFO would run batch 2's transcription before batch 1's tokenization (both queued
+    while batch 1 transcribed), so every batch would wait behind `pipeline_depth - 1` others:
+    latency and in-flight memory would grow with the depth. Priority = batch sequence number.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()  # FIFO among equal priorities
+        self._thread = threading.Thread(target=self._run, name="device", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def submit(self, priority: int, fn: Callable[[], R]) -> "Future[R]":
+        fut: Future = Future()
+        self._jobs.put((priority, next(self._order), fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            _, _, fn, fut = self._jobs.get()
+            if fn is None:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                fut.set_exception(exc)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put((float("inf"), next(self._order), None, None))
+        self._thread.join()
+
+
 class Models:
     def __init__(self, settings: Settings, transcriber: WhisperTranscriber, tokenizer: AudioTokenizer) -> None:
         self.settings = settings
         self.transcriber = transcriber
         self.tokenizer = tokenizer
-        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._device = DeviceThread()
         self._cpu = ThreadPoolExecutor(max_workers=max(1, min(4, settings.resolved_cpu_threads())), thread_name_prefix="cpu")
         self.busy_seconds = 0.0  # time the device thread spent on model work (utilisation)
 
@@ -43,10 +86,13 @@ class Models:
         )
         return cls(settings, transcriber, tokenizer)
 
-    async def on_device(self, stage: str, timings: dict[str, float], fn: Callable[..., R], *args: Any) -> R:
-        """Run model work on the device thread; `timings[stage]` gets the time it ran (not queued)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._device, partial(self._timed, stage, timings, True, fn, *args))
+    async def on_device(
+        self, stage: str, timings: dict[str, float], fn: Callable[..., R], *args: Any, priority: int = 0
+    ) -> R:
+        """Run model work on the device thread, lowest `priority` (oldest batch) first;
+        `timings[stage]` gets the time it ran (not queued)."""
+        fut = self._device.submit(priority, partial(self._timed, stage, timings, True, fn, *args))
+        return await asyncio.wrap_future(fut)
 
     async def on_cpu(self, stage: str, timings: dict[str, float], fn: Callable[..., R], *args: Any) -> R:
         loop = asyncio.get_running_loop()
@@ -63,7 +109,7 @@ class Models:
                 self.busy_seconds += took
 
     def close(self) -> None:
-        self._device.shutdown(wait=True)
+        self._device.shutdown()
         self._cpu.shutdown(wait=True)
         self.tokenizer.close()
         self.transcriber.close()
