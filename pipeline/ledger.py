@@ -133,8 +133,6 @@ def publish_summary(output_dir: Path) -> dict:
 
 def rebuild_aggregates(output_dir: Path) -> tuple[Aggregates, list[str]]:
     """Aggregates recomputed from the row data itself (checks the incremental summary)."""
-    from .records import TranscribedAudio  # noqa: F401  (schema documentation)
-
     agg = Aggregates()
     names = []
     for p in finalized_files(output_dir):
