@@ -125,11 +125,7 @@ class OutputCommitter:
         self.stats.latencies.extend((now_ms - t) / 1000 for t in self._open_record_ms)
         self._open_record_ms.clear()
         # 2. ledger
-        from pipeline.parquet import FileFooter
-
-        self.ledger.record_finalized(
-            FileFooter(finalized.path, finalized.rows, finalized.offsets, finalized.aggregates), []
-        )
+        self.ledger.record_finalized(finalized)
         # 3. summary
         try:
             await asyncio.to_thread(publish_summary, self.writer.data_dir.parent)

@@ -81,12 +81,11 @@ class OutputLedger:
             log.info("indexed %d finalized files (%d object versions)", len(new), len(self.index))
         return len(new)
 
-    def record_finalized(self, footer: FileFooter, hashes: list[int]) -> None:
-        """Our own file was finalized: learn it without reading it back."""
+    def record_finalized(self, footer: FileFooter) -> None:
+        """Our own file was finalized: learn its offsets without reading it back (its object
+        versions entered the index when their rows were appended)."""
         self._indexed.add(footer.path.name)
         self._advance(footer)
-        for h in hashes:
-            self.index.add(h)
 
     def next_offset(self, topic: str, partition: int) -> int | None:
         """First offset of the partition not yet held by any finalized file."""

@@ -21,7 +21,6 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import orjson
 import pyarrow as pa
@@ -54,7 +53,9 @@ class OffsetRange:
 
 
 @dataclass
-class FinalizedFile:
+class FileFooter:
+    """A finalized file as its footer describes it: what the writer returns and recovery reads."""
+
     path: Path
     rows: int
     offsets: list[OffsetRange]
@@ -132,7 +133,7 @@ class RollingParquetWriter:
         return max(0.0, self._open.opened_at + self.roll_max_seconds - now)
 
     # --- finalizing ------------------------------------------------------------------
-    def finalize(self) -> FinalizedFile | None:
+    def finalize(self) -> FileFooter | None:
         f, self._open = self._open, None
         if f is None:
             return None
@@ -158,7 +159,7 @@ class RollingParquetWriter:
             _discard(f.path)
             raise OutputWriteFailed(f"finalizing {final} failed: {exc}") from exc
         log.info("finalized %s (%d rows)", final.name, f.rows)
-        return FinalizedFile(final, f.rows, offsets, f.aggregates)
+        return FileFooter(final, f.rows, offsets, f.aggregates)
 
     def abort(self) -> None:
         """Drop the open file: its events were never committed and will be processed again."""
@@ -242,22 +243,9 @@ def discard_orphaned_inprogress(output_dir: Path) -> list[Path]:
     return removed
 
 
-@dataclass
-class FileFooter:
-    path: Path
-    rows: int
-    offsets: list[OffsetRange]
-    aggregates: Aggregates
-
-
 def read_footer(path: Path) -> FileFooter:
     md = pq.read_metadata(path)
     kv = md.metadata or {}
     offsets = [OffsetRange(**d) for d in orjson.loads(kv.get(META_OFFSETS, b"[]"))]
     aggregates = Aggregates.from_state(orjson.loads(kv.get(META_AGGREGATES, b"{}")))
     return FileFooter(path, md.num_rows, offsets, aggregates)
-
-
-def iter_footers(paths: list[Path]) -> Iterator[FileFooter]:
-    for p in paths:
-        yield read_footer(p)
