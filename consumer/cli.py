@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-depth", type=int, help="micro-batches in flight at once")
     p.add_argument("--whisper-model", help="faster-whisper model name or converted directory")
     p.add_argument("--whisper-batch-size", type=int)
+    p.add_argument("--whisper-window", choices=["fit", "full"], help="encoder window per chunk: fitted to it, or Whisper's 30 s")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compute-type")
     p.add_argument("--tokenizer")

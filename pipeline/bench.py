@@ -7,8 +7,9 @@ language, tokenizer) for every mode. Figures are audio-seconds per wall-second.
                          faster-whisper `transcribe()`, tokenize; one Parquet at the end
     bare                 faster-whisper's `BatchedInferencePipeline.transcribe(batch_size=B)` per
                          file, audio decoded in advance (no I/O)
-    bare-packed          `WhisperTranscriber.transcribe_batch(all clips)`, audio decoded in advance:
-                         the pipeline's exact model call, no I/O, no Kafka - its ceiling
+    model                `WhisperTranscriber.transcribe_batch(all clips)`, audio decoded in advance:
+                         the pipeline's exact model call (fitted windows, cross-file batches), no
+                         I/O, no Kafka - the pipeline's ceiling
     pipeline             backfill -> Kafka -> consumer (Prefect on) -> Parquet + summary.json
     pipeline-no-prefect  the same with prefect_enabled=False: Prefect's cost per batch
     latency              events published at a steady rate, files rolled every second:
@@ -57,9 +58,9 @@ from .samples import RATES, SENTENCES, SampleClip, speak_to_flac, word_overlap
 
 log = logging.getLogger(__name__)
 
-MODES = ("seed", "bare", "bare-packed", "pipeline", "pipeline-no-prefect")
+MODES = ("seed", "bare", "model", "pipeline", "pipeline-no-prefect")
 PASSES = ("latency", "backlog")
-RATIOS = (("pipeline", "seed"), ("pipeline", "bare"), ("pipeline", "bare-packed"))
+RATIOS = (("pipeline", "seed"), ("pipeline", "bare"), ("pipeline", "model"))
 
 BUCKET = "metavoice-bench"
 CORPUS_PREFIX = "clips/"
@@ -70,7 +71,6 @@ IDLE_SECONDS = 5.0
 LATENCY_LINGER_MS = 100
 LATENCY_ROLL_SECONDS = 1.0
 LATENCY_LOAD = 0.5  # publish at this share of the measured pipeline capacity
-BACKLOG_CLIPS = 4  # distinct objects the backlog's events point at (the shortest of the corpus)
 RSS_TARGET_MB = 200
 SAMPLE_EVERY_S = 0.1
 MB = 1024 * 1024
@@ -257,7 +257,7 @@ def upload_corpus(settings: Settings, clips: list[SampleClip]) -> None:
         s3.upload_file(str(c.path), BUCKET, c.key)
 
 
-# --- seed, bare, bare-packed ----------------------------------------------------------------------
+# --- seed, bare, model ---------------------------------------------------------------------------
 def run_seed(settings: Settings, models: Any, out_path: Path, texts: dict[str, str]) -> ModeResult:
     """The seed's shape: list, then one file at a time through every step; one Parquet at the end."""
     import pyarrow.parquet as pq
@@ -340,11 +340,11 @@ def run_bare(models: Any, clips16k: dict[str, np.ndarray], batch_size: int, with
     )
 
 
-def run_bare_packed(models: Any, clips16k: dict[str, np.ndarray], texts: dict[str, str]) -> ModeResult:
-    """The pipeline's model call on every clip at once: packed 30 s windows, batched."""
+def run_model(models: Any, clips16k: dict[str, np.ndarray], texts: dict[str, str]) -> ModeResult:
+    """The pipeline's model call on every clip at once: fitted windows, batched across files."""
     tr = models.transcriber
     keys = list(clips16k)
-    with measured("bare-packed") as info, _count_windows(tr) as windows:
+    with measured("model") as info, _count_encoder_seconds(tr) as encoded:
         t0 = time.perf_counter()
         results = tr.transcribe_batch([clips16k[k] for k in keys])
         wall = time.perf_counter() - t0
@@ -352,26 +352,28 @@ def run_bare_packed(models: Any, clips16k: dict[str, np.ndarray], texts: dict[st
     failed = sum(1 for r in results if not hasattr(r, "text"))
     audio = sum(c.shape[0] for c in clips16k.values()) / 16_000
     return ModeResult(
-        "bare-packed", len(keys) - failed, audio, wall, **info, word_overlap=_mean_overlap(out, texts),
-        details={"batch_size": tr.batch_size, "pack_clips": tr.pack_clips, "failed": failed,
-                 # 30 s windows through the encoder, straddle re-decodes included (the seed: one per clip)
-                 "windows_decoded": windows[0] if windows else None},
+        "model", len(keys) - failed, audio, wall, **info, word_overlap=_mean_overlap(out, texts),
+        details={"batch_size": tr.batch_size, "window": tr.window, "failed": failed,
+                 # seconds of audio window through the encoder (the seed: 30 per clip of <= 30 s)
+                 "encoder_window_seconds": encoded[0] if encoded else None,
+                 "windows_decoded": encoded[1] if encoded else None},
     )
 
 
 @contextlib.contextmanager
-def _count_windows(transcriber: Any) -> Iterator[list[int]]:
-    """How many 30 s windows the model decodes (diagnostic; wraps the instance's `_generate`)."""
-    counted: list[int] = []
+def _count_encoder_seconds(transcriber: Any) -> Iterator[list[float]]:
+    """[window seconds encoded, windows] of one call (diagnostic; wraps the instance's `_generate`)."""
+    counted: list[float] = []
     inner = getattr(transcriber, "_generate", None)
     if inner is None:  # the transcriber changed shape: report nothing rather than fail
         yield counted
         return
-    counted.append(0)
+    counted.extend([0.0, 0])
 
-    def generate(chunks):  # type: ignore[no-untyped-def]
-        counted[0] += len(chunks)
-        return inner(chunks)
+    def generate(chunks, frames):  # type: ignore[no-untyped-def]
+        counted[0] += len(chunks) * frames / 100
+        counted[1] += len(chunks)
+        return inner(chunks, frames)
 
     transcriber._generate = generate
     try:
@@ -623,7 +625,7 @@ async def run_latency(base: Settings, models: Any, clips: list[SampleClip], rate
 
 # --- backlog memory (child process) ---------------------------------------------------------------
 async def publish_backlog(settings: Settings, clips: list[SampleClip], events: int) -> float:
-    """`events` events over a few real objects, each with its own etag (distinct object versions)."""
+    """`events` events cycling over the corpus's objects, each with its own etag (distinct object versions)."""
     from producer.kafka import ensure_topics, event_publisher
 
     from .events import ObjectEvent
@@ -640,12 +642,29 @@ async def publish_backlog(settings: Settings, clips: list[SampleClip], events: i
     return time.perf_counter() - t0
 
 
-def run_backlog(base: Settings, clips: list[SampleClip], events: int, seconds: float, work: Path) -> dict[str, Any]:
-    """Publish the backlog, then sample a fresh consumer process's RSS while it works through it."""
-    topic = _unique("backlog")
-    st = base.with_overrides(topic=topic, group=topic, output_dir=work / "backlog", prefect_enabled=True)
+def run_backlog_comparison(base: Settings, clips: list[SampleClip], events: int, seconds: float,
+                           work: Path) -> dict[str, Any]:
+    """Peak RSS with `events` waiting vs. with just enough to fill every in-flight batch.
+
+    Both runs are fresh consumer processes with the same settings, corpus and duration, so the
+    in-flight batches (audio, Whisper's working set) are in both; what the backlog itself costs
+    is the difference of the peaks - the figure the target is about.
+    """
+    in_flight = (base.pipeline_depth + 2) * base.batch_max_events  # every slot full, one batch queued
+    small = run_backlog(base, clips, min(in_flight, events), seconds, work, "in-flight")
+    large = run_backlog(base, clips, events, seconds, work, "backlog")
+    growth = (large["peak_rss_mb"] - small["peak_rss_mb"]) if large.get("peak_rss_mb") and small.get("peak_rss_mb") else None
+    return _rounded({"in_flight_only": small, "backlog": large, "events": events, "seconds": seconds,
+                     "growth_from_backlog_mb": growth, "target_growth_mb": RSS_TARGET_MB})
+
+
+def run_backlog(base: Settings, clips: list[SampleClip], events: int, seconds: float, work: Path,
+                name: str) -> dict[str, Any]:
+    """Publish `events`, then sample a fresh consumer process's RSS while it works through them."""
+    topic = _unique(name)
+    st = base.with_overrides(topic=topic, group=topic, output_dir=work / name, prefect_enabled=True)
     publish_s = asyncio.run(publish_backlog(st, clips, events))
-    result_path = work / "backlog-result.json"
+    result_path = work / f"{name}-result.json"
     env = {**os.environ, **_settings_env(st)}
     argv = [sys.executable, "-m", "pipeline.bench", "--backlog-worker", "--backlog-seconds", str(seconds),
             "--json", str(result_path)]
@@ -664,14 +683,13 @@ def run_backlog(base: Settings, clips: list[SampleClip], events: int, seconds: f
     if not result_path.exists():
         raise RuntimeError(f"the backlog consumer ended without a result (exit {child.returncode})")
     out = json.loads(result_path.read_text())
-    out.update({"events": events, "publish_seconds": publish_s, "objects": len(clips),
-                "target_growth_mb": RSS_TARGET_MB})
+    out.update({"events": events, "publish_seconds": publish_s, "objects": len(clips)})
     return _rounded(out)
 
 
 def _settings_env(st: Settings) -> dict[str, str]:
     keys = ["kafka_bootstrap", "topic", "group", "s3_endpoint_url", "s3_region", "output_dir", "prefect_enabled",
-            "device", "compute_type", "cpu_threads", "whisper_model", "whisper_batch_size", "whisper_pack_clips", "beam_size",
+            "device", "compute_type", "cpu_threads", "whisper_model", "whisper_batch_size", "whisper_window", "beam_size",
             "tokenizer", "synthetic_load_ms", "batch_max_events", "pipeline_depth", "language", "topic_partitions"]
     env = {}
     for k in keys:
@@ -834,7 +852,7 @@ class BenchArgs:
     corpus_dir: Path | None
     keep: bool
     repeat: int = 1
-    pack_clips: bool | None = None
+    window: str | None = None
 
 
 def run(args: BenchArgs) -> dict[str, Any]:
@@ -857,7 +875,7 @@ def run(args: BenchArgs) -> dict[str, Any]:
             base = Settings().with_overrides(
                 kafka_bootstrap=svc.kafka_bootstrap, s3_endpoint_url=svc.s3_endpoint_url, s3_region=MOTO_REGION,
                 bucket=BUCKET, device=args.device, whisper_batch_size=args.whisper_batch_size or None,
-                whisper_pack_clips=args.pack_clips,
+                whisper_window=args.window,
             )
             upload_corpus(base, corpus)
             t = time.perf_counter()
@@ -880,7 +898,7 @@ def _settings_report(st: Settings, models: Any) -> dict[str, Any]:
     return {
         "whisper_model": tr.name, "device": tr.device, "compute_type": tr.compute_type,
         "whisper_batch_size": tr.batch_size, "beam_size": tr.beam_size, "language": tr.language,
-        "pack_clips": tr.pack_clips, "tokenizer": models.tokenizer.name, "synthetic_load_ms": st.synthetic_load_ms,
+        "whisper_window": tr.window, "tokenizer": models.tokenizer.name, "synthetic_load_ms": st.synthetic_load_ms,
         "cpu_threads": st.resolved_cpu_threads(), "batch_max_events": st.batch_max_events,
         "batch_linger_ms": st.batch_linger_ms, "pipeline_depth": st.pipeline_depth,
         "download_concurrency": st.download_concurrency, "topic_partitions": st.topic_partitions,
@@ -918,7 +936,7 @@ def _run_modes(args: BenchArgs, base: Settings, models: Any, corpus: list[Sample
     runners: dict[str, Callable[[], ModeResult]] = {
         "seed": lambda: run_seed(base, models, work / "seed.parquet", texts),
         "bare": lambda: run_bare(models, clips16k, bare_batch, args.bare_without_timestamps, texts),
-        "bare-packed": lambda: run_bare_packed(models, clips16k, texts),
+        "model": lambda: run_model(models, clips16k, texts),
         "pipeline": lambda: asyncio.run(run_pipeline(base, models, "pipeline", True, work, texts)),
         "pipeline-no-prefect": lambda: asyncio.run(run_pipeline(base, models, "pipeline-no-prefect", False, work, texts)),
     }
@@ -947,8 +965,7 @@ def _run_modes(args: BenchArgs, base: Settings, models: Any, corpus: list[Sample
             rate = round(min(4.0, max(0.05, LATENCY_LOAD * capacity)), 3)
         report["latency"] = asyncio.run(run_latency(base, models, corpus, rate, args.latency_events, work))
     if "backlog" not in args.skip:
-        few = sorted(corpus, key=lambda c: len(clips16k[c.key]))[:BACKLOG_CLIPS]
-        report["backlog"] = run_backlog(base, few, args.backlog_events, args.backlog_seconds, work)
+        report["backlog"] = run_backlog_comparison(base, corpus, args.backlog_events, args.backlog_seconds, work)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["run_seconds"] = time.perf_counter() - started
     return _rounded(report)
@@ -1025,15 +1042,17 @@ def print_report(report: dict[str, Any]) -> None:
                       f"({lat['rows']}/{lat['events']} events at {lat['rate_per_s']}/s, rolls every {lat['roll_max_seconds']}s)")
     b = report.get("backlog")
     if b:
-        g, gw = b.get("growth_over_model_load_mb"), b.get("growth_over_model_working_set_mb")
+        small, large, g = b["in_flight_only"], b["backlog"], b.get("growth_from_backlog_mb")
         verdict = "ok" if g is not None and g < RSS_TARGET_MB else "over"
         console.print(
-            f"backlog of {b['events']} events, {b['seconds']:g}s: RSS {b['rss_after_model_load_mb']:.0f} MB after "
-            f"model load, peak {b['peak_rss_mb']:.0f} MB -> growth {g:.0f} MB (target < {RSS_TARGET_MB} MB: {verdict}); "
-            f"Whisper's own working set at batch {report['settings']['whisper_batch_size']} peaks at "
-            f"{b['model_working_set_peak_mb']:.0f} MB without Kafka, so the stream adds {gw:+.0f} MB on top of it; "
-            f"{b['records_fetched']} records fetched, {b['rows_written']} rows, "
-            f"{b['growth_first_to_second_half_mb']:+.0f} MB from the first half's peak to the second's")
+            f"backlog memory, {b['seconds']:g}s each: peak RSS {small['peak_rss_mb']:.0f} MB with {small['events']} events "
+            f"(the in-flight batches only), {large['peak_rss_mb']:.0f} MB with {large['events']} -> growth from the backlog "
+            f"{g:+.0f} MB (target < {RSS_TARGET_MB} MB: {verdict}); over model load ({large['rss_after_model_load_mb']:.0f} MB): "
+            f"{small['growth_over_model_load_mb']:+.0f} / {large['growth_over_model_load_mb']:+.0f} MB, of which Whisper's "
+            f"own working set at batch {report['settings']['whisper_batch_size']} of 30 s windows is "
+            f"{large['model_working_set_peak_mb'] - large['rss_after_model_load_mb']:+.0f} MB; "
+            f"{large['records_fetched']} records fetched, {large['rows_written']} rows; "
+            f"{large['growth_first_to_second_half_mb']:+.0f} MB from the first half's peak to the second's")
     console.print(f"peak RSS {report['peak_rss_mb']:.0f} MB; run took {report['run_seconds']:.0f}s")
 
 
@@ -1046,14 +1065,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sec", type=float, default=None, help="longest clip (default 20; 10 with --quick)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--whisper-batch-size", type=int, default=0, help="windows per model call (0: the setting's default)")
-    p.add_argument("--pack-clips", dest="pack_clips", action=argparse.BooleanOptionalAction, default=None,
-                   help="pack short clips into shared 30 s windows (default: the setting, METAVOICE_WHISPER_PACK_CLIPS)")
+    p.add_argument("--window", choices=["fit", "full"], default=None,
+                   help="Whisper encoder windows for the model and pipeline modes (default: the setting, METAVOICE_WHISPER_WINDOW)")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of the throughput modes, interleaved; each mode reports its best (default 1)")
     p.add_argument("--skip", default="", help=f"comma-separated, of: {','.join(MODES + PASSES)}")
     p.add_argument("--json", dest="json_path", type=Path, help="write the full report here")
     p.add_argument("--backlog-events", type=int, default=10_000)
-    p.add_argument("--backlog-seconds", type=float, default=45.0, help="how long the backlog consumer runs")
+    p.add_argument("--backlog-seconds", type=float, default=90.0, help="how long each backlog consumer runs (default 90: peaks are spiky, a few batches are not enough)")
     p.add_argument("--latency-events", type=int, default=None, help="events in the latency pass (default 16; 6 with --quick)")
     p.add_argument("--latency-rate", type=float, default=None,
                    help=f"events per second in the latency pass (default {LATENCY_LOAD:g} x the measured pipeline capacity)")
@@ -1089,7 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
         backlog_events=a.backlog_events, backlog_seconds=a.backlog_seconds,
         latency_events=a.latency_events or (6 if a.quick else 16), latency_rate=a.latency_rate,
         bare_without_timestamps=a.bare_without_timestamps, corpus_dir=a.corpus_dir, keep=a.keep,
-        repeat=max(1, a.repeat), pack_clips=a.pack_clips,
+        repeat=max(1, a.repeat), window=a.window,
     )
     if args.min_sec <= 0 or args.max_sec < args.min_sec:
         raise SystemExit("--min-sec must be > 0 and <= --max-sec")

@@ -72,9 +72,11 @@ class Settings(BaseSettings):
     cpu_threads: int = 0  # 0: all cores
     whisper_batch_size: int = Field(0, ge=0)  # 0: 16 on CUDA, 8 on CPU
     beam_size: int = Field(1, ge=1)
-    # Throughput mode: short clips share one 30 s encoder window (3-4x on CPU), but a transcript then
-    # depends on its window-mates, so replays may differ. Off: every row depends on its own audio only.
-    whisper_pack_clips: bool = False
+    # fit: each chunk is encoded in a window that just fits it (~3x faster on CPU for short clips, same
+    # accuracy on our corpus); full: Whisper's 30 s training window for every chunk.
+    whisper_window: Literal["fit", "full"] = "fit"
+    whisper_fit_margin_sec: float = Field(2.0, ge=0.5, le=30)  # silence after the audio in a fitted window
+    whisper_fit_step_sec: float = Field(2.0, gt=0, le=30)  # fitted windows are rounded up to this
     language: str | None = None
     tokenizer: str = "synthetic"
     tokenizer_weights: str | None = None

@@ -1,16 +1,19 @@
-"""Whisper transcription with faster-whisper, batched across files.
+"""Whisper transcription with faster-whisper, batched across files, in windows that fit the audio.
 
-faster-whisper's `BatchedInferencePipeline` batches the chunks of one audio per call. Speech
-datasets are mostly short clips, so here every file of a micro-batch is cut into <=30 s chunks
-(one chunk for a short clip, Silero VAD for longer ones), and chunks from *many files* are
-encoded and decoded together, `batch_size` at a time; segments are then put back in order per
-file. A failure in a batch is retried file by file so one bad file cannot fail its neighbours.
-"""
+faster-whisper's `BatchedInferencePipeline` batches the chunks of one audio per call, and every
+chunk pays for a 30 s encoder window. Speech datasets are mostly short clips, so here every file
+of a micro-batch is cut into <=30 s chunks (one chunk for a short clip, Silero VAD for longer
+ones), each chunk is encoded in a window just longer than itself (`whisper_window=fit`), and
+chunks with equal windows from *many files* are encoded and decoded together, `batch_size` at a
+time; segments are then put back in order per file. A failure in a batch is retried file by file
+so one bad file cannot fail its neighbours."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,55 +58,21 @@ class _Chunk:
     duration: float
 
 
-# Throughput mode (`whisper_pack_clips`): clips shorter than a window are packed together.
-# Whisper's encoder costs the same for 3 s as for 30 s, so ten 3-second clips in one window cost a
-# tenth. A pause between them keeps Whisper's segments from running across clips; a segment that
-# does anyway sends the window's clips back to be decoded alone. The price: a clip's transcript
-# depends on its window-mates (the encoder attends across the window), so it is off by default -
-# replays must reproduce rows exactly.
-PACK_GAP_SECONDS = 1.5
-PACK_LIMIT_SECONDS = 28.0
-STRADDLE_TOLERANCE = 0.3
+# Whisper's encoder is trained on 30 s windows, but its positional embedding is fixed per position,
+# so a clip can be encoded in a window that just fits it: its audio, a margin of silence (room for the
+# closing timestamp), rounded up to a step. The encoder's cost falls with the window (attention is
+# quadratic), and a clip's window depends on its own length only, so rows stay reproducible. A decode
+# that looks degenerate in a short window (a loop, no end, too few words) is decoded again in 30 s.
+FULL_WINDOW_FRAMES = CHUNK_SECONDS * 100
+SUSPICIOUS_COMPRESSION_RATIO = 2.4  # faster-whisper's own threshold for a repetition loop
+# Speech runs at 2-3 words per second; far fewer in a short window usually means the decoder ended
+# early (seen: "6th" for a 4.3 s sentence). Quiet clips pay one 30 s window, as they would anyway.
+SPARSE_WORDS_PER_SECOND = 0.5
 
 
-@dataclass
-class _Window:
-    pieces: list[tuple[int, float]]  # (chunk index, start second within the window)
-    parts: list[np.ndarray]
-    duration: float
-
-    @classmethod
-    def single(cls, k: int, c: _Chunk) -> "_Window":
-        return cls([(k, 0.0)], [c.audio], c.duration)
-
-    def add(self, k: int, c: _Chunk, gap: np.ndarray) -> None:
-        self.parts += [gap, c.audio]
-        start = self.duration + PACK_GAP_SECONDS
-        self.pieces.append((k, start))
-        self.duration = start + c.duration
-
-    def as_chunk(self) -> _Chunk:
-        audio = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
-        return _Chunk(-1, audio, 0.0, self.duration)
-
-    def assign(self, segs: list[Segment], chunks: list[_Chunk], strict: bool = True) -> dict[int, list[Segment]] | None:
-        """Window-time segments -> file-time segments per chunk; None if one straddles two clips."""
-        out: dict[int, list[Segment]] = {k: [] for k, _ in self.pieces}
-        for s in segs:
-            mid = (s.start + s.end) / 2
-            k, start = self.pieces[0]
-            for pk, pstart in self.pieces:
-                if pstart - PACK_GAP_SECONDS / 2 <= mid:
-                    k, start = pk, pstart
-            end = start + chunks[k].duration
-            if strict and len(self.pieces) > 1 and (
-                s.start < start - STRADDLE_TOLERANCE - PACK_GAP_SECONDS / 2
-                or s.end > end + STRADDLE_TOLERANCE + PACK_GAP_SECONDS / 2
-            ):
-                return None
-            shift = chunks[k].offset - start
-            out[k].append(Segment(max(chunks[k].offset, s.start + shift), min(chunks[k].offset + chunks[k].duration, s.end + shift), s.text))
-        return out
+def compression_ratio(text: str) -> float:
+    data = text.encode()
+    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 class WhisperTranscriber:
@@ -118,7 +87,9 @@ class WhisperTranscriber:
         self.compute_type = resolve_compute_type(settings.compute_type, self.device)
         self.batch_size = settings.whisper_batch_size or (16 if self.device == "cuda" else 8)
         self.beam_size = settings.beam_size
-        self.pack_clips = settings.whisper_pack_clips
+        self.window = settings.whisper_window
+        self.fit_margin = settings.whisper_fit_margin_sec
+        self.fit_step = settings.whisper_fit_step_sec
         self.language = settings.language
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         try:
@@ -196,43 +167,38 @@ class WhisperTranscriber:
         return transcripts
 
     def _decode_chunks(self, chunks: list[_Chunk]) -> dict[int, tuple[list[Segment], str]]:
-        """Segments (in file time) per chunk: packed into shared windows, then batched."""
-        windows = self._pack(chunks)
+        """Segments (in file time) per chunk: chunks with equal windows batched together."""
         outputs: dict[int, tuple[list[Segment], str]] = {}
-        retry: list[int] = []
-        for start in range(0, len(windows), self.batch_size):
-            group = windows[start : start + self.batch_size]
-            for window, (segs, lang) in zip(group, self._generate([w.as_chunk() for w in group])):
-                assigned = window.assign(segs, chunks)
-                if assigned is None:  # a segment ran across two clips: decode those clips alone
-                    retry.extend(k for k, _ in window.pieces)
-                    continue
-                for k, k_segs in assigned.items():
-                    outputs[k] = (k_segs, lang)
-        if retry:
-            singles = [_Window.single(k, chunks[k]) for k in retry]
-            for start in range(0, len(singles), self.batch_size):
-                group = singles[start : start + self.batch_size]
-                for window, (segs, lang) in zip(group, self._generate([w.as_chunk() for w in group])):
-                    outputs.update({k: (v, lang) for k, v in window.assign(segs, chunks, strict=False).items()})
+        again: list[int] = []
+        for frames, group in self._batches(range(len(chunks)), [self.window_frames(c.duration) for c in chunks]):
+            for k, (segs, lang, suspicious) in zip(group, self._generate([chunks[k] for k in group], frames)):
+                outputs[k] = (segs, lang)
+                if suspicious and frames < FULL_WINDOW_FRAMES:
+                    again.append(k)
+        if again:
+            log.info("%d chunk(s) looked degenerate in a short window; decoding them in 30 s", len(again))
+            for frames, group in self._batches(again, [FULL_WINDOW_FRAMES] * len(again)):
+                for k, (segs, lang, _) in zip(group, self._generate([chunks[k] for k in group], frames)):
+                    outputs[k] = (segs, lang)
         return outputs
 
-    def _pack(self, chunks: list[_Chunk]) -> list["_Window"]:
-        """Short chunks share one 30 s window (the encoder always pays for 30 s), a gap of silence apart."""
-        if not self.pack_clips:
-            return [_Window.single(k, c) for k, c in enumerate(chunks)]
-        gap = np.zeros(int(PACK_GAP_SECONDS * SAMPLE_RATE), dtype=np.float32)
-        windows: list[_Window] = []
-        current: _Window | None = None
-        # Longest first packs tighter (first-fit decreasing would be tighter still; this is enough).
-        for k in sorted(range(len(chunks)), key=lambda k: -chunks[k].duration):
-            c = chunks[k]
-            if current is not None and current.duration + PACK_GAP_SECONDS + c.duration <= PACK_LIMIT_SECONDS:
-                current.add(k, c, gap)
-            else:
-                current = _Window.single(k, c)
-                windows.append(current)
-        return windows
+    def window_frames(self, duration: float) -> int:
+        """Mel frames (100 per second) the encoder sees for a chunk of `duration` seconds."""
+        if self.window == "full":
+            return FULL_WINDOW_FRAMES
+        seconds = math.ceil((duration + self.fit_margin) / self.fit_step) * self.fit_step
+        return min(FULL_WINDOW_FRAMES, int(round(seconds * 100)))
+
+    def _batches(self, indices, frames: list[int]):
+        """(window frames, chunk indices) batches: one window size per batch, so no clip is padded by another."""
+        indices = list(indices)
+        by_window: dict[int, list[int]] = {}
+        for k, f in zip(indices, frames):
+            by_window.setdefault(f, []).append(k)
+        for f in sorted(by_window, reverse=True):
+            group = by_window[f]
+            for start in range(0, len(group), self.batch_size):
+                yield f, group[start : start + self.batch_size]
 
     def _split(self, file_index: int, clip: np.ndarray):
         duration = clip.shape[0] / SAMPLE_RATE
@@ -254,14 +220,20 @@ class WhisperTranscriber:
             return chunks, (lambda t: round(t, 3))
         return chunks, (lambda t: round(float(ts_map.get_original_time(t)), 3))
 
-    def _generate(self, chunks: list[_Chunk]) -> list[tuple[list[Segment], str]]:
+    def _features(self, audio: np.ndarray, frames: int) -> np.ndarray:
+        """Log-mel of the chunk followed by silence, exactly `frames` long (Whisper pads with silence)."""
         from faster_whisper.audio import pad_or_trim
 
+        samples = frames * SAMPLE_RATE // 100
+        padded = np.zeros(max(samples, audio.shape[0]) + SAMPLE_RATE // 100, dtype=np.float32)
+        padded[: audio.shape[0]] = audio
+        return pad_or_trim(self.model.feature_extractor(padded, padding=0), frames)
+
+    def _generate(self, chunks: list[_Chunk], frames: int) -> list[tuple[list[Segment], str, bool]]:
+        """Decode chunks in windows of `frames`: (segments, language, looks degenerate) per chunk."""
         model = self.model
         tok = self._tokenizer
-        features = np.stack(
-            [pad_or_trim(model.feature_extractor(c.audio)[..., :-1]) for c in chunks]
-        ).astype(np.float32)
+        features = np.stack([self._features(c.audio, frames) for c in chunks]).astype(np.float32)
         encoder_output = model.encode(features)
         prompt = model.get_prompt(tok, previous_tokens=[], without_timestamps=False)
         prompts = [list(prompt) for _ in chunks]
@@ -273,11 +245,14 @@ class WhisperTranscriber:
                 token = langs[0][0]  # e.g. "<|de|>"
                 prompts[i][lang_index] = tok.tokenizer.token_to_id(token)
                 languages[i] = token[2:-2]
+        # Whisper emits ~3-5 tokens per second of speech; a short window that runs far past that is
+        # looping, and stopping it early saves the decoder's time (it is then decoded again in 30 s).
+        max_length = model.max_length if frames >= FULL_WINDOW_FRAMES else min(model.max_length, 32 + frames // 6)
         results = model.model.generate(
             encoder_output,
             prompts,
             beam_size=self.beam_size,
-            max_length=model.max_length,
+            max_length=max_length,
             suppress_blank=True,
             suppress_tokens=[-1],
             return_scores=False,
@@ -285,10 +260,11 @@ class WhisperTranscriber:
         )
         out = []
         for chunk, result, lang in zip(chunks, results, languages):
+            tokens = result.sequences_ids[0]
             segment_size = int(np.ceil(chunk.duration) * model.frames_per_second)
             subsegments, _, _ = model._split_segments_by_timestamps(
                 tokenizer=tok,
-                tokens=result.sequences_ids[0],
+                tokens=tokens,
                 time_offset=chunk.offset,
                 segment_size=segment_size,
                 segment_duration=chunk.duration,
@@ -299,7 +275,13 @@ class WhisperTranscriber:
                         tok.decode(s["tokens"]).strip())
                 for s in subsegments
             ]
-            out.append((segs, lang))
+            text = " ".join(s.text for s in segs)
+            suspicious = (
+                len(tokens) >= max_length - len(prompt) - 1  # no end: a loop
+                or compression_ratio(text) > SUSPICIOUS_COMPRESSION_RATIO  # a repetition loop
+                or len(text.split()) < SPARSE_WORDS_PER_SECOND * chunk.duration  # stopped early
+            )
+            out.append((segs, lang, suspicious))
         return out
 
     def close(self) -> None:

@@ -42,3 +42,24 @@ def test_quick_bench_reports_every_mode_with_positive_throughput_and_the_ratios(
     assert report["latency"]["p50_s"] > 0
     assert "backlog" not in report  # --quick skips it
     assert "pipeline/seed =" in proc.stdout  # the printed table and ratios
+
+
+def test_backlog_pass_compares_a_full_backlog_with_the_in_flight_batches_alone(tmp_path: Path):
+    out = tmp_path / "backlog.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "--clips", "4", "--max-sec", "4", "--json", str(out),
+         "--skip", "seed,bare,model,pipeline,pipeline-no-prefect,latency",
+         "--backlog-events", "600", "--backlog-seconds", "6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    b = json.loads(out.read_text())["backlog"]
+    small, large = b["in_flight_only"], b["backlog"]
+    assert large["events"] == 600 and small["events"] < large["events"]
+    for run in (small, large):
+        assert run["peak_rss_mb"] >= run["rss_after_model_load_mb"] > 0
+        assert run["records_fetched"] > 0
+    # the consumer takes a bounded number of records ahead of its work, never the whole backlog
+    assert large["records_fetched"] < large["events"]
+    assert abs(b["growth_from_backlog_mb"] - (large["peak_rss_mb"] - small["peak_rss_mb"])) < 0.01
+    assert "growth from the backlog" in " ".join(proc.stdout.split())  # rich wraps lines
