@@ -12,7 +12,7 @@ from pipeline.tokenizers import load_tokenizer
 
 def clip(seconds: float, rate: int, channels: int = 1, seed: int = 0) -> DecodedAudio:
     rng = np.random.default_rng(seed)
-    return DecodedAudio(rng.standard_normal((int(seconds * rate), channels)).astype(np.float32) * 0.1, rate)
+    return DecodedAudio.from_samples(rng.standard_normal((int(seconds * rate), channels)).astype(np.float32) * 0.1, rate)
 
 
 @pytest.fixture(scope="module")

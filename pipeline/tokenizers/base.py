@@ -1,8 +1,9 @@
 """The one small interface every audio tokenizer implements.
 
 A tokenizer turns decoded clips into integer codes shaped `[codebooks, frames]` (int16).
-It works on whole batches so it can pad them onto the device once; it resamples clips to
-its own rate itself, so callers hand it audio exactly as decoded.
+It works on whole batches so it can pad them onto the device once. It reads each clip in its own
+`layout` (rate and channels), which it declares so decode makes that view in its single streaming
+pass (`audio.DecodeSpec`): callers hand it clips exactly as decoded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..audio import DecodedAudio
+from ..audio import AudioLayout, DecodedAudio
 
 
 class AudioTokenizer(ABC):
@@ -22,6 +23,14 @@ class AudioTokenizer(ABC):
     frame_rate: float
     #: "cuda" or "cpu", resolved
     device: str
+    #: the samples it reads: rate and channel count (1: the mono downmix)
+    sample_rate: int
+    channels: int = 1
+
+    @property
+    def layout(self) -> AudioLayout:
+        """The view of each clip it reads; decode must be asked for it."""
+        return AudioLayout(self.sample_rate, self.channels)
 
     @abstractmethod
     def encode_batch(self, clips: list[DecodedAudio]) -> list[np.ndarray]:

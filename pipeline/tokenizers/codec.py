@@ -6,7 +6,8 @@
     METAVOICE_TOKENIZER=encodec:facebook/encodec_24khz@12kbps   a full name, as the Parquet column records it
 
 How a batch of clips becomes codes:
-1. Resample each clip to the codec's rate and channel layout (soxr; mono for the 24 kHz codecs).
+1. Read each clip in the codec's rate and channels (`layout`; mono for the 24 kHz codecs): the view
+   decode made with soxr in its single pass over the file.
 2. Zero-pad it to whole frames: frames = ceil(samples / hop), so the last, partial frame is coded
    from the clip followed by silence whatever the clip's batch-mates are.
 3. Cut clips longer than `tokenizer_window_sec` into hop-aligned windows that carry
@@ -281,14 +282,10 @@ class CodecTokenizer(AudioTokenizer):
 
     def _prepare(self, clip: DecodedAudio) -> np.ndarray:
         """Step 1 and 2: the clip at the codec's rate and channels, zero-padded to whole frames."""
-        if not np.isfinite(clip.samples).all():
+        samples = clip.view(self.layout)  # [frames], or [frames, channels] for a multi-channel codec
+        if not np.isfinite(samples).all():
             raise TokenizationFailed("audio holds NaN or infinite samples")
-        if self.channels == 1:
-            wave = clip.at_rate(self.sample_rate, mono=True)[None, :]
-        else:
-            wave = clip.at_rate(self.sample_rate, mono=False).T
-            if wave.shape[0] != self.channels:  # mono (or odd layouts) into the codec's layout
-                wave = np.repeat(wave.mean(axis=0, keepdims=True), self.channels, axis=0)
+        wave = samples[None, :] if samples.ndim == 1 else samples.T
         frames = math.ceil(wave.shape[1] / self.hop)
         padded = np.zeros((self.channels, frames * self.hop), dtype=np.float32)
         padded[:, : wave.shape[1]] = wave

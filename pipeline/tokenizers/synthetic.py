@@ -28,6 +28,7 @@ CODEBOOK_SIZE = 1024
 
 class SyntheticTokenizer(AudioTokenizer):
     name = "synthetic"
+    sample_rate = SAMPLE_RATE
     codebooks = CODEBOOKS
     frame_rate = SAMPLE_RATE / HOP
 
@@ -41,7 +42,7 @@ class SyntheticTokenizer(AudioTokenizer):
     def encode_batch(self, clips: list[DecodedAudio]) -> list[np.ndarray]:
         if not clips:
             return []
-        waves = [torch.from_numpy(c.at_rate(SAMPLE_RATE)) for c in clips]
+        waves = [torch.from_numpy(c.view(self.layout)) for c in clips]
         frames = [max(1, math.ceil(w.shape[0] / HOP)) for w in waves]
         longest = max(frames)
         batch = torch.zeros(len(waves), longest * HOP)
