@@ -2,7 +2,9 @@
 
 Topic messages are written in Cloudflare R2's event-notification shape; the consumer also
 reads the AWS S3 / MinIO `Records[]` shape so a MinIO bucket can publish straight to Kafka.
-An object version is identified by `(bucket, key, etag)`: R2 has no version ids.
+An object version is identified by `(bucket, key, etag)`; S3 and MinIO also name a version id
+(`s3.object.versionId`), which is kept (`ObjectEvent.version_id`, `object.versionId` in the R2
+shape we write) so the download can ask for exactly that version. R2 has no version ids.
 
 Shapes accepted (`parse_event_payload` / `parse_event_json`):
 
@@ -15,12 +17,16 @@ Shapes accepted (`parse_event_payload` / `parse_event_json`):
 - `s3:TestEvent` (sent once when a notification is configured): no events, not an error.
 
 Anything else raises `MalformedEvent` (never `KeyError`/`AttributeError`), so every caller can
-dead-letter or reject it with a reason.
+dead-letter or reject it with a reason. An event that parses can always be used: sizes fit
+Kafka's and Parquet's int64 (`0 <= size < 2**63`, integral), event times lie in years
+1970..2200 (and convert to UTC), every text is a `str` that encodes as UTF-8, so `to_json()`
+and `message_key` never raise on a parsed event. Reasons are one line, with long input clipped.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +35,13 @@ from urllib.parse import unquote_plus
 import orjson
 
 from .errors import MalformedEvent
+
+MAX_SIZE = 2**63 - 1  # int64: Kafka JSON readers, pyarrow's size_bytes column
+# Earliest and latest accepted eventTime (UTC): outside, a time is a sender's bug, and a year
+# near 1 or 9999 overflows as soon as it is shifted to UTC or to epoch milliseconds.
+MIN_EVENT_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MAX_EVENT_TIME = datetime(2201, 1, 1, tzinfo=timezone.utc)
+REASON_CLIP = 80  # characters of offending input quoted in a reason
 
 CREATE_ACTIONS = frozenset({"PutObject", "CopyObject", "CompleteMultipartUpload", "PostObject"})
 DELETE_ACTIONS = frozenset({"DeleteObject", "LifecycleDeletion"})
@@ -41,6 +54,8 @@ class ObjectEvent:
     action: str = "PutObject"
     size: int | None = None
     etag: str | None = None
+    # S3/MinIO object version (`s3.object.versionId`); None for R2 and unversioned buckets.
+    version_id: str | None = None
     event_time: datetime | None = None
     account: str = ""
     copy_source: dict[str, str] | None = field(default=None, compare=False)
@@ -60,6 +75,8 @@ class ObjectEvent:
             obj["size"] = self.size
         if self.etag is not None:
             obj["eTag"] = self.etag
+        if self.version_id is not None:
+            obj["versionId"] = self.version_id
         body: dict[str, Any] = {
             "account": self.account,
             "action": self.action,
@@ -123,11 +140,12 @@ def _parse_r2_event(p: dict[str, Any]) -> ObjectEvent:
     if not isinstance(action, str) or not action:
         raise MalformedEvent("R2 event lacks action")
     return ObjectEvent(
-        bucket=bucket,
-        key=obj["key"],
-        action=action,
+        bucket=_utf8(bucket, "bucket"),
+        key=_utf8(obj["key"], "object.key"),
+        action=_utf8(action, "action"),
         size=_optional_int(obj.get("size"), "object.size"),
         etag=_normalize_etag(obj.get("eTag")),
+        version_id=_version_id(obj.get("versionId"), "object.versionId"),
         event_time=_parse_time(p.get("eventTime")),
         account=_optional_str(p.get("account"), "account"),
         copy_source=_copy_source(p.get("copySource")),
@@ -154,11 +172,12 @@ def _parse_s3_record(r: Any) -> ObjectEvent:
     if not key:
         raise MalformedEvent("S3 record has an empty object key")
     return ObjectEvent(
-        bucket=bucket,
-        key=key,
-        action=_s3_action(name),
-        size=_optional_int(obj.get("size"), "object.size"),
+        bucket=_utf8(bucket, "s3.bucket.name"),
+        key=_utf8(key, "s3.object.key"),
+        action=_utf8(_s3_action(name), "eventName"),
+        size=_optional_int(obj.get("size"), "s3.object.size"),
         etag=_normalize_etag(obj.get("eTag") or obj.get("etag")),
+        version_id=_version_id(obj.get("versionId"), "s3.object.versionId"),
         event_time=_parse_time(r.get("eventTime")),
         account=_optional_str(_dict(r.get("userIdentity"), "userIdentity").get("principalId"), "principalId"),
     )
@@ -211,20 +230,33 @@ def _normalize_etag(etag: Any) -> str | None:
         return None
     if not isinstance(etag, str):
         raise MalformedEvent("object eTag must be a string")
-    return etag.strip('"') or None
+    return _utf8(etag, "object eTag").strip('"') or None
+
+
+def _version_id(v: Any, name: str) -> str | None:
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise MalformedEvent(f"{name} must be a string")
+    return _utf8(v, name)
 
 
 def _optional_int(v: Any, name: str) -> int | None:
+    """A byte count: an int, an integral float (JSON `1024.0`) or a decimal string, in int64."""
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise MalformedEvent(f"{name} must be an integer")
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        raise MalformedEvent(f"{name} must be an integer, got {v!r}")
     try:
         n = int(v)
-    except ValueError:
-        raise MalformedEvent(f"{name} must be an integer") from None
+    except ValueError:  # also a string of more digits than int() accepts
+        raise MalformedEvent(f"{name} must be an integer, got {_clip(v)}") from None
     if n < 0:
         raise MalformedEvent(f"{name} must not be negative")
+    if n > MAX_SIZE:
+        raise MalformedEvent(f"{name} is out of range (over 2**63 - 1): {_clip(v)}")
     return n
 
 
@@ -233,6 +265,18 @@ def _optional_str(v: Any, name: str) -> str:
         return ""
     if not isinstance(v, str):
         raise MalformedEvent(f"{name} must be a string")
+    return _utf8(v, name)
+
+
+def _utf8(v: str, name: str) -> str:
+    """A text we will write back as JSON and as a Kafka key: it must encode as UTF-8.
+
+    orjson never decodes a lone surrogate, but a body handed over as Python objects can hold one.
+    """
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedEvent(f"{name} is not valid Unicode (lone surrogate)") from None
     return v
 
 
@@ -247,8 +291,11 @@ def _dict(v: Any, name: str) -> dict[str, Any]:
 def _copy_source(v: Any) -> dict[str, str] | None:
     if v is None:
         return None
-    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
         raise MalformedEvent("copySource must be an object of strings")
+    for k, x in v.items():
+        _utf8(k, "copySource")
+        _utf8(x, "copySource")
     return v
 
 
@@ -260,8 +307,24 @@ def _parse_time(v: Any) -> datetime | None:
     try:
         t = datetime.fromisoformat(v.replace("Z", "+00:00"))
     except ValueError:
-        raise MalformedEvent(f"eventTime is not ISO-8601: {v!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        raise MalformedEvent(f"eventTime is not ISO-8601: {_clip(v)}") from None
+    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    try:
+        utc = t.astimezone(timezone.utc)  # year 9999 at -05:00 is past datetime.max in UTC
+    except (OverflowError, ValueError):
+        raise MalformedEvent(f"eventTime is out of range: {_clip(v)}") from None
+    if not MIN_EVENT_TIME <= utc < MAX_EVENT_TIME:
+        raise MalformedEvent(f"eventTime is out of range (years 1970..2200): {_clip(v)}")
+    # Milliseconds, as the topic and Parquet hold it: a republished event equals the original.
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+def _clip(v: Any) -> str:
+    """`repr` of offending input, at most REASON_CLIP characters of it: reasons stay one short line."""
+    text = v if isinstance(v, str) else repr(v)
+    if len(text) > REASON_CLIP:
+        return repr(text[:REASON_CLIP]) + f"… ({len(text)} characters)"
+    return repr(text) if isinstance(v, str) else text
 
 
 def _format_time(t: datetime) -> str:

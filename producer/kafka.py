@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from pipeline.config import Settings
+from pipeline.errors import MalformedEvent
 from pipeline.events import ObjectEvent
 
 from .errors import KafkaUnavailable
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 # How long a producer waits for a broker that is down at start-up before giving up.
 BROKER_WAIT_SECONDS = 120
+# Largest event record (key + value) a producer sends: under aiokafka's max_request_size and
+# Kafka's default message.max.bytes (both 1 MiB) with room for the batch overhead. An event is
+# ~300 bytes; a bigger one is refused as malformed instead of failing in Kafka on every retry.
+MAX_EVENT_RECORD_BYTES = 1_000_000
 
 
 @dataclass
@@ -127,11 +132,16 @@ class EventPublisher:
 
     async def publish(self, event: ObjectEvent) -> None:
         """Returns once the broker acknowledged the event."""
-        await self._producer.send_and_wait(self.topic, event.to_json(), key=event.message_key)
+        key, value = encode_event(event)
+        await self._producer.send_and_wait(self.topic, value, key=key)
 
     async def send(self, event: ObjectEvent) -> "asyncio.Future[Any]":
         """Queue one event; the returned future resolves when the broker acknowledged it."""
-        return await self._producer.send(self.topic, event.to_json(), key=event.message_key)
+        return await self.send_encoded(*encode_event(event))
+
+    async def send_encoded(self, key: bytes, value: bytes) -> "asyncio.Future[Any]":
+        """Queue one record made by `encode_event` (encode first, so a bad event fails before any send)."""
+        return await self._producer.send(self.topic, value, key=key)
 
     async def publish_many(self, events: Iterable[ObjectEvent]) -> int:
         """Send all, then wait for every acknowledgement; raises if any failed."""
@@ -143,6 +153,24 @@ class EventPublisher:
     async def send_dead_letter(self, raw: str, exc: Exception, key: bytes | None = None, **context: Any):
         """Queue a dead letter on the DLQ topic; the future resolves on acknowledgement."""
         return await self._producer.send(self.dlq_topic, dead_letter(raw, exc, **context), key=key)
+
+
+def encode_event(event: ObjectEvent) -> tuple[bytes, bytes]:
+    """The Kafka record `(key, value)` of one event; MalformedEvent when it cannot be one.
+
+    A parsed event always serializes (`pipeline.events` checks ranges and text); this is the
+    last gate before Kafka, so that no input can fail inside the producer, where every retry
+    would fail again.
+    """
+    try:
+        key, value = event.message_key, event.to_json()
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeError is a ValueError
+        raise MalformedEvent(f"event cannot be serialized: {type(exc).__name__}: {exc}") from None
+    if len(key) + len(value) > MAX_EVENT_RECORD_BYTES:
+        raise MalformedEvent(
+            f"event is {len(key) + len(value)} bytes serialized, over the {MAX_EVENT_RECORD_BYTES}-byte record limit"
+        )
+    return key, value
 
 
 def dead_letter(raw: str, exc: Exception, **context: Any) -> bytes:

@@ -4,8 +4,11 @@ R2 delivers bucket notifications only to a Cloudflare Queue; this loop drains it
 REST API. One cycle, in order:
 
 1. pull a batch (up to 100 messages, each leased for the visibility timeout);
-2. decode every body (JSON, or base64 JSON) into events and queue them on the producer
-   (acks=all); a body that is not an event is queued as a dead letter on the DLQ topic;
+2. decode every body (JSON, or base64 JSON) into events, encode each as its Kafka record and
+   queue them on the producer (acks=all); a body that is not an event, or whose events cannot
+   be records (a size over int64, a time outside 1970..2200, ...), is queued as one dead letter
+   on the DLQ topic instead, with its reason, and acked like any other: one bad message never
+   stops the loop nor comes back;
 3. wait until Kafka acknowledged every record of the batch, bounded by the publish timeout,
    which is kept under half the visibility timeout so a lease cannot expire while we wait;
 4. one ack call for the whole batch: `acks` for messages whose records Kafka acknowledged,
@@ -38,7 +41,7 @@ from pipeline.errors import MalformedEvent
 from pipeline.events import decode_maybe_base64, parse_event_json
 
 from .errors import KafkaUnavailable, QueueApiRejected, QueueApiUnavailable
-from .kafka import EventPublisher, ensure_topics, event_publisher, wait_acknowledged
+from .kafka import EventPublisher, encode_event, ensure_topics, event_publisher, wait_acknowledged
 from .ratelimit import SlidingWindowLimiter
 
 log = logging.getLogger(__name__)
@@ -220,21 +223,21 @@ async def _forward_batch(
         n_events, dead = 0, False
         try:
             try:
-                events = parse_event_json(decode_maybe_base64(m.get("body")))
+                records = _records(m.get("body"))
             except MalformedEvent as exc:
                 dead = True
                 log.warning("queue message %s is not an event (%s): dead-lettering it", m.get("id"), exc)
                 futures.append(
                     await _within(deadline, publisher.send_dead_letter(
                         _body_text(m.get("body")), exc,
-                        key=str(m.get("id") or lease).encode(),
+                        key=str(m.get("id") or lease).encode("utf-8", "backslashreplace"),
                         source="r2-queue", message_id=m.get("id"), attempts=m.get("attempts"),
                     ))
                 )
             else:
-                n_events = len(events)
-                for event in events:
-                    futures.append(await _within(deadline, publisher.send(event)))
+                n_events = len(records)
+                for key, value in records:
+                    futures.append(await _within(deadline, publisher.send_encoded(key, value)))
         except (KafkaError, asyncio.TimeoutError, KafkaUnavailable) as exc:
             failure = exc
         pending.append((lease, futures, failure, n_events, dead))
@@ -288,6 +291,17 @@ async def _ack(api: QueueApi, acks: list[str], retries: list[str], stats: QueueS
         return
 
 
+def _records(body: Any) -> list[tuple[bytes, bytes]]:
+    """The Kafka records of one message body, all encoded before any is sent; MalformedEvent if unusable."""
+    try:
+        return [encode_event(event) for event in parse_event_json(decode_maybe_base64(body))]
+    except MalformedEvent:
+        raise
+    except Exception as exc:  # a parser bug must not crash the loop or bring the message back forever
+        log.exception("unexpected failure parsing a queue message")
+        raise MalformedEvent(f"event cannot be parsed: {type(exc).__name__}: {exc}") from None
+
+
 async def _within(deadline: float, aw: Any) -> Any:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -305,11 +319,15 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
 
 
 def _body_text(body: Any) -> str:
-    if isinstance(body, str):
-        return body
+    """The original body as text for a dead letter; always serializable (lone surrogates escaped)."""
     if isinstance(body, (bytes, bytearray)):
         return bytes(body).decode("utf-8", "replace")
-    return orjson.dumps(body).decode()
+    if not isinstance(body, str):
+        try:
+            return orjson.dumps(body).decode()
+        except TypeError:
+            return repr(body)
+    return body.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -4,15 +4,23 @@
 notification or a MinIO webhook event. A request, in order:
 
 1. refuse a body over `webhook_max_body_bytes` (413) before reading it;
-2. authenticate: `Authorization: Bearer <METAVOICE_WEBHOOK_TOKEN>` or
-   `X-Metavoice-Signature: sha256=<hex HMAC-SHA256 of the raw body>` with
-   `METAVOICE_WEBHOOK_HMAC_SECRET`, compared in constant time. No credentials: 401; wrong: 403;
-3. parse (`pipeline.events`); not an event: 400 with a JSON reason (the sender must fix it,
-   so nothing is dead-lettered);
-4. publish every event (acks=all) and wait for every acknowledgement, at most
+2. read the body, all of it within `webhook_body_timeout_s` (else 408 and the connection is
+   closed): a client that trickles bytes cannot hold a handler;
+3. authenticate, compared in constant time; no credentials: 401; wrong: 403. Either
+   - `Authorization: Bearer <METAVOICE_WEBHOOK_TOKEN>`, or
+   - `X-Metavoice-Timestamp: <unix seconds>` and
+     `X-Metavoice-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<raw body>">` keyed with
+     `METAVOICE_WEBHOOK_HMAC_SECRET`; the timestamp must lie within
+     `webhook_signature_window_s` of the server's clock, so a captured request cannot be
+     replayed later (within the window a replay is only a duplicate, which the consumer's
+     dedupe absorbs). Unstamped signatures (`sha256=` over the body alone) are refused;
+4. parse (`pipeline.events`) and encode every event as its Kafka record; not an event, or one
+   that cannot be a record (a size over int64, a time outside 1970..2200, ...): 400 with a
+   one-line JSON reason (the sender must fix it, so nothing is dead-lettered);
+5. publish every event (acks=all) and wait for every acknowledgement, at most
    `producer_publish_timeout_s`; Kafka unreachable or too slow: 503 with Retry-After, so the
    sender retries (a retry may duplicate an event, which the consumer's etag dedupe absorbs);
-5. only then 200 `{"published": n}`.
+6. only then 200 `{"published": n}`.
 
 `GET /healthz` answers 200 while the process serves (with Kafka's state in the body), so an
 orchestrator does not restart the webhook for a Kafka outage it cannot fix.
@@ -26,7 +34,9 @@ import contextlib
 import hashlib
 import hmac
 import logging
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import orjson
 from aiohttp import web
@@ -37,11 +47,13 @@ from pipeline.errors import MalformedEvent
 from pipeline.events import parse_event_json
 
 from .errors import KafkaUnavailable, WebhookMisconfigured
-from .kafka import EventPublisher, ensure_topics, make_producer, wait_acknowledged
+from .kafka import EventPublisher, encode_event, ensure_topics, make_producer, wait_acknowledged
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Metavoice-Signature"
+TIMESTAMP_HEADER = "X-Metavoice-Timestamp"
+SIGNATURE_VERSION = "v1"  # v1=<hex HMAC-SHA256 of b"<timestamp>." + body>
 RETRY_AFTER_S = "5"
 # How long connecting to Kafka may take inside one request before it answers 503.
 CONNECT_TIMEOUT_S = 10.0
@@ -108,7 +120,8 @@ GATE = web.AppKey("gate", KafkaGate)
 CONNECT_TASK = web.AppKey("connect_task", asyncio.Task)
 
 
-def build_app(settings: Settings) -> web.Application:
+def build_app(settings: Settings, clock: Callable[[], float] = time.time) -> web.Application:
+    """The webhook application; `clock` (unix seconds) is what signature timestamps are checked against."""
     token = settings.webhook_token.get_secret_value().encode() if settings.webhook_token else None
     secret = settings.webhook_hmac_secret.get_secret_value().encode() if settings.webhook_hmac_secret else None
     if not token and not secret:
@@ -116,6 +129,8 @@ def build_app(settings: Settings) -> web.Application:
             "the webhook needs METAVOICE_WEBHOOK_TOKEN and/or METAVOICE_WEBHOOK_HMAC_SECRET; refusing to run open"
         )
     limit = settings.webhook_max_body_bytes
+    body_timeout = settings.webhook_body_timeout_s
+    window = settings.webhook_signature_window_s
     gate = KafkaGate(settings)
     app = web.Application(client_max_size=limit)
     app[GATE] = gate
@@ -124,37 +139,48 @@ def build_app(settings: Settings) -> web.Application:
         # 1. size limit, before reading anything
         if request.content_length is not None and request.content_length > limit:
             return _error(413, "too_large", f"body over {limit} bytes")
+        # 2. the whole body, within the deadline
         try:
-            body = await request.read()
+            body = await asyncio.wait_for(request.read(), body_timeout)
         except web.HTTPRequestEntityTooLarge:
             return _error(413, "too_large", f"body over {limit} bytes")
-        # 2. authentication
-        verdict = authenticate(request.headers, body, token, secret)
-        if verdict == 401:
-            resp = _error(401, "unauthorized", f"send 'Authorization: Bearer <token>' or '{SIGNATURE_HEADER}'")
+        except asyncio.TimeoutError:
+            log.warning("answering 408: the body from %s did not arrive within %g s", request.remote, body_timeout)
+            resp = _error(408, "timeout", f"the request body did not arrive within {body_timeout:g} s")
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            # Close now: aiohttp would otherwise keep reading the rest of the body ("lingering",
+            # up to 10 s) before closing, which is what a slow client wants.
+            request.protocol.force_close()
+            return resp
+        # 3. authentication
+        verdict = authenticate(request.headers, body, token, secret, window_s=window, now=clock())
+        if verdict.status == 401:
+            resp = _error(401, "unauthorized", verdict.reason)
             resp.headers["WWW-Authenticate"] = 'Bearer realm="metavoice"'
             return resp
-        if verdict == 403:
-            return _error(403, "forbidden", "credentials do not match")
-        # 3. parse
+        if verdict.status == 403:
+            return _error(403, "forbidden", verdict.reason)
+        # 4. parse, and encode every event as its Kafka record
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             return _error(400, "malformed", f"body is not JSON: {exc}")
         try:
-            batch = parse_event_json(payload)
+            records = encode_body(payload)
         except MalformedEvent as exc:
             return _error(400, "malformed", str(exc))
-        # 4. publish and wait for every acknowledgement
+        # 5. publish and wait for every acknowledgement
         try:
-            await publish_all(gate, batch, settings.producer_publish_timeout_s)
+            await publish_all(gate, records, settings.producer_publish_timeout_s)
         except KafkaUnavailable as exc:
             log.warning("answering 503: %s", exc)
             resp = _error(503, "kafka_unavailable", str(exc))
             resp.headers["Retry-After"] = RETRY_AFTER_S
             return resp
-        # 5. only now say yes
-        return web.json_response({"published": len(batch)}, dumps=_dumps)
+        # 6. only now say yes
+        return web.json_response({"published": len(records)}, dumps=_dumps)
 
     async def probe(request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -189,44 +215,90 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
-def authenticate(headers: Any, body: bytes, token: bytes | None, secret: bytes | None) -> int:
-    """200 when any presented credential is valid, 401 when none is presented, else 403."""
-    presented = valid = False
+@dataclass(frozen=True)
+class Verdict:
+    status: int  # 200 accepted, 401 no credentials, 403 wrong credentials
+    reason: str = ""  # one line for the sender; never holds a credential
+
+
+def authenticate(
+    headers: Mapping[str, str], body: bytes, token: bytes | None, secret: bytes | None,
+    *, window_s: float, now: float,
+) -> Verdict:
+    """200 when any presented credential is valid, 401 when none is presented, else 403 with the reason."""
+    presented = False
+    reason = "credentials do not match"
     auth = headers.get("Authorization")
     if auth:
         presented = True
         scheme, _, credential = auth.strip().partition(" ")
         if token and scheme.lower() == "bearer":
-            valid |= hmac.compare_digest(credential.strip().encode("utf-8", "replace"), token)
+            if hmac.compare_digest(credential.strip().encode("utf-8", "replace"), token):
+                return Verdict(200)
     signature = headers.get(SIGNATURE_HEADER)
     if signature:
         presented = True
-        algorithm, _, digest = signature.strip().partition("=")
-        if secret and algorithm.lower() == "sha256":
-            expected = hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
-            valid |= hmac.compare_digest(digest.strip().lower().encode("utf-8", "replace"), expected)
-    if valid:
-        return 200
-    return 403 if presented else 401
+        version, _, digest = signature.strip().partition("=")
+        stamp = (headers.get(TIMESTAMP_HEADER) or "").strip()
+        if version.strip().lower() != SIGNATURE_VERSION:
+            reason = (f"unsupported signature; send '{TIMESTAMP_HEADER}: <unix seconds>' and "
+                      f"'{SIGNATURE_HEADER}: {SIGNATURE_VERSION}=<hex HMAC-SHA256 of \"<timestamp>.<body>\">'")
+        elif not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+            reason = f"a signed request needs '{TIMESTAMP_HEADER}: <unix seconds>'"
+        elif secret:
+            expected = hmac.new(secret, signed_payload(stamp, body), hashlib.sha256).hexdigest().encode()
+            if hmac.compare_digest(digest.strip().lower().encode("utf-8", "replace"), expected):
+                skew = now - int(stamp)
+                if abs(skew) <= window_s:
+                    return Verdict(200)
+                # Only a genuine signature learns this: a replay, or a sender whose clock is off.
+                reason = (f"signature timestamp is {abs(skew):.0f} s {'old' if skew > 0 else 'ahead'}, "
+                          f"outside the {window_s:g} s window (a replay, or a clock to fix)")
+    if presented:
+        return Verdict(403, reason)
+    return Verdict(401, f"send 'Authorization: Bearer <token>' or '{TIMESTAMP_HEADER}' and '{SIGNATURE_HEADER}'")
 
 
-def sign(secret: str | bytes, body: bytes) -> str:
-    """The signature header value a sender computes: `sha256=<hex>`."""
+def signed_payload(timestamp: str, body: bytes) -> bytes:
+    """What the HMAC covers: the timestamp header's text, a dot, the raw body."""
+    return timestamp.encode("ascii") + b"." + body
+
+
+def signature_headers(secret: str | bytes, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+    """The headers a sender adds to a signed request (`timestamp`: unix seconds, default now)."""
     key = secret.encode() if isinstance(secret, str) else secret
-    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    digest = hmac.new(key, signed_payload(stamp, body), hashlib.sha256).hexdigest()
+    return {TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: f"{SIGNATURE_VERSION}={digest}"}
 
 
-async def publish_all(gate: KafkaGate, batch: list, timeout: float) -> None:
-    """Return only once Kafka acknowledged every event; KafkaUnavailable otherwise."""
-    if not batch:
+def encode_body(payload: Any) -> list[tuple[bytes, bytes]]:
+    """The Kafka records `(key, value)` of a decoded body; MalformedEvent for anything unusable.
+
+    Everything is encoded before anything is sent, so a bad event in a list publishes nothing.
+    """
+    try:
+        return [encode_event(event) for event in parse_event_json(payload)]
+    except MalformedEvent:
+        raise
+    except Exception as exc:  # a parser bug must not become a 500 the sender retries forever
+        log.exception("unexpected failure parsing a webhook body")
+        raise MalformedEvent(f"event cannot be parsed: {type(exc).__name__}") from None
+
+
+async def publish_all(gate: KafkaGate, records: list[tuple[bytes, bytes]], timeout: float) -> None:
+    """Return only once Kafka acknowledged every record; KafkaUnavailable otherwise."""
+    if not records:
         return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     publisher = await gate.publisher()
     futures = []
     try:
-        for event in batch:
-            futures.append(await asyncio.wait_for(publisher.send(event), max(0.001, deadline - loop.time())))
+        for key, value in records:
+            futures.append(
+                await asyncio.wait_for(publisher.send_encoded(key, value), max(0.001, deadline - loop.time()))
+            )
     except (KafkaError, asyncio.TimeoutError) as exc:
         raise KafkaUnavailable(f"Kafka did not accept the events: {exc!r}") from exc
     for outcome in await wait_acknowledged(futures, max(0.0, deadline - loop.time())):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 from datetime import datetime, timezone
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import MalformedEvent
 from pipeline.events import ObjectEvent, decode_maybe_base64, parse_event_json, parse_event_payload
+from producer.kafka import encode_event
 
 R2_PUT = {
     "account": "3f4b7e3dcab231cbfdaa90a6a28bd548",
@@ -220,3 +224,149 @@ def test_a_queue_body_that_is_neither_json_nor_base64_json_is_malformed():
 def test_malformed_inputs_raise_malformed_event_never_another_error(raw):
     with pytest.raises(MalformedEvent):
         parse_event_payload(raw)
+
+
+# --- object versions ------------------------------------------------------------------------
+
+
+def test_an_s3_or_minio_version_id_is_kept_on_the_event():
+    [s3] = parse_event_json({"Records": [s3_record("a.flac", versionId="3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY")]})
+    minio = minio_event("b.flac")
+    minio["Records"][0]["s3"]["object"]["versionId"] = "e5f8e7a1-8b7c-4b5e-9a1a-0c1d2e3f4a5b"
+    [mn] = parse_event_json(minio)
+    assert s3.version_id == "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY"  # verbatim: version ids are not form-encoded
+    assert mn.version_id == "e5f8e7a1-8b7c-4b5e-9a1a-0c1d2e3f4a5b"
+
+
+def test_events_without_a_version_id_have_none():
+    [r2] = parse_event_json(R2_PUT)  # R2 has no versions
+    [s3] = parse_event_json({"Records": [s3_record("a.flac")]})  # an unversioned bucket
+    [empty] = parse_event_json({"Records": [s3_record("a.flac", versionId="")]})
+    assert r2.version_id is s3.version_id is empty.version_id is None
+    assert "versionId" not in orjson.loads(r2.to_json())["object"]
+
+
+def test_a_republished_s3_event_keeps_its_version_id_through_the_r2_shape():
+    [s3] = parse_event_json({"Records": [s3_record("red+flower.flac", versionId="v-42")]})
+    written = orjson.loads(s3.to_json())
+    assert written["object"]["versionId"] == "v-42"
+    [again] = parse_event_payload(s3.to_json())
+    assert again == s3 and again.version_id == "v-42"
+
+
+def test_two_versions_of_one_object_are_different_events():
+    [one] = parse_event_json({"Records": [s3_record("a.flac", versionId="v1")]})
+    [two] = parse_event_json({"Records": [s3_record("a.flac", versionId="v2")]})
+    assert one != two and one.message_key == two.message_key  # same key: same partition, in order
+
+
+# --- events that parse can always be used -----------------------------------------------------
+
+
+def r2_with(**obj) -> dict:
+    return {**R2_PUT, "object": {"key": "k.flac", **obj}}
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (r2_with(size=1e20), "object.size is out of range"),
+        (r2_with(size=2**63), "object.size is out of range"),
+        (r2_with(size=18446744073709551615), "object.size is out of range"),  # orjson reads it as an int
+        (r2_with(size="9" * 30), "object.size is out of range"),
+        (r2_with(size=1.5), "object.size must be an integer"),
+        (r2_with(size=float("inf")), "object.size must be an integer"),
+        (r2_with(size=float("nan")), "object.size must be an integer"),
+        (r2_with(size="9" * 5000), "object.size must be an integer"),  # past int()'s digit limit
+        ({**R2_PUT, "eventTime": "9999-12-31T23:59:59-05:00"}, "eventTime is out of range"),
+        ({**R2_PUT, "eventTime": "0001-01-01T00:00:00+05:00"}, "eventTime is out of range"),
+        ({**R2_PUT, "eventTime": "9999-12-31T23:59:59Z"}, "eventTime is out of range"),
+        ({**R2_PUT, "eventTime": "1969-12-31T23:59:59.999Z"}, "eventTime is out of range"),
+        ({**R2_PUT, "eventTime": "2201-01-01T00:00:00Z"}, "eventTime is out of range"),
+        (r2_with(versionId=7), "object.versionId must be a string"),
+        ({"Records": [s3_record("k", versionId=["v"])]}, "s3.object.versionId must be a string"),
+        (r2_with(key="lone \ud800 surrogate.flac"), "object.key is not valid Unicode"),
+        ({**R2_PUT, "bucket": "b\udfff"}, "bucket is not valid Unicode"),
+        (r2_with(eTag="\ud800"), "eTag is not valid Unicode"),
+        ({**R2_PUT, "copySource": {1: "x"}}, "copySource"),
+    ],
+)
+def test_an_event_that_could_not_be_serialized_or_stored_is_malformed_at_parse_time(payload, reason):
+    with pytest.raises(MalformedEvent, match=reason):
+        parse_event_json(payload)
+
+
+def test_the_edges_of_the_accepted_ranges_parse_and_serialize():
+    for payload in (
+        r2_with(size=2**63 - 1),
+        r2_with(size=1024.0),  # an integral float is a whole number of bytes
+        r2_with(size="65536"),
+        {**R2_PUT, "eventTime": "1970-01-01T00:00:00Z"},
+        {**R2_PUT, "eventTime": "2200-12-31T23:59:59.999Z"},
+        {**R2_PUT, "eventTime": "2201-01-01T00:30:00+01:00"},  # 2200-12-31T23:30Z
+        {**R2_PUT, "eventTime": "2024-05-24T19:36:44"},  # no zone: UTC
+        r2_with(key="k" * 100_000, eTag="e" * 10_000),  # absurdly long, still an event
+    ):
+        [event] = parse_event_json(payload)
+        [again] = parse_event_payload(event.to_json())
+        assert again == event
+
+
+def test_a_malformed_reason_is_one_short_line_even_for_huge_or_multiline_input():
+    for payload in ({**R2_PUT, "eventTime": "x" * 100_000}, {**R2_PUT, "eventTime": "line\nbreak"},
+                    r2_with(size="7" * 10_000)):
+        with pytest.raises(MalformedEvent) as caught:
+            parse_event_json(payload)
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 200
+
+
+_anything = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+    st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3),  # lone surrogates
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+_PLAUSIBLE = {
+    "key": st.text(min_size=1, max_size=30),
+    "size": st.one_of(st.none(), st.integers(min_value=0, max_value=2**63 - 1), st.integers(min_value=0).map(str),
+                      st.integers(min_value=0, max_value=2**53).map(float)),
+    "etag": st.one_of(st.none(), st.text(max_size=40)),
+    "version": st.one_of(st.none(), st.text(max_size=40)),
+    "event_time": st.one_of(
+        st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 12, 31), timezones=st.timezones())
+        .map(lambda t: t.isoformat()),
+        st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 12, 31))
+        .map(lambda t: t.isoformat() + "Z"),
+    ),
+    "account": st.one_of(st.none(), st.text(max_size=20)),
+}
+_WILD = {
+    **{name: _anything for name in _PLAUSIBLE},
+    "size": st.one_of(_anything, st.integers(min_value=2**62, max_value=2**65),
+                      st.floats(min_value=0, max_value=2**70)),
+    "event_time": st.one_of(_anything, st.datetimes(timezones=st.timezones()).map(lambda t: t.isoformat())),
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_whatever_the_fields_hold_an_event_either_parses_into_a_kafka_record_or_is_malformed(data):
+    wild = data.draw(st.sets(st.sampled_from(sorted(_PLAUSIBLE)), max_size=2), label="wild fields")
+    v = {name: data.draw((_WILD if name in wild else _PLAUSIBLE)[name], label=name) for name in _PLAUSIBLE}
+    obj = {"key": v["key"], "size": v["size"], "eTag": v["etag"], "versionId": v["version"]}
+    r2 = {"account": v["account"], "action": "PutObject", "bucket": "voices", "object": obj,
+          "eventTime": v["event_time"]}
+    s3 = {"Records": [{**s3_record("k"), "eventTime": v["event_time"], "userIdentity": {"principalId": v["account"]},
+                       "s3": {"bucket": {"name": "voices"}, "object": obj}}]}
+    for shape in (r2, s3):
+        try:
+            events = parse_event_json(shape)
+        except MalformedEvent:
+            continue
+        for event in events:
+            key_bytes, value = encode_event(event)  # never raises for a parsed event
+            assert key_bytes == event.message_key
+            [again] = parse_event_payload(value)
+            if event.event_time is None:  # written with the time it was published
+                again = dataclasses.replace(again, event_time=None)
+            assert again == event

@@ -246,6 +246,54 @@ async def test_malformed_bodies_are_dead_lettered_with_their_reason_and_then_ack
     assert event["object"]["key"] == "ok.flac" and fake_queue.messages[good].acked
 
 
+async def test_a_message_whose_events_cannot_be_serialized_is_dead_lettered_acked_and_the_loop_goes_on(
+    fake_queue, settings_factory, services
+):
+    settings = settings_factory()
+    ok_before = fake_queue.send(orjson.dumps(r2_body("before.flac")).decode())
+    unusable = {  # each parses as JSON, and each crashed the loop (without an ack) before
+        "size 1e20": (orjson.dumps({**r2_body("huge.flac"), "object": {"key": "huge.flac", "size": 1e20}}).decode(),
+                      "object.size is out of range"),
+        "size 2**64-1": ('{"account":"a","action":"PutObject","bucket":"voices",'
+                         '"object":{"key":"u64.flac","size":18446744073709551615}}', "object.size is out of range"),
+        "year 9999 at -05:00": (
+            orjson.dumps({**r2_body("y9999.flac"), "eventTime": "9999-12-31T23:59:59-05:00"}).decode(),
+            "eventTime is out of range"),
+        "size 1.5, base64": (base64.b64encode(orjson.dumps({**r2_body("half.flac"),
+                                                            "object": {"key": "half.flac", "size": 1.5}})).decode(),
+                             "object.size must be an integer"),
+        "a good event listed with a bad one": (
+            orjson.dumps([r2_body("innocent.flac"),
+                          {**r2_body("bad.flac"), "eventTime": "2500-01-01T00:00:00Z"}]).decode(),
+            "item 1: eventTime is out of range"),
+    }
+    ids = {fake_queue.send(body): (case, reason) for case, (body, reason) in unusable.items()}
+    versioned = fake_queue.send(orjson.dumps({"Records": [{
+        "eventName": "ObjectCreated:Put", "eventTime": "2024-05-24T19:36:44.379Z",
+        "s3": {"bucket": {"name": "voices"},
+               "object": {"key": "s3/v.flac", "size": 5, "eTag": "e", "versionId": "v-1"}},
+    }]}).decode())
+    ok_after = fake_queue.send(orjson.dumps(r2_body("after.flac")).decode())
+
+    stats = await run_r2_queue(settings, queue_config(fake_queue), exit_when_empty=True)
+
+    assert (stats.messages, stats.dead_lettered, stats.events, stats.acked, stats.retried) == (8, 5, 3, 8, 0)
+    assert fake_queue.unacked() == [] and fake_queue.retried == []
+    assert all(m.acked_at_attempt == 1 for m in fake_queue.messages.values())  # none came back
+    letters = await read_topic(services.kafka_bootstrap, settings.dlq_topic, len(unusable))
+    assert {d["message_id"] for d in letters} == set(ids)
+    for d in letters:
+        case, reason = ids[d["message_id"]]
+        assert d["error_type"] == "MalformedEvent" and reason in d["error"], case
+        assert d["event"] == unusable[case][0], case  # the original text, kept whole
+    events = await read_topic(services.kafka_bootstrap, settings.topic, 3)
+    by_key = {e["object"]["key"]: e for e in events}
+    assert sorted(by_key) == ["after.flac", "before.flac", "s3/v.flac"]  # not innocent.flac: its message was bad
+    assert by_key["s3/v.flac"]["object"]["versionId"] == "v-1"  # republished with its version
+    assert fake_queue.messages[ok_before].acked and fake_queue.messages[ok_after].acked
+    assert fake_queue.messages[versioned].acked
+
+
 async def test_a_message_kafka_did_not_acknowledge_is_handed_back_and_acked_only_after_a_later_publish(
     fake_queue, settings_factory, tmp_path, monkeypatch
 ):
