@@ -7,16 +7,32 @@ processes. Keep N <= the topic's partition count: extra members get no partition
 
 Each run reads its settings from METAVOICE_* (set as job variables on the work pool); the
 parameters below override the few that differ between runs.
+
+Stopping: a flow run stops the way `python -m consumer` does. Cancelling it from Prefect (a
+worker answers with SIGTERM, then SIGKILL after its grace period, 30 s for process workers), a
+plain SIGTERM/SIGINT, or an asyncio cancellation of the flow all stop fetching, drain what was
+fetched, finalize the open file and commit, within `shutdown_timeout`; the run then ends
+Completed (exit 0) - or, for an asyncio cancellation, Cancelled after the drain. A second signal
+exits at once (130) without committing. Keep `shutdown_timeout` below the worker's grace period:
+a SIGKILL loses nothing (the files prove what was done) but the open file's events are processed
+again. When the Prefect API is down, the consumer goes on without it (pipeline/flows.py); if it is
+still down when the run ends, the engine cannot record the end and exits 1 - after the data was
+committed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from prefect import flow
 
-from consumer.app import run_consumer
+from consumer.app import RunStats, StreamConsumer
 from pipeline.config import Settings
+from pipeline.logs import setup_logging
+
+log = logging.getLogger("consumer")
 
 
 @flow(name="metavoice-stream-consumer", log_prints=True, persist_result=False)
@@ -32,10 +48,40 @@ async def stream_consumer(
         group=group, topic=topic, output_dir=output_dir, exit_when_idle=exit_when_idle,
         from_beginning=from_beginning,
     )
-    stats = await run_consumer(settings, handle_signals=False)
+    setup_logging(settings)  # the consumer's own lines (one per batch), as `python -m consumer` logs them
+    stats = await run_until_stopped(StreamConsumer(settings))
     return {
         "records": stats.records,
         "batches": stats.batches,
+        "rows": stats.rows,
+        "dead_letters": stats.dead_letters,
         "wall_seconds": stats.wall_seconds,
         "stop_reason": stats.stop_reason,
     }
+
+
+async def run_until_stopped(app: StreamConsumer) -> RunStats:
+    """`app.run()`; SIGTERM, SIGINT and a cancellation of this coroutine all drain, finalize and commit.
+
+    The consumer runs in a task of its own, shielded: a cancellation asks it to stop and waits for
+    the drain (bounded by `shutdown_timeout` inside the consumer), then is raised again.
+    """
+    try:
+        app.install_signal_handlers()
+    except (ValueError, RuntimeError, NotImplementedError) as exc:  # signals belong to the main thread
+        log.warning("cannot handle SIGTERM here (%s): a SIGTERM stops without draining; cancelling the "
+                    "flow run still drains, finalizes and commits", exc)
+    run = asyncio.ensure_future(app.run())
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            stats = await asyncio.shield(run)
+            break
+        except asyncio.CancelledError as exc:
+            if run.done():  # the consumer itself was cancelled: nothing was committed after it
+                raise
+            cancelled = cancelled or exc
+            app.request_stop("flow run cancelled")
+    if cancelled is not None:
+        raise cancelled  # drained and committed; the run ends Cancelled as asked
+    return stats

@@ -5,13 +5,47 @@ subflow measured here), so it must never stall the model: several micro-batches 
 once (`pipeline_depth`), and each subflow's bookkeeping overlaps the previous batch's model work.
 Parameters stay tiny (a batch label); the data travels through a per-process registry so Prefect
 never serializes audio. With `prefect_enabled=False` the same stages run without Prefect.
+
+Prefect is bookkeeping, never a dependency of the data path. A run record is given up - the
+stages run bare (`run_stages`), exactly as with `prefect_enabled=False` - when Prefect fails the
+run itself, as opposed to our stage code failing inside it:
+
+    orchestration failure                         what happens
+    API unreachable, 5xx, a broken response       the batch runs bare; warning; counted
+    more than `prefect_timeout_s` spent waiting   the run is abandoned (it may still report
+      on Prefect (creating, starting, finishing     itself Crashed later), the batch runs bare
+      a flow run; stage time does not count)
+    the parent `metavoice-consumer` run cannot    the consumer runs bare (batches are then
+      start                                         top-level runs once the API answers)
+    an exception raised by a stage                NOT an outage: it propagates as before
+
+After a failure, batches skip Prefect (no stall per batch) while a background health probe backs
+off from 1 s to 60 s; when it answers, the next batch tries a flow run again and, once one goes
+through, batches are orchestrated again. `ORCHESTRATION` holds the process-wide state that
+consumer/metrics.py exports (`metavoice_prefect_*`). A batch whose stages finished inside Prefect
+keeps its outcome even when Prefect then fails to record the end: nothing is computed twice
+after the fact, and nothing here ever dead-letters or commits anything - the committer does,
+from the outcome alone.
+
+SIGTERM: Prefect's flow engine replaces the process's SIGTERM handler with one that raises
+`TerminationSignal` wherever the main thread happens to be - which aborts the consumer mid-stream
+instead of letting it drain, finalize and commit. Flow runs started inside `consumer_flow` leave
+a SIGTERM handler that the application installed (`StreamConsumer.install_signal_handlers`) in
+place (see `_capture_sigterm`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import itertools
+import logging
 import os
-from typing import Any
+import signal
+import threading
+import time
+from typing import Any, Awaitable, Callable, Iterator
 
 # No phoning home from a data pipeline (and no network here to phone); users may override.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -25,10 +59,11 @@ if not os.environ.get("PREFECT_API_URL"):
     # 2-core machine while Whisper loads beside it.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+import prefect.flow_engine as _flow_engine  # noqa: E402
 from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from .batch import (
+from .batch import (  # noqa: E402
     BatchOutcome,
     MicroBatch,
     StageTimer,
@@ -39,19 +74,287 @@ from .batch import (
     transcribe_stage,
     whisper_inputs,
 )
-from .config import Settings
-from .models import Models
+from .config import Settings  # noqa: E402
+from .models import Models  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# After an orchestration failure the API is probed in the background, first after this long,
+# then twice as long after each failed probe (or failed retry), up to PROBE_MAX_S: a dead API
+# costs one request per minute at most, and a recovered one is noticed within a minute.
+PROBE_FIRST_S = 1.0
+PROBE_MAX_S = 60.0
+PROBE_TIMEOUT_S = 5.0  # one health request (at most prefect_timeout_s)
+# While our own code runs inside a flow run, the watchdog only looks again this often.
+WATCH_POLL_S = 0.5
 
 
+class PrefectUnavailable(Exception):
+    """Prefect failed a run (unreachable, an error answer, over the time budget) - not our code."""
+
+
+# --- the process-wide orchestration state ------------------------------------------------------
+class Orchestration:
+    """Whether flow runs are being recorded, for the whole process (several consumers share it).
+
+        healthy --a run fails--> degraded --the probe answers--> retrying --a run goes through--> healthy
+                                    ^                                |
+                                    +------------ a run fails -------+
+
+    While degraded, micro-batches skip Prefect and a background probe asks the API's health,
+    first after PROBE_FIRST_S, then twice as long after each failure, up to PROBE_MAX_S.
+    `failures`: flow runs Prefect failed (metavoice_prefect_unavailable_total); `bare_batches`:
+    micro-batches whose stages ran without a run record because of that
+    (metavoice_prefect_bare_batches_total); `degraded` (metavoice_prefect_degraded).
+    """
+
+    def __init__(self) -> None:
+        self.degraded = False
+        self.failures = 0
+        self.bare_batches = 0
+        self.last_error = ""
+        self._retry = False  # the probe answered: the next micro-batch tries a flow run
+        self._backoff = PROBE_FIRST_S
+        self._next_probe = 0.0
+        self._probe_timeout = PROBE_TIMEOUT_S
+        self._probe: asyncio.Task | None = None
+        self._api_started = False
+
+    def use_prefect(self, timeout_s: float) -> bool:
+        """Whether the next micro-batch should try a flow run (else it runs bare)."""
+        self._probe_timeout = min(PROBE_TIMEOUT_S, timeout_s)
+        if not self.degraded or self._retry:
+            return True
+        self._keep_probing()  # e.g. a consumer of an earlier event loop left the state degraded
+        return False
+
+    def failed(self, what: str, exc: BaseException, consequence: str = "") -> None:
+        """Prefect failed `what`; one warning per outage (the metrics count every failure)."""
+        self.failures += 1
+        self.last_error = str(exc)[:500] if isinstance(exc, PrefectUnavailable) else f"{type(exc).__name__}: {exc}"[:500]
+        new_outage = not self.degraded or self._retry
+        if self._retry:  # the probe answered, yet a run failed: wait longer before the next try
+            self._backoff = min(self._backoff * 2, PROBE_MAX_S)
+        if new_outage:
+            self._next_probe = time.monotonic() + self._backoff
+        self.degraded, self._retry = True, False
+        log.log(logging.WARNING if new_outage or consequence else logging.DEBUG,
+                "Prefect unavailable (%s: %s); %s", what, self.last_error,
+                consequence or f"micro-batches run without Prefect run records until its API answers again "
+                               f"(next probe in {self._backoff:.0f}s); no data is affected")
+        self._keep_probing()
+
+    def succeeded(self) -> None:
+        if self.degraded:
+            log.info("Prefect records runs again (%d micro-batches ran without)", self.bare_batches)
+        self.degraded = self._retry = False
+        self._backoff = PROBE_FIRST_S
+
+    def _keep_probing(self) -> None:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_answered(), name="prefect-probe")
+
+    async def _probe_until_answered(self) -> None:
+        while self.degraded and not self._retry:
+            wait = self._next_probe - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue  # a failure meanwhile may have moved the next probe
+            error = await self._health()
+            if error is None:
+                log.info("Prefect API answers its health check again; the next micro-batch tries a flow run")
+                self._retry = True
+                return
+            self._backoff = min(self._backoff * 2, PROBE_MAX_S)
+            self._next_probe = time.monotonic() + self._backoff
+            log.debug("Prefect API still unavailable (%s); next probe in %.0fs", error, self._backoff)
+
+    async def _health(self) -> BaseException | None:
+        from prefect.client.orchestration import get_client
+
+        try:
+            async with asyncio.timeout(self._probe_timeout):
+                async with get_client() as client:  # a fresh client: no retries of a refused connection
+                    return await client.api_healthcheck()
+        except TimeoutError:
+            return TimeoutError(f"no answer within {self._probe_timeout:g}s")
+        except Exception as exc:
+            return exc
+
+    async def ensure_api(self) -> None:
+        """Start the ephemeral API (no PREFECT_API_URL) in a thread, once, before anything is timed.
+
+        Prefect would start it inside its first API call, synchronously, blocking the event loop for
+        up to PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS - time the watchdog would charge to
+        that flow run. A failure to start is left to that first call (an orchestration failure).
+        """
+        if self._api_started:
+            return
+        self._api_started = True
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():  # as prefect.get_client() decides
+            from prefect.server.api.server import SubprocessASGIServer
+
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(SubprocessASGIServer().start)
+
+
+ORCHESTRATION = Orchestration()
+
+
+# --- our time vs Prefect's time inside one flow run ---------------------------------------------
+class _Watch:
+    """Splits the life of one flow run into our code (stages, the consumer) and Prefect's (the rest).
+
+    Prefect's share is bounded by `budget` seconds in total; our code is never timed and never
+    interrupted. It also records what our code raised (not an outage) and what it returned (kept
+    when Prefect fails afterwards).
+    """
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.spent = 0.0
+        self.since: float | None = time.monotonic()  # None while our code runs
+        self.depth = 0
+        self.started = False  # our code was entered at least once
+        self.abandoned = False  # the run was given up: our code must not start in it any more
+        self.error: Exception | None = None  # raised by our code
+        self.finished = False  # our code returned `result`
+        self.result: Any = None
+
+    @contextlib.contextmanager
+    def ours(self) -> Iterator[None]:
+        if self.abandoned:
+            raise PrefectUnavailable("this flow run was given up; its work runs without Prefect")
+        if self.depth == 0 and self.since is not None:
+            self.spent += time.monotonic() - self.since
+            self.since = None
+        self.depth += 1
+        self.started = True
+        try:
+            yield
+        except Exception as exc:
+            # Only Exception: a CancelledError or TerminationSignal delivered to our code comes
+            # from outside it (Prefect, shutdown) and is judged by `_guarded`.
+            if self.error is None:
+                self.error = exc
+            raise
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                self.since = time.monotonic()
+
+    def finish(self, result: Any) -> Any:
+        self.finished, self.result = True, result
+        return result
+
+    def left(self) -> float | None:
+        """Seconds of Prefect's budget left; None while our code runs."""
+        if self.since is None:
+            return None
+        return self.budget - self.spent - (time.monotonic() - self.since)
+
+
+_ABANDONED: set[asyncio.Task] = set()  # strong references: asyncio keeps only weak ones
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    _ABANDONED.discard(task)
+    if not task.cancelled():
+        task.exception()  # read it: an abandoned run's end is not worth a "never retrieved" warning
+
+
+async def _guarded(watch: _Watch, start: Callable[[], Awaitable[Any]], done: Callable[[], None]) -> Any:
+    """Run a flow (`start()`) in a task of its own, with `watch` bounding Prefect's share of it.
+
+    Returns the flow's result, raises what our code raised, and raises `PrefectUnavailable` for
+    everything else the run ended with (or when Prefect's budget ran out - then the run is left
+    to end by itself, cancelled, without waiting for it). `done()` runs when the run has ended.
+    """
+    run = asyncio.ensure_future(start())  # copies the context: a subflow finds its parent run
+    run.add_done_callback(lambda _: done())
+    try:
+        while not run.done():
+            left = watch.left()
+            if left is not None and left <= 0:
+                watch.abandoned = True
+                run.cancel()
+                _ABANDONED.add(run)
+                run.add_done_callback(_retrieve)
+                raise PrefectUnavailable(f"no answer within prefect_timeout_s={watch.budget:g}s")
+            await asyncio.wait({run}, timeout=WATCH_POLL_S if left is None else min(left, WATCH_POLL_S * 4))
+    except asyncio.CancelledError:
+        # We are being cancelled (the consumer stops): so is the run; let our code inside it unwind.
+        if not run.done():
+            run.cancel()
+            if watch.depth:
+                await asyncio.wait({run}, timeout=watch.budget)
+            if not run.done():
+                _ABANDONED.add(run)
+                run.add_done_callback(_retrieve)
+        raise
+    exc = None if run.cancelled() else run.exception()
+    if watch.error is not None:
+        raise watch.error  # ours, even when Prefect then failed to record it
+    if run.cancelled():
+        raise PrefectUnavailable("the flow run was cancelled by Prefect")
+    if exc is None:
+        return run.result()
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        raise exc
+    raise PrefectUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+# --- SIGTERM belongs to the application ---------------------------------------------------------
+_APP_OWNS_SIGTERM = contextvars.ContextVar("metavoice_app_owns_sigterm", default=False)
+# Prefect 3.x internals (prefect/utilities/engine); tests/test_prefect_outage.py fails without this.
+_prefect_capture_sigterm = getattr(_flow_engine, "capture_sigterm", None)
+
+
+@contextlib.contextmanager
+def _capture_sigterm() -> Iterator[None]:
+    """Prefect's `capture_sigterm`, except inside a consumer that handles SIGTERM itself.
+
+    Prefect installs, for every flow run, a handler raising `TerminationSignal` in whatever the main
+    thread runs at that moment (often the event loop itself): the consumer would die mid-batch
+    instead of draining, finalizing and committing. Its graceful stop is the better answer to a
+    SIGTERM, for the CLI as for a deployment's flow run (a worker's cancellation is a SIGTERM too).
+    """
+    if _APP_OWNS_SIGTERM.get():
+        yield
+        return
+    with _prefect_capture_sigterm():
+        yield
+
+
+if _prefect_capture_sigterm is not None:
+    _flow_engine.capture_sigterm = _capture_sigterm
+
+
+def _app_handles_sigterm() -> bool:
+    """Whether the application installed a SIGTERM handler of its own (asyncio's included)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    import prefect.utilities.engine
+
+    handler = signal.getsignal(signal.SIGTERM)
+    prefects = getattr(prefect.utilities.engine, "_prefect_sigterm_handler", None)
+    return handler not in (signal.SIG_DFL, signal.SIG_IGN, None, prefects)
+
+
+# --- the stages ------------------------------------------------------------------------------------
 class BatchContext:
     """Everything one batch needs that must not pass through Prefect's parameter serialization."""
 
     def __init__(self, batch: MicroBatch, s3: Any, models: Models, settings: Settings) -> None:
         self.batch, self.s3, self.models, self.settings = batch, s3, models, settings
         self.timer = StageTimer()
+        self.watch = _Watch(settings.prefect_timeout_s)
 
 
 _REGISTRY: dict[str, BatchContext] = {}
+_LIFETIMES: dict[str, tuple[_Watch, Callable[[], Awaitable[Any]]]] = {}
 _ids = itertools.count()
 
 
@@ -89,31 +392,34 @@ def _stage_run_name(stage: str):
 @task(name="download", task_run_name=_stage_run_name("download"), **_TASK)
 async def _download(ref: str):
     ctx = _REGISTRY[ref]
-    with ctx.timer.measure("download"):
+    with ctx.watch.ours(), ctx.timer.measure("download"):
         return await download_stage(ctx.s3, ctx.batch.items, ctx.settings)
 
 
 @task(name="decode", task_run_name=_stage_run_name("decode"), **_TASK)
 async def _decode(ref: str, downloaded):
     ctx = _REGISTRY[ref]
-    decoded = await ctx.models.on_cpu("decode", ctx.timer.timings, decode_stage, downloaded, ctx.settings)
-    return decoded, await ctx.models.on_cpu("decode", ctx.timer.timings, whisper_inputs, decoded)
+    with ctx.watch.ours():
+        decoded = await ctx.models.on_cpu("decode", ctx.timer.timings, decode_stage, downloaded, ctx.settings)
+        return decoded, await ctx.models.on_cpu("decode", ctx.timer.timings, whisper_inputs, decoded)
 
 
 @task(name="transcribe", task_run_name=_stage_run_name("transcribe"), **_TASK)
 async def _transcribe(ref: str, decoded, clips):
     ctx = _REGISTRY[ref]
-    return await ctx.models.on_device(
-        "transcribe", ctx.timer.timings, transcribe_stage, ctx.models, decoded, clips, priority=ctx.batch.seq
-    )
+    with ctx.watch.ours():
+        return await ctx.models.on_device(
+            "transcribe", ctx.timer.timings, transcribe_stage, ctx.models, decoded, clips, priority=ctx.batch.seq
+        )
 
 
 @task(name="tokenize", task_run_name=_stage_run_name("tokenize"), **_TASK)
 async def _tokenize(ref: str, decoded):
     ctx = _REGISTRY[ref]
-    return await ctx.models.on_device(
-        "tokenize", ctx.timer.timings, tokenize_stage, ctx.models, decoded, priority=ctx.batch.seq
-    )
+    with ctx.watch.ours():
+        return await ctx.models.on_device(
+            "tokenize", ctx.timer.timings, tokenize_stage, ctx.models, decoded, priority=ctx.batch.seq
+        )
 
 
 @flow(name="process-micro-batch", flow_run_name="{label}", validate_parameters=False, persist_result=False, log_prints=False)
@@ -123,24 +429,66 @@ async def process_micro_batch(ref: str, label: str) -> BatchOutcome:
     decoded, clips = await _decode(ref, downloaded)
     transcripts = await _transcribe(ref, decoded, clips)
     tokens = await _tokenize(ref, decoded)
-    outcome = assemble_stage(ctx.models, downloaded, decoded, transcripts, tokens)
-    outcome.timings = dict(ctx.timer.timings)
-    return outcome
+    with ctx.watch.ours():
+        outcome = assemble_stage(ctx.models, downloaded, decoded, transcripts, tokens)
+        outcome.timings = dict(ctx.timer.timings)
+        return ctx.watch.finish(outcome)
 
 
 @flow(name="metavoice-consumer", validate_parameters=False, persist_result=False)
-async def consumer_flow(run, group: str, topic: str) -> Any:
-    """Parent flow for a consumer's lifetime; `run` is the consumer's main coroutine function."""
-    return await run()
+async def consumer_lifetime(ref: str, group: str, topic: str) -> Any:
+    """Parent flow run for a consumer's lifetime; `group` and `topic` say which in the UI."""
+    watch, run = _LIFETIMES[ref]
+    with watch.ours():
+        return watch.finish(await run())
+
+
+async def consumer_flow(run: Callable[[], Awaitable[Any]], group: str, topic: str, timeout_s: float | None = None) -> Any:
+    """`run()` (the consumer's main coroutine) inside a `metavoice-consumer` flow run if Prefect
+    lets it start, else bare; the consumer's own exceptions propagate either way.
+
+    `timeout_s` bounds the time spent on Prefect before `run()` starts and after it returned
+    (default: `prefect_timeout_s` from the environment).
+    """
+    budget = timeout_s if timeout_s is not None else Settings().prefect_timeout_s
+    token = _APP_OWNS_SIGTERM.set(_app_handles_sigterm())
+    try:
+        await ORCHESTRATION.ensure_api()
+        watch = _Watch(budget)
+        ref = f"lifetime-{next(_ids)}"
+        _LIFETIMES[ref] = (watch, run)
+        try:
+            return await _guarded(watch, lambda: consumer_lifetime(ref, group, topic), done=lambda: _LIFETIMES.pop(ref, None))
+        except PrefectUnavailable as exc:
+            if watch.finished:  # the consumer ran to its end; only the run's end is not recorded
+                ORCHESTRATION.failed("the end of the consumer's flow run", exc, "the consumer's work is done and committed")
+                return watch.result
+            ORCHESTRATION.failed("the consumer's flow run", exc)
+            if watch.started:
+                raise  # Prefect interrupted the consumer itself (not a stop it asked for): nothing more is committed
+            watch.abandoned = True
+            return await run()
+    finally:
+        _APP_OWNS_SIGTERM.reset(token)
 
 
 async def process_batch(batch: MicroBatch, s3: Any, models: Models, settings: Settings) -> BatchOutcome:
     ctx = BatchContext(batch, s3, models, settings)
     if not settings.prefect_enabled:
         return await run_stages(ctx)
-    ref = f"{next(_ids)}"
-    _REGISTRY[ref] = ctx
-    try:
-        return await process_micro_batch(ref, batch.label)
-    finally:
-        del _REGISTRY[ref]
+    await ORCHESTRATION.ensure_api()
+    if ORCHESTRATION.use_prefect(settings.prefect_timeout_s):
+        ref = f"{next(_ids)}"
+        _REGISTRY[ref] = ctx
+        try:
+            outcome = await _guarded(ctx.watch, lambda: process_micro_batch(ref, batch.label),
+                                     done=lambda: _REGISTRY.pop(ref, None))
+        except PrefectUnavailable as exc:
+            ORCHESTRATION.failed(f"micro-batch {batch.label}", exc)
+            if ctx.watch.finished:
+                return ctx.watch.result  # the stages ran; only the end of the run is not recorded
+        else:
+            ORCHESTRATION.succeeded()
+            return outcome
+    ORCHESTRATION.bare_batches += 1
+    return await run_stages(BatchContext(batch, s3, models, settings))
