@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from pipeline.batch import BatchOutcome
 from pipeline.config import Settings
 from pipeline.errors import FatalError, OutputWriteFailed
+from pipeline.faults import adelay_point
 from pipeline.flows import consumer_flow, process_batch
 from pipeline.ledger import OutputLedger, publish_summary
 from pipeline.manifest import check_manifest
@@ -39,7 +40,8 @@ from pipeline.storage import s3_client
 from .batcher import Batcher, PendingBatch
 from .committer import CommitStats, OutputCommitter
 from .dead_letters import DeadLetterWriter
-from .positions import lagging_commit, resume_offset
+from .topics import ensure_dead_letter_topic
+from .positions import FetchGate, StartPlan, offset_from_time_lookup, plan_starts
 from .metrics import Operations, realtime_factor
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ BROKER_WAIT_SECONDS = 300
 # timeout, which aiokafka takes from max_poll_interval_ms.
 MAX_POLL_INTERVAL_MS = 600_000
 REVOKE_BUDGET_SECONDS = 240
+# --exit-when-idle counts from the first assignment; a consumer that gets none (more consumers
+# than partitions) still exits this long after its idle time.
+JOIN_GRACE_SECONDS = 60
 
 
 @dataclass
@@ -74,18 +79,24 @@ class Rebalancer(ConsumerRebalanceListener):
         self.app = app
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.app._rebalancing = True
         try:
             await self.app.on_revoked(set(revoked))
         except Exception as exc:
             self.app.fail(exc)
             raise
+        finally:
+            self.app._rebalancing = False
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.app._rebalancing = True
         try:
             await self.app.on_assigned(set(assigned))
         except Exception as exc:
             self.app.fail(exc)
             raise
+        finally:
+            self.app._rebalancing = False
 
 
 class StreamConsumer:
@@ -102,11 +113,12 @@ class StreamConsumer:
         self._drained.set()
         self._fetch_lock = asyncio.Lock()
         self._first_assignment = True
+        self._rewind_points: dict[TopicPartition, int | None] = {}  # see _plan_starts
+        self._rebalancing = False  # a listener callback is running
         self._last_record_at = time.monotonic()
-        self._commit_loop_done = False
-        # Per assigned partition, the next offset the batcher may accept (see _accept); set by
-        # on_assigned, cleared by on_revoked. A partition without an entry accepts nothing.
-        self._next_offsets: dict[TopicPartition, int] = {}
+        # Which fetched records are new work (consumer/positions.py): set by on_assigned, cleared by
+        # on_revoked; a partition it does not know accepts nothing.
+        self.gate: FetchGate[TopicPartition] = FetchGate()
         self._failure: BaseException | None = None  # a rebalance-listener failure (see Rebalancer)
         self.consumer: AIOKafkaConsumer | None = None
         self.committer: OutputCommitter | None = None
@@ -142,6 +154,7 @@ class StreamConsumer:
             dlq_producer = AIOKafkaProducer(**st.kafka_client_kwargs(), acks="all")
             await _start_when_broker_is_up(dlq_producer.start, st)
             stack.push_async_callback(dlq_producer.stop)
+            await ensure_dead_letter_topic(st)  # before the first record: a dead letter must have a home
             consumer = AIOKafkaConsumer(
                 **st.kafka_client_kwargs(),
                 group_id=st.group,
@@ -163,7 +176,7 @@ class StreamConsumer:
             self.operations.broker_up = True
             try:
                 if st.prefect_enabled:
-                    await consumer_flow(lambda: self._run_stages(s3), st.group, st.topic)
+                    await consumer_flow(lambda: self._run_stages(s3), st.group, st.topic, timeout_s=st.prefect_timeout_s)
                 else:
                     await self._run_stages(s3)
             except BaseException:
@@ -235,12 +248,17 @@ class StreamConsumer:
         while not self.stop_event.is_set():
             wait = batcher.seconds_until_due()
             timeout_ms = int(1000 * min(0.2 if wait is None else wait, 0.2))
+            fetched_in = self.gate.generation  # an assignment change meanwhile voids this fetch
             records = await consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=self.settings.batch_max_events)
             self._raise_if_failed()
             async with self._fetch_lock:
+                if self.gate.stale(fetched_in):  # fetched across an assignment change: fetch again
+                    for tp, offset in self.gate.resume_points(records).items():
+                        consumer.seek(tp, offset)
+                    records = {}
                 for tp_records in records.values():
                     for rec in tp_records:
-                        if not self._accept(rec):
+                        if not self.gate.accept(TopicPartition(rec.topic, rec.partition), rec.offset, rec.timestamp):
                             continue
                         batcher.add(rec)
                         self.stats.records += 1
@@ -253,22 +271,6 @@ class StreamConsumer:
         async with self._fetch_lock:
             await self._enqueue(batcher.take())
         await self._batch_queue.put(None)
-
-    def _accept(self, rec: Any) -> bool:
-        """Whether a fetched record is new work; call with the fetch lock held.
-
-        aiokafka hands out records as soon as a new assignment exists - fetched from the committed
-        offset, before on_assigned has positioned the partition past what the files hold - and
-        the seek then delivers them again. Records from before a revoke may still be in hand
-        after it. So each partition accepts offsets only from where on_assigned put it, each
-        offset once; the rest were or will be fetched again from the right position.
-        """
-        tp = TopicPartition(rec.topic, rec.partition)
-        nxt = self._next_offsets.get(tp)
-        if nxt is None or rec.offset < nxt:
-            return False
-        self._next_offsets[tp] = rec.offset + 1
-        return True
 
     async def _enqueue(self, batch: PendingBatch | None) -> None:
         if batch is None or batch.records == 0:
@@ -324,7 +326,6 @@ class StreamConsumer:
                 if self._pending == 0:
                     self._drained.set()
         finally:
-            self._commit_loop_done = True
             self._drained.set()
 
     async def _idle_watch(self) -> None:
@@ -334,6 +335,10 @@ class StreamConsumer:
         while True:
             await asyncio.sleep(min(0.25, idle / 4))
             quiet = time.monotonic() - self._last_record_at
+            # Not idle while partitions are being positioned, nor before the first assignment (a
+            # group join can take a while) unless none came within JOIN_GRACE_SECONDS.
+            if self._rebalancing or (self._first_assignment and quiet < idle + JOIN_GRACE_SECONDS):
+                continue
             if quiet >= idle and self._pending == 0 and self.batcher is not None and self.batcher.seconds_until_due() is None:
                 self.request_stop(f"idle for {idle:g}s")
                 return
@@ -344,13 +349,14 @@ class StreamConsumer:
             return
         log.info("partitions revoked: %s; draining", _fmt(revoked))
         async with self._fetch_lock:
-            for tp in revoked:  # records in hand for these are stale: the next owner reads them again
-                self._next_offsets.pop(tp, None)
+            self.gate.revoke(revoked)  # records in hand for these are stale: the next owner reads them again
             self.batcher.discard(revoked)  # fetched, never processed: the next owner reads them again
             try:
                 await asyncio.wait_for(self._drained.wait(), timeout=REVOKE_BUDGET_SECONDS)
             except TimeoutError:
                 raise FatalError(f"could not drain in-flight batches within {REVOKE_BUDGET_SECONDS}s of a revoke") from None
+            # waits for a finalize already under way (the roll timer's), so its rename and commit
+            # happen before the partitions go to their next owner
             await self.committer.finalize_and_commit()
             self.committer.forget(revoked)
 
@@ -358,62 +364,53 @@ class StreamConsumer:
         consumer = self.consumer
         assert consumer is not None
         async with self._fetch_lock:
+            await adelay_point("on_assigned")  # tests: records fetched meanwhile must not win over the plan
             # other consumers may have finalized files meanwhile, or died leaving in-progress ones
             await asyncio.to_thread(discard_orphaned_inprogress, self.settings.output_dir)
             await asyncio.to_thread(self.ledger.refresh)
             first, self._first_assignment = self._first_assignment, False
-            positions, lagging = await self._start_positions(assigned, first)
+            plan = await self._plan_starts(assigned, first)
             self._last_record_at = time.monotonic()  # --exit-when-idle counts from the assignment, not the join
-            for tp, offset in positions.items():
+            for tp, offset in plan.seek.items():
                 consumer.seek(tp, offset)
-            # A partition neither the broker nor the files know starts at its earliest record:
-            # every offset is new there.
-            self._next_offsets.update({tp: positions.get(tp, 0) for tp in assigned})
-            log.info("partitions assigned: %s; positions %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in positions.items()})
-            if lagging and self.committer is not None:
-                log.info("committing offsets the files hold but the broker lacks: %s", {f"{tp.partition}": o for tp, o in lagging.items()})
-                await self.committer.commit_recovered(lagging)
+            if plan.to_end:
+                await consumer.seek_to_end(*plan.to_end)
+            if plan.to_beginning:
+                # auto_offset_reset's "earliest", made explicit: every offset there is new
+                await consumer.seek_to_beginning(*plan.to_beginning)
+            starts = dict(plan.seek)
+            for tp in (*plan.to_end, *plan.to_beginning):
+                starts[tp] = await consumer.position(tp)  # the offset that end/beginning resolved to
+            not_before = {}
+            if plan.to_end:
+                not_before = {tp: int(self.settings.from_timestamp_utc().timestamp() * 1000) for tp in plan.to_end}  # type: ignore[union-attr]
+            self.gate.assign(starts, not_before)
+            log.info("partitions assigned: %s; starting at %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in sorted(starts.items())})
+            if plan.lagging and self.committer is not None:
+                log.info("committing offsets the files hold but the broker lacks: %s",
+                         {f"{tp.partition}": o for tp, o in plan.lagging.items()})
+                await self.committer.commit_recovered(plan.lagging)
 
-    async def _start_positions(
-        self, assigned: set[TopicPartition], first: bool
-    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
-        """Where each partition resumes (never before what the output files already hold), and
-        the offsets to commit because the files are ahead of the broker (see consumer/positions.py)."""
+    async def _plan_starts(self, assigned: set[TopicPartition], first: bool) -> StartPlan[TopicPartition]:
+        """Ask the broker and the files, then decide (consumer/positions.py).
+
+        A rewind (--from-beginning / --from-timestamp) is resolved for the partitions of the first
+        assignment and kept for them: a second rebalance before anything was committed (a slow
+        group join, another member arriving) must not fall back to the group's old offsets.
+        """
         consumer, st = self.consumer, self.settings
         assert consumer is not None
-        rewind: dict[TopicPartition, int | None] = {}
         if first and st.from_timestamp:
-            from datetime import datetime
-
-            ts = int(datetime.fromisoformat(st.from_timestamp.replace("Z", "+00:00")).timestamp() * 1000)
+            ts = int(st.from_timestamp_utc().timestamp() * 1000)  # type: ignore[union-attr]
             found = await consumer.offsets_for_times({tp: ts for tp in assigned})
-            rewind = {tp: (o.offset if o is not None else None) for tp, o in found.items()}
+            self._rewind_points = {tp: offset_from_time_lookup(found.get(tp)) for tp in assigned}
         elif first and st.from_beginning:
-            begins = await consumer.beginning_offsets(list(assigned))
-            rewind = dict(begins)
-        positions: dict[TopicPartition, int] = {}
-        lagging: dict[TopicPartition, int] = {}
-        for tp in assigned:
-            from_files = self.ledger.next_offset(tp.topic, tp.partition)
-            committed = await consumer.committed(tp)
-            behind = lagging_commit(committed, from_files)
-            if behind is not None:
-                lagging[tp] = behind
-            if tp in rewind and rewind[tp] is None:  # no event at or after the timestamp: start at the end
-                continue
-            start = resume_offset(committed, from_files, rewind.get(tp))
-            if start is not None:
-                positions[tp] = start
-        if first and st.from_timestamp:
-            for tp in assigned:
-                if tp not in positions and rewind.get(tp, 0) is None:
-                    await consumer.seek_to_end(tp)
-        # Neither the broker nor the files know these: auto_offset_reset's "earliest", made explicit
-        # so that records handed out before this callback (dropped by _accept) are fetched again.
-        fresh = [tp for tp in assigned if tp not in positions and not (tp in rewind and rewind[tp] is None)]
-        if fresh:
-            await consumer.seek_to_beginning(*fresh)
-        return positions, lagging
+            self._rewind_points = dict(await consumer.beginning_offsets(list(assigned)))
+        # Progress made since the rewind is in the files, and a start never goes before them.
+        rewind = {tp: self._rewind_points[tp] for tp in assigned & self._rewind_points.keys()} or None
+        committed = {tp: await consumer.committed(tp) for tp in assigned}
+        from_files = {tp: self.ledger.next_offset(tp.topic, tp.partition) for tp in assigned}
+        return plan_starts(assigned, committed, from_files, rewind)
 
     # --- reporting ---------------------------------------------------------------------------
     def _copy_stats(self) -> None:

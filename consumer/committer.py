@@ -10,7 +10,11 @@ runs its steps in this order, each failure typed:
     3. bring summary.json up to date (atomic replace)                           OutputWriteFailed
     4. commit the offsets the file covers                                        (logged: the file
                                                                                   already proves them)
-A failure before step 4 never commits: a restart resumes from the files.
+A failure before step 4 never commits: a restart resumes from the files. One finalize runs at a
+time (`_finalizing`): a revoke that arrives while the roll timer's finalize is renaming waits for
+its commit, so the partitions reach their next owner with the files and the broker up to date.
+Step 1 refuses a file whose offsets another consumer's finalized file already holds (`Fenced`):
+a consumer that lost its partitions never finalizes or commits rows for them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class CommitStats:
     dead_letters: int = 0
     skipped: int = 0
     duplicates: int = 0
+    superseded: int = 0
     files: int = 0
     commits: int = 0
     audio_seconds: float = 0.0
@@ -68,13 +73,14 @@ class OutputCommitter:
         self._open_record_ms: list[int] = []
         self._committed_check: dict[TopicPartition, int] = {}
         self._aborted = False
+        self._finalizing = asyncio.Lock()
 
     async def apply(self, batch: PendingBatch, outcome: BatchOutcome) -> None:
         self._refuse_after_abort()
         rows, dups = self._drop_written(outcome)
         failures: list[Failure] = batch.early_failures + outcome.failures
         await self.dead_letters.send(failures)
-        agg = Aggregates(skipped=batch.skipped, duplicates=batch.duplicates + dups)
+        agg = Aggregates(skipped=batch.skipped, duplicates=batch.duplicates + dups, superseded=len(outcome.superseded))
         for r in rows:
             agg.add_row(r)
         for f in failures:
@@ -93,6 +99,7 @@ class OutputCommitter:
         self.stats.dead_letters += len(failures)
         self.stats.skipped += batch.skipped
         self.stats.duplicates += batch.duplicates + dups
+        self.stats.superseded += len(outcome.superseded)
         self.stats.audio_seconds += outcome.audio_seconds
         if self.writer.due_to_roll():
             await self.finalize_and_commit()
@@ -112,11 +119,18 @@ class OutputCommitter:
         return rows, dups
 
     async def finalize_and_commit(self) -> None:
+        if self._finalizing.locked():
+            log.info("waiting for the finalize in flight (its rename and commit) first")
+        async with self._finalizing:
+            await self._finalize_and_commit()
+
+    async def _finalize_and_commit(self) -> None:
         if not self.writer.has_open_file:
             return
-        # 1. finalize: footer, fsync, rename, fsync dir
+        self._refuse_after_abort()
+        # 1. finalize: footer, fsync, fencing check + rename under the output lock, fsync dir
         crash_point("before_finalize")
-        finalized = await asyncio.to_thread(self.writer.finalize)
+        finalized = await asyncio.to_thread(self.writer.finalize, self._fence)
         if finalized is None:
             return
         crash_point("after_rename")
@@ -135,6 +149,11 @@ class OutputCommitter:
         # 4. commit
         await self.commit()
         crash_point("after_commit")
+
+    def _fence(self, offsets: list[OffsetRange]) -> list[str]:
+        """Runs in the writer's thread under the output lock: files finalized by others meanwhile."""
+        self.ledger.refresh()
+        return self.ledger.overlapping(offsets)
 
     async def commit(self) -> None:
         self._refuse_after_abort()

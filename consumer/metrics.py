@@ -97,6 +97,7 @@ class _Seen:
     rows: int = 0
     skipped: int = 0
     duplicates: int = 0
+    superseded: int = 0
     files: int = 0
     commits: int = 0
     audio_seconds: float = 0.0
@@ -118,6 +119,8 @@ class ConsumerMetrics:
         self.rows = Counter("rows_written", "rows appended to Parquet (durable once their file is finalized)", **kw)
         self.skipped = Counter("events_skipped", "events that are not object creations (deletes, test events)", **kw)
         self.duplicates = Counter("events_duplicate", "object versions already in the output: dropped", **kw)
+        self.superseded = Counter("events_superseded", "events whose object was overwritten before it was read "
+                                  "(the newer version's own event makes its row): no row, no dead letter", **kw)
         self.dead_letters = Counter("events_dead_lettered", "inputs sent to the dead-letter topic, by error type",
                                     ["error_type"], **kw)
         self.audio_seconds = Counter("audio_seconds", "seconds of audio in the rows written", **kw)
@@ -157,6 +160,7 @@ class ConsumerMetrics:
         """Bring the counters up to the committer's running totals (only ever forward)."""
         seen = self._seen
         for counter, name in ((self.rows, "rows"), (self.skipped, "skipped"), (self.duplicates, "duplicates"),
+                              (self.superseded, "superseded"),
                               (self.files, "files"), (self.commits, "commits"), (self.audio_seconds, "audio_seconds")):
             now, before = getattr(stats, name), getattr(seen, name)
             if now > before:
@@ -204,6 +208,35 @@ class DeviceMemoryCollector:
             except Exception as exc:  # a scrape must not fail because the driver hiccuped
                 log.debug("cuda memory query failed: %s", exc)
         yield g
+
+
+class PrefectCollector:
+    """Prefect's availability as pipeline/flows.py's `ORCHESTRATION` keeps it (process-wide):
+
+    metavoice_prefect_unavailable_total   flow runs Prefect failed (unreachable, errors, over prefect_timeout_s)
+    metavoice_prefect_bare_batches_total  micro-batches whose stages ran without a run record because of that
+    metavoice_prefect_degraded            1 while batches run without Prefect, until a run goes through again
+    """
+
+    def describe(self) -> Iterator[Any]:
+        return self._families(None)
+
+    def collect(self) -> Iterator[Any]:
+        from pipeline.flows import ORCHESTRATION  # read at scrape time
+
+        return self._families(ORCHESTRATION)
+
+    @staticmethod
+    def _families(o: Any) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily(f"{NAMESPACE}_prefect_unavailable", "flow runs Prefect failed (unreachable, error "
+                                  "answers, over prefect_timeout_s); their batches ran without it",
+                                  value=o.failures if o else None)
+        yield CounterMetricFamily(f"{NAMESPACE}_prefect_bare_batches", "micro-batches whose stages ran without a "
+                                  "Prefect run record because Prefect was unavailable", value=o.bare_batches if o else None)
+        yield GaugeMetricFamily(f"{NAMESPACE}_prefect_degraded", "1 while micro-batches run without Prefect (its API "
+                                "failed; probed with backoff), else 0", value=float(o.degraded) if o else None)
 
 
 def process_rss_bytes() -> int:
@@ -327,6 +360,7 @@ class Operations:
         self.metrics = ConsumerMetrics(st.group, st.topic)
         self.metrics.in_flight.set_function(lambda: max(0, app._pending))
         self.metrics.registry.register(DeviceMemoryCollector(self._on_cuda))
+        self.metrics.registry.register(PrefectCollector())
         self.readiness = Readiness({"broker": self._broker_ready, "s3": self._s3_ready, "models": self._models_ready})
         self.server: OperationsServer | None = None
         stream = status_stream if status_stream is not None else sys.stderr

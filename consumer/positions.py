@@ -1,12 +1,20 @@
-"""Where a partition resumes after an assignment: pure functions, so the rule can be tested alone.
+"""Where a partition resumes, and which fetched records are new work: pure, so the rules can be
+tested alone (tests/test_offset_recovery_property.py drives these same objects).
 
 Two sources say how far a partition has been handled: the group's committed offset (the
 broker) and the finalized files' footers (`OutputLedger.next_offset`). A crash between a
 file's rename and its commit leaves the broker behind the files; the files are the proof, so
 a partition resumes at the later of the two and never re-processes what a file already holds.
+A rewind (--from-beginning / --from-timestamp) replaces the committed offset on the first
+assignment, and still never goes back before what the files hold.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, Hashable, TypeVar
+
+TP = TypeVar("TP", bound=Hashable)
 
 
 def resume_offset(committed: int | None, from_files: int | None, rewind: int | None = None) -> int | None:
@@ -29,3 +37,111 @@ def lagging_commit(committed: int | None, from_files: int | None) -> int | None:
     if from_files is not None and (committed is None or committed < from_files):
         return from_files
     return None
+
+
+def offset_from_time_lookup(found: object | None) -> int | None:
+    """An `offsets_for_times` answer as "first offset at/after the time", or None for "no record".
+
+    Apache Kafka answers (-1, -1) for a partition with no record at or after the time (aiokafka:
+    None); the embedded broker (Tansu) answers offset 0 with timestamp -1. Both mean "none":
+    such a partition starts at its end, never at its beginning.
+    """
+    if found is None or getattr(found, "timestamp", 0) == -1 or getattr(found, "offset", -1) < 0:
+        return None
+    return int(found.offset)  # type: ignore[attr-defined]
+
+
+@dataclass
+class StartPlan(Generic[TP]):
+    """What on_assigned does for each partition; every assigned partition is in exactly one of
+    `seek`, `to_end`, `to_beginning`."""
+
+    seek: dict[TP, int] = field(default_factory=dict)  # resume here
+    to_end: list[TP] = field(default_factory=list)  # a time rewind found no record at/after the time
+    to_beginning: list[TP] = field(default_factory=list)  # neither the broker nor the files know it
+    lagging: dict[TP, int] = field(default_factory=dict)  # commit these: the files are ahead of the broker
+
+
+def plan_starts(
+    assigned: set[TP],
+    committed: dict[TP, int | None],
+    from_files: dict[TP, int | None],
+    rewind: dict[TP, int | None] | None,
+) -> StartPlan[TP]:
+    """The three-way decision for each assigned partition.
+
+    `rewind` is None without a rewind; otherwise it maps each partition to its rewind point, or
+    to None when a time rewind found no record at/after the time (that partition starts at its end).
+    """
+    plan: StartPlan[TP] = StartPlan()
+    for tp in assigned:
+        behind = lagging_commit(committed.get(tp), from_files.get(tp))
+        if behind is not None:
+            plan.lagging[tp] = behind
+        if rewind is not None and tp in rewind and rewind[tp] is None:
+            plan.to_end.append(tp)
+            continue
+        start = resume_offset(committed.get(tp), from_files.get(tp), rewind.get(tp) if rewind else None)
+        if start is None:
+            plan.to_beginning.append(tp)
+        else:
+            plan.seek[tp] = start
+    return plan
+
+
+class FetchGate(Generic[TP]):
+    """Which fetched records are new work.
+
+    aiokafka hands out records as soon as an assignment exists - fetched from the committed
+    offset, before on_assigned has positioned the partition (past what the files hold, or back
+    to a rewind point) - and a getmany that was waiting across a rebalance returns records
+    fetched before the seek. Records from before a revoke may still be in hand after it. Rules:
+
+    - every assignment change bumps `generation`; a fetch that started in an older generation
+      is `stale`: dropped whole, and its partitions sought back to `resume_points` (the fetch
+      moved their positions), so a rewind point always wins over records fetched before it;
+    - each partition accepts offsets only from where the assignment put it, each offset once;
+    - a partition a time rewind starts "at its end" (no record at/after the time) also refuses
+      records older than the time until the first newer one: a broker whose end offset is too
+      early (Tansu's ListOffsets "latest" can be) must not replay the partition's past.
+    """
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._next: dict[TP, int] = {}
+        self._not_before: dict[TP, int] = {}  # ms timestamps
+
+    def assign(self, starts: dict[TP, int], not_before: dict[TP, int] | None = None) -> None:
+        """`starts`: the exact first offset of each newly assigned partition; `not_before`: the
+        rewind time (ms) of those a time rewind started at their end."""
+        self._next.update(starts)
+        self._not_before.update(not_before or {})
+        self.generation += 1
+
+    def revoke(self, partitions: set[TP]) -> None:
+        for tp in partitions:
+            self._next.pop(tp, None)
+            self._not_before.pop(tp, None)
+        self.generation += 1
+
+    def stale(self, fetched_in: int) -> bool:
+        return fetched_in != self.generation
+
+    def resume_points(self, partitions) -> dict[TP, int]:
+        """Where the still-assigned ones of `partitions` must be fetched from again."""
+        return {tp: self._next[tp] for tp in partitions if tp in self._next}
+
+    def accept(self, tp: TP, offset: int, timestamp_ms: int | None = None) -> bool:
+        nxt = self._next.get(tp)
+        if nxt is None or offset < nxt:
+            return False
+        floor = self._not_before.get(tp)
+        if floor is not None:
+            if timestamp_ms is not None and timestamp_ms < floor:
+                return False
+            del self._not_before[tp]
+        self._next[tp] = offset + 1
+        return True
+
+    def next_offset(self, tp: TP) -> int | None:
+        return self._next.get(tp)

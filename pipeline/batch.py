@@ -15,9 +15,9 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from .audio import WHISPER_SAMPLE_RATE, DecodedAudio, check_duration, decode_audio
+from .audio import WHISPER_SAMPLE_RATE, AudioLayout, DecodedAudio, decode_audio
 from .config import Settings
-from .errors import PermanentError, TokenizationFailed
+from .errors import PermanentError, Superseded, TokenizationFailed
 from .events import ObjectEvent
 from .faults import crash_point
 from .models import Models
@@ -64,11 +64,12 @@ class Failure:
 
 @dataclass(slots=True)
 class Slot(Generic[T]):
-    """One item's progress through the stages: a value, or the error that stopped it."""
+    """One item's progress through the stages: a value, or what stopped it (a `PermanentError`
+    dead-letters it; `Superseded` only counts it)."""
 
     item: WorkItem
     value: T | None = None
-    error: PermanentError | None = None
+    error: PermanentError | Superseded | None = None
 
     @property
     def ok(self) -> bool:
@@ -85,6 +86,7 @@ class Downloaded:
 class BatchOutcome:
     rows: list[TranscribedAudio] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    superseded: list[WorkItem] = field(default_factory=list)  # overwritten before read: no row, no dead letter
     timings: dict[str, float] = field(default_factory=dict)
     audio_seconds: float = 0.0
 
@@ -94,29 +96,42 @@ async def download_stage(s3: Any, items: list[WorkItem], settings: Settings) -> 
     sem = asyncio.Semaphore(settings.download_concurrency)
 
     async def one(item: WorkItem) -> Slot[Downloaded]:
+        ev = item.event
         async with sem:
             crash_point("download")
             try:
                 data, etag = await download_object(
-                    s3, item.event.bucket, item.event.key, settings.max_object_bytes, settings.s3_retry_attempts
+                    s3, ev.bucket, ev.key, settings.max_object_bytes, settings.s3_retry_attempts,
+                    if_match=ev.etag, version_id=ev.version_id,
                 )
-            except PermanentError as exc:
+            except (PermanentError, Superseded) as exc:
                 return Slot(item, error=exc)
-        return Slot(item, Downloaded(data, item.event.etag or etag))
+        # the etag of the bytes read, never the event's claim: a row names the version it was made from
+        return Slot(item, Downloaded(data, etag or ev.etag or ""))
 
     return list(await asyncio.gather(*(one(i) for i in items)))
 
 
-def decode_stage(slots: list[Slot[Downloaded]], settings: Settings) -> list[Slot[DecodedAudio]]:
+def decode_stage(
+    slots: list[Slot[Downloaded]], settings: Settings, *, layouts: tuple[AudioLayout, ...] | None = None
+) -> list[Slot[DecodedAudio]]:
+    """Each object decoded in one streaming pass into Whisper's view and the tokenizer's (`layouts`;
+    default: what the configured tokenizer reads), refused outside the settings' duration range."""
+    from .audio import WHISPER_LAYOUT, DecodeSpec
+    from .tokenizers import audio_layout
+
+    spec = DecodeSpec(
+        layouts=(WHISPER_LAYOUT, *(layouts if layouts is not None else (audio_layout(settings),))),
+        min_duration_sec=settings.min_duration_sec,
+        max_duration_sec=settings.max_duration_sec,
+    )
     out: list[Slot[DecodedAudio]] = []
     for s in slots:
         if not s.ok:
             out.append(Slot(s.item, error=s.error))
             continue
         try:
-            audio = decode_audio(s.value.data)  # type: ignore[union-attr]
-            check_duration(audio, settings.min_duration_sec, settings.max_duration_sec)
-            out.append(Slot(s.item, audio))
+            out.append(Slot(s.item, decode_audio(s.value.data, spec)))  # type: ignore[union-attr]
         except PermanentError as exc:
             out.append(Slot(s.item, error=exc))
     return out
@@ -182,6 +197,9 @@ def assemble_stage(
     now = datetime.now(timezone.utc)
     for d, a, t, k in zip(downloaded, decoded, transcripts, tokens):
         err = d.error or a.error or t.error or k.error
+        if isinstance(err, Superseded):
+            outcome.superseded.append(d.item)
+            continue
         if err is not None:
             outcome.failures.append(Failure(d.item, err))
             continue

@@ -9,6 +9,7 @@ roles) unless given here explicitly; secrets are `SecretStr` so they never print
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +92,9 @@ class Settings(BaseSettings):
 
     # --- orchestration and operations --------------------------------------------------
     prefect_enabled: bool = True
+    # The longest one flow run may wait on the Prefect API (creating, starting, finishing it; stage
+    # time does not count) before its micro-batch runs without a run record (see pipeline/flows.py).
+    prefect_timeout_s: float = Field(10.0, gt=0)
     pipeline_depth: int = Field(3, ge=1)  # micro-batches in flight at once
     metrics_port: int | None = None
     log_format: Literal["text", "json"] = "text"
@@ -100,6 +104,11 @@ class Settings(BaseSettings):
 
     # --- producers ---------------------------------------------------------------------
     webhook_max_body_bytes: int = Field(1024 * 1024, ge=1)  # larger bodies get 413
+    # An HMAC-signed request is refused when its X-Metavoice-Timestamp is further than this from
+    # the server's clock: a captured request cannot be replayed later.
+    webhook_signature_window_s: int = Field(300, ge=1, le=86_400)
+    # The whole body must arrive within this many seconds, else 408: a slow client cannot hold a handler.
+    webhook_body_timeout_s: float = Field(10.0, gt=0, le=600)
     # The webhook answers 503 when Kafka has not acknowledged a request's events by then.
     producer_publish_timeout_s: float = Field(15.0, gt=0)
     cf_api_token: SecretStr | None = None  # Cloudflare API token with Queues Edit (r2-queue)
@@ -113,7 +122,19 @@ class Settings(BaseSettings):
     def _derive_defaults(self) -> "Settings":
         if not self.dlq_topic:
             self.dlq_topic = f"{self.topic}.dlq"
+        if self.from_timestamp:
+            self.from_timestamp_utc()  # a bad time fails here, before anything connects
         return self
+
+    def from_timestamp_utc(self) -> datetime | None:
+        """`from_timestamp` as an aware UTC time (a time without a zone is taken as UTC)."""
+        if not self.from_timestamp:
+            return None
+        try:
+            t = datetime.fromisoformat(self.from_timestamp.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"from_timestamp must be an ISO-8601 time, got {self.from_timestamp!r}") from None
+        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
     def with_overrides(self, **overrides: Any) -> "Settings":
         """Apply CLI flags over env/defaults; `None` means "flag not given"."""

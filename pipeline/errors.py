@@ -1,6 +1,8 @@
 """Every failure the pipeline names, as one tree.
 
     PipelineError                      (root; `retriable` says whether trying again can help)
+    ├── Superseded                     not a failure: the object was overwritten before its event was
+    │                                  read (412 on GetObject IfMatch); that version's own event makes its row
     ├── PermanentError                 the input is bad: dead-letter it, never retry
     │   ├── MalformedEvent             message is not JSON or lacks required fields
     │   ├── ObjectMissing              NoSuchKey: the object is gone
@@ -9,12 +11,15 @@
     │   ├── NotAudio                   libsndfile cannot read it (also corrupt audio)
     │   ├── DurationOutOfRange         shorter than min or longer than max duration
     │   ├── TranscriptionFailed        Whisper failed on this one file
-    │   └── TokenizationFailed         the tokenizer failed on this one file
+    │   ├── TokenizationFailed         the tokenizer failed on this one file
+    │   └── CrashLoop                  the process died with it in flight max_attempts times in a row
     ├── TransientError                 the world is briefly unwell: retry with backoff
     │   └── StorageUnavailable         S3 timeouts, 5xx, throttling, connection refused
     └── FatalError                     the process cannot go on safely: stop without committing
         ├── OutputWriteFailed          a Parquet write/fsync/rename failed (disk full, read-only)
         ├── DeadLetterFailed           the DLQ could not be written: the offset must not commit
+        ├── Fenced                     another consumer finalized these offsets first (this one lost
+        │                              its partitions, e.g. paused past the session timeout)
         ├── ModelUnavailable           weights cannot be found or loaded (fails at start-up)
         └── OutputConfigMismatch       the output directory was built with other settings
 
@@ -30,6 +35,10 @@ class PipelineError(Exception):
     @property
     def error_type(self) -> str:
         return type(self).__name__
+
+
+class Superseded(PipelineError):
+    """The event's object version is no longer the stored one: no row, no dead letter (counted)."""
 
 
 class PermanentError(PipelineError):
@@ -68,6 +77,11 @@ class TokenizationFailed(PermanentError):
     pass
 
 
+class CrashLoop(PermanentError):
+    """The record killed the process (OOM kill, native crash) max_attempts times in a row, the
+    last ones alone: dead-lettered without processing it again (consumer/crash_guard.py)."""
+
+
 class TransientError(PipelineError):
     retriable = True
 
@@ -85,6 +99,10 @@ class OutputWriteFailed(FatalError):
 
 
 class DeadLetterFailed(FatalError):
+    pass
+
+
+class Fenced(FatalError):
     pass
 
 

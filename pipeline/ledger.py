@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from .parquet import FileFooter, finalized_files, read_footer
-from .summary import Aggregates, load_summary, summary_lock, write_summary
+from .parquet import FileFooter, OffsetRange, finalized_files, read_footer
+from .summary import Aggregates, load_summary, output_lock, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,18 @@ class OutputLedger:
         self.index = DedupeIndex()
         self._indexed: set[str] = set()
         self._next_offsets: dict[tuple[str, int], int] = {}
+        # every finalized file's [first, last] per partition: what fencing checks a new file against
+        self._spans: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
+        self._refreshing = threading.Lock()
 
     def refresh(self) -> int:
-        """Index finalized files not seen yet (written by us or by other consumers). Returns how many."""
-        new = [p for p in finalized_files(self.output_dir) if p.name not in self._indexed]
-        for p in new:
-            self._index_file(read_footer(p))
+        """Index finalized files not seen yet (written by us or by other consumers). Returns how many.
+
+        Thread-safe: an assignment and a finalize's fencing check may refresh at the same time."""
+        with self._refreshing:
+            new = [p for p in finalized_files(self.output_dir) if p.name not in self._indexed]
+            for p in new:
+                self._index_file(read_footer(p))
         if new:
             log.info("indexed %d finalized files (%d object versions)", len(new), len(self.index))
         return len(new)
@@ -84,8 +91,10 @@ class OutputLedger:
     def record_finalized(self, footer: FileFooter) -> None:
         """Our own file was finalized: learn its offsets without reading it back (its object
         versions entered the index when their rows were appended)."""
-        self._indexed.add(footer.path.name)
-        self._advance(footer)
+        with self._refreshing:
+            if footer.path.name not in self._indexed:  # a concurrent refresh may have read it already
+                self._indexed.add(footer.path.name)
+                self._advance(footer)
 
     def next_offset(self, topic: str, partition: int) -> int | None:
         """First offset of the partition not yet held by any finalized file."""
@@ -93,6 +102,17 @@ class OutputLedger:
 
     def already_written(self, bucket: str, key: str, etag: str) -> bool:
         return object_version_hash(bucket, key, etag) in self.index
+
+    def overlapping(self, ranges: list[OffsetRange]) -> list[str]:
+        """Finalized files (as known now) that already hold an offset of `ranges`: one is proof
+        that another consumer owned these offsets and finalized them first. Call `refresh` before,
+        under the output lock, to know every file."""
+        found = []
+        for r in ranges:
+            for first, last, name in self._spans.get((r.topic, r.partition), ()):
+                if first <= r.last and r.first <= last:
+                    found.append(f"{name} holds {r.topic}[{r.partition}] {first}-{last}")
+        return found
 
     def _index_file(self, footer: FileFooter) -> None:
         self._indexed.add(footer.path.name)
@@ -110,6 +130,7 @@ class OutputLedger:
         for r in footer.offsets:
             key = (r.topic, r.partition)
             self._next_offsets[key] = max(self._next_offsets.get(key, 0), r.last + 1)
+            self._spans.setdefault(key, []).append((r.first, r.last, footer.path.name))
 
 
 def publish_summary(output_dir: Path) -> dict:
@@ -118,7 +139,7 @@ def publish_summary(output_dir: Path) -> dict:
     Called after each finalize; also repairs a summary left behind by a crash between the
     rename and the summary write (or a missing/corrupt summary: rebuilt from footers).
     """
-    with summary_lock(output_dir):
+    with output_lock(output_dir):
         loaded = load_summary(output_dir)
         aggregates, included = loaded if loaded else (Aggregates(), set())
         on_disk = {p.name: p for p in finalized_files(output_dir)}
@@ -141,6 +162,7 @@ def rebuild_aggregates(output_dir: Path) -> tuple[Aggregates, list[str]]:
         agg.errors.update(footer.aggregates.errors)
         agg.skipped += footer.aggregates.skipped
         agg.duplicates += footer.aggregates.duplicates
+        agg.superseded += footer.aggregates.superseded
         if not footer.rows:
             continue
         t = pq.read_table(p, columns=["duration_sec", "sampling_rate", "language", "transcription", "tokens"])

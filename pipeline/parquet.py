@@ -5,7 +5,10 @@ micro-batch, and rolls on rows or age. Finalizing follows one order, each step a
 
     1. write the footer: rows + the source offset ranges and aggregates of the epoch
     2. close and fsync the file
-    3. rename `.inprogress` -> `.parquet`, fsync the directory
+    3. under the output directory's lock: the fencing check - no finalized file may already hold
+       any of its offsets (a consumer that lost its partitions while paused finds the new owner's
+       files there): if one does, the file is discarded and `Fenced` raised           Fenced
+    4. rename `.inprogress` -> `.parquet`, fsync the directory (still under the lock)
 
 Only then may the caller commit offsets. The footer's offset ranges are what crash recovery
 reads back: a finalized file is proof its events were handled, whatever the broker remembers.
@@ -21,14 +24,16 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OutputWriteFailed
+from .errors import Fenced, OutputWriteFailed
+from .faults import delay_point
 from .records import SCHEMA
-from .summary import Aggregates, fsync_dir
+from .summary import Aggregates, fsync_dir, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +120,6 @@ class RollingParquetWriter:
     def has_open_file(self) -> bool:
         return self._open is not None
 
-    @property
-    def open_rows(self) -> int:
-        return self._open.rows if self._open else 0
-
     def due_to_roll(self, now: float | None = None) -> bool:
         f = self._open
         if f is None:
@@ -133,10 +134,13 @@ class RollingParquetWriter:
         return max(0.0, self._open.opened_at + self.roll_max_seconds - now)
 
     # --- finalizing ------------------------------------------------------------------
-    def finalize(self) -> FileFooter | None:
+    def finalize(self, fence: Callable[[list[OffsetRange]], list[str]] | None = None) -> FileFooter | None:
+        """Steps 1-4. `fence(offsets)` names finalized files that already hold any of the offsets;
+        it runs under the output lock, right before the rename, so no other writer can slip in."""
         f, self._open = self._open, None
         if f is None:
             return None
+        delay_point("finalize")  # tests: a revoke arriving now must wait for the rename and the commit
         final = f.path.with_name(f.path.name.removesuffix(INPROGRESS_SUFFIX) + ".parquet")
         offsets = sorted(f.ranges.values(), key=lambda r: (r.topic, r.partition))
         try:
@@ -152,12 +156,30 @@ class RollingParquetWriter:
             f.writer.close()
             with open(f.path, "rb+") as fh:
                 os.fsync(fh.fileno())
-            # 3. rename + fsync directory
-            os.replace(f.path, final)
-            fsync_dir(final.parent)
         except OSError as exc:
             _discard(f.path)
             raise OutputWriteFailed(f"finalizing {final} failed: {exc}") from exc
+        with output_lock(self.data_dir.parent):
+            # 3. fencing
+            try:
+                conflicts = fence(offsets) if fence is not None else []
+            except OSError as exc:
+                _discard(f.path)
+                raise OutputWriteFailed(f"reading the finalized files before renaming {final.name} failed: {exc}") from exc
+            if conflicts:
+                _discard(f.path)
+                raise Fenced(
+                    f"another consumer already finalized offsets of {final.name} ({'; '.join(conflicts[:3])}): "
+                    "this consumer lost those partitions (paused past the session timeout?); its file is "
+                    "discarded and nothing is committed - restart it to resume from the files"
+                )
+            # 4. rename + fsync directory
+            try:
+                os.replace(f.path, final)
+                fsync_dir(final.parent)
+            except OSError as exc:
+                _discard(f.path)
+                raise OutputWriteFailed(f"finalizing {final} failed: {exc}") from exc
         log.info("finalized %s (%d rows)", final.name, f.rows)
         return FileFooter(final, f.rows, offsets, f.aggregates)
 
@@ -196,7 +218,7 @@ def _discard(path: Path) -> None:
 
 # --- reading back ---------------------------------------------------------------------
 def finalized_files(output_dir: Path) -> list[Path]:
-    return sorted((Path(output_dir) / DATA_DIR).glob("*.parquet"))
+    return sorted(p for p in (Path(output_dir) / DATA_DIR).glob("*.parquet") if p.is_file())
 
 
 def _hold_writer_lock(data_dir: Path, writer_id: str):

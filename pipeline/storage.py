@@ -27,7 +27,7 @@ from botocore.exceptions import (
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from .config import Settings
-from .errors import EmptyObject, ObjectMissing, ObjectTooLarge, PermanentError, StorageUnavailable
+from .errors import EmptyObject, ObjectMissing, ObjectTooLarge, PermanentError, StorageUnavailable, Superseded
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def classify_s3_error(exc: BaseException, bucket: str, key: str) -> Exception:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in _MISSING_CODES or status == 404:
             return ObjectMissing(f"{where} does not exist ({code or status})")
+        if code == "PreconditionFailed" or status == 412:
+            return Superseded(f"{where} was overwritten: the stored version is not the event's")
         if code in _TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
             return StorageUnavailable(f"{where}: {code or status}")
         return PermanentError(f"{where}: {code or status}: {err.get('Message', '')}")
@@ -77,8 +79,16 @@ def classify_s3_error(exc: BaseException, bucket: str, key: str) -> Exception:
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
-async def download_object(client: Any, bucket: str, key: str, max_bytes: int, attempts: int = 8) -> tuple[bytes, str]:
-    """Bytes and etag of one object; retries transient failures, raises typed permanent ones."""
+async def download_object(
+    client: Any, bucket: str, key: str, max_bytes: int, attempts: int = 8, *,
+    if_match: str | None = None, version_id: str | None = None,
+) -> tuple[bytes, str]:
+    """Bytes and etag of one object version; retries transient failures, raises typed permanent ones.
+
+    `version_id` (S3/MinIO with versioning) reads exactly that version. `if_match` (the event's
+    etag) makes S3 refuse other bytes: a key re-uploaded after the event raises `Superseded`,
+    never returns the newer bytes under the older version's name.
+    """
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(StorageUnavailable),
         wait=wait_exponential_jitter(multiplier=0.2, max=10),
@@ -89,21 +99,31 @@ async def download_object(client: Any, bucket: str, key: str, max_bytes: int, at
         ),
     ):
         with attempt:
-            return await _download_once(client, bucket, key, max_bytes)
+            return await _download_once(client, bucket, key, max_bytes, if_match, version_id)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _download_once(client: Any, bucket: str, key: str, max_bytes: int) -> tuple[bytes, str]:
+async def _download_once(
+    client: Any, bucket: str, key: str, max_bytes: int, if_match: str | None, version_id: str | None
+) -> tuple[bytes, str]:
+    request: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if if_match:
+        request["IfMatch"] = f'"{if_match}"'
+    if version_id:
+        request["VersionId"] = version_id
     try:
-        resp = await client.get_object(Bucket=bucket, Key=key)
+        resp = await client.get_object(**request)
         length = int(resp.get("ContentLength") or 0)
+        etag = str(resp.get("ETag", "")).strip('"')
+        if if_match and etag and etag != if_match:  # a store that ignores If-Match
+            resp["Body"].close()
+            raise Superseded(f"s3://{bucket}/{key} was overwritten: stored etag {etag}, the event's {if_match}")
         if length > max_bytes:
             resp["Body"].close()
             raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes, over the {max_bytes}-byte limit")
-        etag = str(resp.get("ETag", "")).strip('"')
         async with resp["Body"] as body:
             data = await body.read()
-    except (PermanentError, StorageUnavailable):
+    except (PermanentError, StorageUnavailable, Superseded):
         raise
     except Exception as exc:
         raise classify_s3_error(exc, bucket, key) from exc

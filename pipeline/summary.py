@@ -69,6 +69,7 @@ class Aggregates:
     errors: Counter = field(default_factory=Counter)
     skipped: int = 0
     duplicates: int = 0
+    superseded: int = 0  # events whose object was overwritten before it was read: no row, no dead letter
 
     def add_row(self, row: TranscribedAudio) -> None:
         self.files += 1
@@ -91,10 +92,7 @@ class Aggregates:
         self.errors.update(o.errors)
         self.skipped += o.skipped
         self.duplicates += o.duplicates
-
-    @property
-    def empty(self) -> bool:
-        return self.files == 0 and not self.errors and self.skipped == 0 and self.duplicates == 0
+        self.superseded += o.superseded
 
     # --- serialization (footer metadata and summary.json's "_state") ---------------------
     def to_state(self) -> dict[str, Any]:
@@ -108,6 +106,7 @@ class Aggregates:
             "errors": dict(self.errors),
             "skipped": self.skipped,
             "duplicates": self.duplicates,
+            "superseded": self.superseded,
         }
 
     @classmethod
@@ -122,6 +121,7 @@ class Aggregates:
             errors=Counter(s.get("errors", {})),
             skipped=int(s.get("skipped", 0)),
             duplicates=int(s.get("duplicates", 0)),
+            superseded=int(s.get("superseded", 0)),
         )
 
     def report(self, parquet_files: Iterable[str]) -> dict[str, Any]:
@@ -137,6 +137,7 @@ class Aggregates:
             "errors": {"total": sum(self.errors.values()), "by_type": dict(self.errors.most_common())},
             "skipped": self.skipped,
             "duplicates": self.duplicates,
+            "superseded": self.superseded,
             "parquet_files": len(names),
             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "_state": {"aggregates": self.to_state(), "files": names},
@@ -182,8 +183,9 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def summary_lock(output_dir: Path) -> Iterator[None]:
-    """Serialises summary updates between consumers sharing one directory (same host or NFS)."""
+def output_lock(output_dir: Path) -> Iterator[None]:
+    """The output directory's lock, between consumers sharing it (same host or NFS): summary
+    updates, and a finalize's fencing check + rename, happen under it. Not re-entrant."""
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / LOCK_NAME, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)

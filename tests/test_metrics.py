@@ -300,7 +300,7 @@ def offline(tmp_path, **overrides) -> Settings:
 def test_each_consumer_has_its_own_registry(tmp_path):
     a, b = StreamConsumer(offline(tmp_path)), StreamConsumer(offline(tmp_path, group="other"))
     assert a.operations.registry is not b.operations.registry
-    stats = SimpleNamespace(rows=3, skipped=0, duplicates=0, files=1, commits=1, audio_seconds=9.5,
+    stats = SimpleNamespace(rows=3, skipped=0, duplicates=0, superseded=0, files=1, commits=1, audio_seconds=9.5,
                             errors_by_type={"NotAudio": 2}, latencies=[1.5])
     a.operations.metrics.sync(stats)  # type: ignore[arg-type]
     a.operations.metrics.sync(stats)  # type: ignore[arg-type]  (idempotent: counters follow totals)

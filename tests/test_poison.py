@@ -64,7 +64,7 @@ class FailsOnOneClip(AudioTokenizer):
         self.name, self.codebooks, self.frame_rate, self.device = inner.name, inner.codebooks, inner.frame_rate, inner.device
 
     def encode_batch(self, clips: list[DecodedAudio]) -> list[np.ndarray]:
-        if any((c.samples.shape[0], c.sample_rate) == TOKENIZE_FAILS for c in clips):
+        if any((c.frames, c.sample_rate) == TOKENIZE_FAILS for c in clips):
             raise RuntimeError("codec kernel failed")
         return self.inner.encode_batch(clips)
 
@@ -140,9 +140,14 @@ def test_every_poison_input_is_dead_lettered_with_its_type_and_valid_files_still
     assert committed_offsets(st) == {p: (end or None) for p, end in ends.items()}
 
 
-def test_a_dead_letter_that_cannot_be_written_commits_nothing_after_it(s3, bucket, settings_factory, speech_corpus):
-    """A message too large to dead-letter (over the producer's 1 MiB request limit): the
+def test_a_dead_letter_that_cannot_be_written_commits_nothing_after_it(
+    s3, bucket, settings_factory, speech_corpus, monkeypatch
+):
+    """The broker refuses the dead letter of a malformed message (the DLQ is unwritable): the
     consumer stops with DeadLetterFailed, and the offsets from that message on stay uncommitted."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
+
     st = settings_factory(topic_partitions=1, batch_max_events=1, roll_max_rows=1, exit_when_idle=1.5)
     body = speech_corpus[0].path.read_bytes()
     before, after = (
@@ -150,7 +155,15 @@ def test_a_dead_letter_that_cannot_be_written_commits_nothing_after_it(s3, bucke
         for k in ("first.flac", "last.flac")
     )
     create_topics(st)
-    publish(st, [before, (b"huge", b"\x00garbage " * 150_000), after], max_request_size=4 << 20)
+    publish(st, [before, (b"bad", b"{not json"), after])
+    real_send = AIOKafkaProducer.send
+
+    async def send(self, topic, *args, **kwargs):
+        if topic == st.dlq_topic:
+            raise KafkaError("the broker refused the record")
+        return await real_send(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send", send)
     m = fake_models()
     try:
         with pytest.raises(BaseException) as caught:
