@@ -28,7 +28,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from pipeline.batch import BatchOutcome
 from pipeline.config import Settings
-from pipeline.errors import FatalError, OutputWriteFailed
+from pipeline.errors import EnvironmentFault, FatalError, OutputWriteFailed
 from pipeline.faults import adelay_point
 from pipeline.flows import consumer_flow, process_batch
 from pipeline.ledger import OutputLedger, publish_summary
@@ -38,8 +38,10 @@ from pipeline.parquet import RollingParquetWriter, discard_orphaned_inprogress, 
 from pipeline.storage import s3_client
 
 from .batcher import Batcher, PendingBatch
+from .crash_guard import CrashGuard
 from .committer import CommitStats, OutputCommitter
-from .dead_letters import DeadLetterWriter
+from .dead_letters import DeadLetterLimits, DeadLetterWriter
+from .environment import FaultWatch
 from .topics import ensure_dead_letter_topic
 from .positions import FetchGate, StartPlan, offset_from_time_lookup, plan_starts
 from .metrics import Operations, realtime_factor
@@ -124,8 +126,10 @@ class StreamConsumer:
         self.committer: OutputCommitter | None = None
         self.batcher: Batcher | None = None
         self.ledger = OutputLedger(settings.output_dir)
+        self.guard: CrashGuard | None = None
         self.on_batch_done: list[Any] = []  # observers (metrics, progress): fn(batch, outcome, stats)
         self.s3: Any = None
+        self.environment = FaultWatch(settings.fault_timeout_s)  # faults not about any object
         self.operations = Operations(self)  # metrics, /healthz, /readyz, status line
 
     # --- lifetime ------------------------------------------------------------------------
@@ -144,6 +148,8 @@ class StreamConsumer:
                 force=st.force,
             )
             discard_orphaned_inprogress(st.output_dir)
+            self.guard = CrashGuard(st.output_dir)
+            stack.callback(self.guard.abandon)  # a stop Python sees blames no record; only a hard death does
             await asyncio.to_thread(self.ledger.refresh)
             try:  # a crash between a rename and the summary write left summary.json behind the files
                 if finalized_files(st.output_dir):
@@ -151,7 +157,8 @@ class StreamConsumer:
             except OSError as exc:
                 raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
             s3 = self.s3 = await stack.enter_async_context(s3_client(st))
-            dlq_producer = AIOKafkaProducer(**st.kafka_client_kwargs(), acks="all")
+            dlq_producer = AIOKafkaProducer(**st.kafka_client_kwargs(), acks="all",
+                                            max_request_size=max(1 << 20, st.dlq_max_record_bytes + 4096))
             await _start_when_broker_is_up(dlq_producer.start, st)
             stack.push_async_callback(dlq_producer.stop)
             await ensure_dead_letter_topic(st)  # before the first record: a dead letter must have a home
@@ -168,8 +175,11 @@ class StreamConsumer:
             self.consumer = consumer
             writer = RollingParquetWriter(st.output_dir, st.roll_max_rows, st.roll_max_seconds)
             stack.callback(writer.close)
-            self.committer = OutputCommitter(consumer, writer, self.ledger, DeadLetterWriter(dlq_producer, st.dlq_topic))
-            self.batcher = Batcher(self.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms)
+            limits = DeadLetterLimits(max_record_bytes=st.dlq_max_record_bytes,
+                                      max_event_bytes=min(DeadLetterLimits().max_event_bytes, st.dlq_max_record_bytes // 4))
+            self.committer = OutputCommitter(consumer, writer, self.ledger, DeadLetterWriter(dlq_producer, st.dlq_topic, limits))
+            self.batcher = Batcher(self.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms,
+                                   allowed_buckets=st.allowed_bucket_set(), max_events_per_message=st.max_events_per_message)
             consumer.subscribe([st.topic], listener=Rebalancer(self))
             await _start_when_broker_is_up(consumer.start, st)
             stack.push_async_callback(consumer.stop)
@@ -252,15 +262,10 @@ class StreamConsumer:
             records = await consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=self.settings.batch_max_events)
             self._raise_if_failed()
             async with self._fetch_lock:
-                if self.gate.stale(fetched_in):  # fetched across an assignment change: fetch again
-                    for tp, offset in self.gate.resume_points(records).items():
-                        consumer.seek(tp, offset)
-                    records = {}
+                records = self._admit(fetched_in, records)
                 for tp_records in records.values():
                     for rec in tp_records:
-                        if not self.gate.accept(TopicPartition(rec.topic, rec.partition), rec.offset, rec.timestamp):
-                            continue
-                        batcher.add(rec)
+                        await self._batch_record(rec)
                         self.stats.records += 1
                         if batcher.full():
                             await self._enqueue(batcher.take())
@@ -271,6 +276,43 @@ class StreamConsumer:
         async with self._fetch_lock:
             await self._enqueue(batcher.take())
         await self._batch_queue.put(None)
+
+    def _admit(self, fetched_in: int, records: dict) -> dict:
+        """A getmany result, fetched in gate generation `fetched_in`, as new work (FetchGate).
+
+        Fetched across an assignment change: dropped whole, its partitions sought back to fetch
+        again. Otherwise each partition keeps the records the gate accepts. Call it under
+        `_fetch_lock`; tests/test_offset_recovery_property.py drives it with delayed fetches.
+        """
+        if self.gate.stale(fetched_in):
+            for tp, offset in self.gate.resume_points(records).items():
+                self.consumer.seek(tp, offset)  # type: ignore[union-attr]
+            return {}
+        return {
+            tp: [r for r in tp_records if self.gate.accept(TopicPartition(r.topic, r.partition), r.offset, r.timestamp)]
+            for tp, tp_records in records.items()
+        }
+
+    async def _batch_record(self, rec: Any) -> None:
+        """Into the open micro-batch - unless the crash-loop breaker (consumer/crash_guard.py) says
+        the record was in flight when a process died: then it runs alone, nothing else in flight,
+        or, having killed the process alone often enough, it becomes a `CrashLoop` dead letter."""
+        batcher, guard = self.batcher, self.guard
+        assert batcher is not None and guard is not None
+        verdict = guard.verdict(rec.topic, rec.partition, rec.offset)
+        if verdict == "ok":
+            batcher.add(rec)
+        elif verdict == "crash_loop":
+            log.error("%s[%d]@%d killed the process %d times: dead-lettered as CrashLoop, not tried again",
+                      rec.topic, rec.partition, rec.offset, guard.max_attempts)
+            batcher.add_failed(rec, guard.crash_loop_error(rec.topic, rec.partition, rec.offset))
+        else:
+            log.warning("%s[%d]@%d was in flight when a process died: processing it alone", rec.topic, rec.partition, rec.offset)
+            await self._enqueue(batcher.take())
+            await self._drained.wait()
+            batcher.add(rec)
+            await self._enqueue(batcher.take())
+            await self._drained.wait()
 
     async def _enqueue(self, batch: PendingBatch | None) -> None:
         if batch is None or batch.records == 0:
@@ -290,9 +332,26 @@ class StreamConsumer:
             await self._result_queue.put((batch, task))
 
     async def _process(self, batch: PendingBatch, s3: Any) -> BatchOutcome:
+        """The batch's stages; an EnvironmentFault is waited out (consumer/environment.py), never
+        turned into dead letters. A stop requested meanwhile ends the wait: nothing is committed."""
+        if not batch.items and not batch.early_failures:
+            return BatchOutcome()
+        # markers first: if this batch kills the process, the next start knows which records were in flight
+        await asyncio.to_thread(self.guard.begin, batch.seq, batch.in_flight())  # type: ignore[union-attr]
         if not batch.items:
             return BatchOutcome()
-        return await process_batch(batch.micro_batch(), s3, self.models, self.settings)  # type: ignore[arg-type]
+        while True:
+            try:
+                outcome = await process_batch(batch.micro_batch(), s3, self.models, self.settings)  # type: ignore[arg-type]
+            except EnvironmentFault as fault:
+                delay = self.environment.failed(fault)  # raises it past fault_timeout_s
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+                if self.stop_event.is_set():
+                    raise
+                continue
+            self.environment.recovered()
+            return outcome
 
     async def _commit_loop(self) -> None:
         committer = self.committer
@@ -315,6 +374,7 @@ class StreamConsumer:
                     self._inflight.release()
                 t_write = time.perf_counter()
                 await committer.apply(batch, outcome)
+                await asyncio.to_thread(self.guard.end, batch.seq)  # type: ignore[union-attr]
                 outcome.timings["write"] = time.perf_counter() - t_write
                 self.stats.batches += 1
                 for k, v in outcome.timings.items():
@@ -359,6 +419,7 @@ class StreamConsumer:
             # happen before the partitions go to their next owner
             await self.committer.finalize_and_commit()
             self.committer.forget(revoked)
+            self.guard.forget(revoked)  # type: ignore[union-attr]
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         consumer = self.consumer
@@ -385,6 +446,7 @@ class StreamConsumer:
             if plan.to_end:
                 not_before = {tp: int(self.settings.from_timestamp_utc().timestamp() * 1000) for tp in plan.to_end}  # type: ignore[union-attr]
             self.gate.assign(starts, not_before)
+            await asyncio.to_thread(self.guard.load, assigned, starts)  # type: ignore[union-attr]
             log.info("partitions assigned: %s; starting at %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in sorted(starts.items())})
             if plan.lagging and self.committer is not None:
                 log.info("committing offsets the files hold but the broker lacks: %s",

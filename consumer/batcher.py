@@ -2,7 +2,8 @@
 
 Every record is accounted for in the batch that holds its offset, whether it becomes work
 (an object to process), a skip (non-create action, S3 test event), a duplicate (that object
-version is already in the output) or an immediate failure (malformed message).
+version is already in the output) or an immediate failure (a malformed message, one with more
+than `max_events_per_message` events, an event for a bucket outside the allowed ones).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from pipeline.batch import Failure, MicroBatch, SourceRef, WorkItem
-from pipeline.errors import PermanentError
+from pipeline.errors import BucketNotAllowed, CrashLoop, MalformedEvent, PermanentError
 from pipeline.events import parse_event_payload
 from pipeline.ledger import OutputLedger
 
@@ -34,20 +35,64 @@ class PendingBatch:
     def micro_batch(self) -> MicroBatch:
         return MicroBatch(self.seq, self.items)
 
+    def in_flight(self) -> dict[tuple[str, int], list[int]]:
+        """Offsets whose processing could kill the process (the crash-loop breaker's markers)."""
+        out: dict[tuple[str, int], list[int]] = {}
+        for it in self.items:
+            out.setdefault((it.source.topic, it.source.partition), []).append(it.source.offset)
+        for f in self.early_failures:  # a CrashLoop verdict is cleared with the batch (crash_guard.begin)
+            if isinstance(f.error, CrashLoop):
+                out.setdefault((f.item.source.topic, f.item.source.partition), []).append(f.item.source.offset)
+        return out
+
     def partitions(self) -> set[TopicPartition]:
         return set(self.ranges)
 
 
 class Batcher:
-    def __init__(self, ledger: OutputLedger, max_events: int, max_bytes: int, linger_ms: int) -> None:
+    def __init__(
+        self, ledger: OutputLedger, max_events: int, max_bytes: int, linger_ms: int, *,
+        allowed_buckets: frozenset[str] | None = None, max_events_per_message: int = 1000,
+    ) -> None:
         self.ledger = ledger
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.linger = linger_ms / 1000.0
+        self.allowed_buckets = allowed_buckets  # None: any bucket
+        self.max_events_per_message = max_events_per_message
         self._seq = 0
         self._open: PendingBatch | None = None
 
     def add(self, record: ConsumerRecord) -> None:
+        b, source = self._account(record)
+        try:
+            events = parse_event_payload(record.value)
+            if len(events) > self.max_events_per_message:
+                raise MalformedEvent(f"the message holds {len(events)} events, over max_events_per_message="
+                                     f"{self.max_events_per_message}: split it at the sender")
+        except PermanentError as exc:
+            b.early_failures.append(Failure(WorkItem(_unknown_event(), source, record.value), exc))
+            return
+        if not events:
+            b.skipped += 1
+        for ev in events:
+            if not ev.is_create:
+                b.skipped += 1
+            elif self.allowed_buckets is not None and ev.bucket not in self.allowed_buckets:
+                b.early_failures.append(Failure(WorkItem(ev, source, record.value), BucketNotAllowed(
+                    f"bucket {ev.bucket!r} is not in METAVOICE_ALLOWED_BUCKETS; nothing was downloaded")))
+            elif ev.etag and self.ledger.already_written(ev.bucket, ev.key, ev.etag):
+                b.duplicates += 1
+            else:
+                b.items.append(WorkItem(ev, source, record.value))
+                b.bytes += ev.size or 0
+
+    def add_failed(self, record: ConsumerRecord, error: PermanentError) -> None:
+        """Account the record as a dead letter without parsing or processing it."""
+        b, source = self._account(record)
+        b.early_failures.append(Failure(WorkItem(_unknown_event(), source, record.value), error))
+
+    def _account(self, record: ConsumerRecord) -> tuple[PendingBatch, SourceRef]:
         b = self._open or self._new()
         tp = TopicPartition(record.topic, record.partition)
         span = b.ranges.get(tp)
@@ -57,22 +102,7 @@ class Batcher:
             span[1] = record.offset
         b.records += 1
         b.newest_record_ms = max(b.newest_record_ms, record.timestamp or 0)
-        source = SourceRef(record.topic, record.partition, record.offset)
-        try:
-            events = parse_event_payload(record.value)
-        except PermanentError as exc:
-            b.early_failures.append(Failure(WorkItem(_unknown_event(), source, record.value), exc))
-            return
-        if not events:
-            b.skipped += 1
-        for ev in events:
-            if not ev.is_create:
-                b.skipped += 1
-            elif ev.etag and self.ledger.already_written(ev.bucket, ev.key, ev.etag):
-                b.duplicates += 1
-            else:
-                b.items.append(WorkItem(ev, source, record.value))
-                b.bytes += ev.size or 0
+        return b, SourceRef(record.topic, record.partition, record.offset)
 
     def full(self) -> bool:
         b = self._open

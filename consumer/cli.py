@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roll-max-seconds", type=float)
     p.add_argument("--exit-when-idle", type=float, metavar="SECONDS", help="finish, commit and exit after this long without events")
     p.add_argument("--pipeline-depth", type=int, help="micro-batches in flight at once")
+    p.add_argument("--no-transcribe", dest="transcribe", action="store_false", default=None,
+                   help="load no Whisper: rows hold metadata and tokens, transcription is null (METAVOICE_TRANSCRIBE=false)")
     p.add_argument("--whisper-model", help="faster-whisper model name or converted directory")
     p.add_argument("--whisper-batch-size", type=int)
     p.add_argument("--whisper-window", choices=["fit", "full"], help="encoder window per chunk: fitted to it, or Whisper's 30 s")

@@ -103,6 +103,7 @@ class _Seen:
     audio_seconds: float = 0.0
     latencies: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
 
 
 class ConsumerMetrics:
@@ -139,6 +140,9 @@ class ConsumerMetrics:
         self.lag = Gauge("consumer_lag", "records the broker holds beyond this consumer's fetch position "
                          "(fetch highwater - position)", ["topic", "partition"], **kw)
         self.in_flight = Gauge("batches_in_flight", "micro-batches fetched but not yet applied", **kw)
+        self.environment_faults = Counter("environment_faults", "batch attempts stopped by a fault that is not about "
+                                          "any object (refused credentials, S3 down, a broken device), by kind",
+                                          ["kind"], **kw)
         for stage in STAGES:  # series exist from the start: rate() works on the first batch
             self.stage_seconds.labels(stage)
         self._seen = _Seen()
@@ -174,6 +178,13 @@ class ConsumerMetrics:
         for seconds in stats.latencies[seen.latencies:]:
             self.latency.observe(max(0.0, seconds))
         seen.latencies = len(stats.latencies)
+
+    def sync_faults(self, counts: dict[str, int]) -> None:
+        for kind, n in counts.items():
+            before = self._seen.faults.get(kind, 0)
+            if n > before:
+                self.environment_faults.labels(kind).inc(n - before)
+                self._seen.faults[kind] = n
 
     def set_lag(self, lags: dict[TopicPartition, int]) -> None:
         self.lag.clear()  # revoked partitions disappear rather than freeze at their last value
@@ -361,7 +372,8 @@ class Operations:
         self.metrics.in_flight.set_function(lambda: max(0, app._pending))
         self.metrics.registry.register(DeviceMemoryCollector(self._on_cuda))
         self.metrics.registry.register(PrefectCollector())
-        self.readiness = Readiness({"broker": self._broker_ready, "s3": self._s3_ready, "models": self._models_ready})
+        self.readiness = Readiness({"broker": self._broker_ready, "s3": self._s3_ready, "models": self._models_ready,
+                                    "environment": self._environment_ready})
         self.server: OperationsServer | None = None
         stream = status_stream if status_stream is not None else sys.stderr
         self.status = StatusLine(stream, enabled=_is_tty(stream) and st.log_format == "text")
@@ -395,6 +407,7 @@ class Operations:
         committer = self.app.committer
         if committer is not None:
             self.metrics.sync(committer.stats)
+        self.metrics.sync_faults(self.app.environment.counts)
 
     async def sample(self) -> None:
         consumer = self.app.consumer
@@ -430,6 +443,13 @@ class Operations:
                 log.log(level, "operations sample failed (the stream goes on): %s: %s", kind, exc)
 
     # --- readiness checks ------------------------------------------------------------------
+    async def _environment_ready(self) -> tuple[bool, str]:
+        watch = self.app.environment
+        if watch.current is None:
+            return True, "no fault"
+        lasted = time.monotonic() - (watch.since or time.monotonic())
+        return False, f"{type(watch.current).__name__} for {lasted:.0f}s: {watch.current}"
+
     async def _models_ready(self) -> tuple[bool, str]:
         m = self.app.models
         if m is None:

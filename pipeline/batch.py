@@ -15,14 +15,24 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from .audio import WHISPER_SAMPLE_RATE, AudioLayout, DecodedAudio, decode_audio
+from .audio import WHISPER_SAMPLE_RATE, AudioLayout, DecodedAudio, DecodeSpec, decode_audio
+from .device import device_fault, is_device_oom
 from .config import Settings
-from .errors import PermanentError, Superseded, TokenizationFailed
+from .errors import (
+    BucketMissing,
+    DeviceFault,
+    ObjectMissing,
+    ObjectUnavailable,
+    PermanentError,
+    StorageUnavailable,
+    Superseded,
+    TokenizationFailed,
+)
 from .events import ObjectEvent
 from .faults import crash_point
 from .models import Models
 from .records import Transcript, TranscribedAudio
-from .storage import download_object
+from .storage import download_object, probe_bucket
 
 T = TypeVar("T")
 
@@ -93,7 +103,14 @@ class BatchOutcome:
 
 # --- stages ---------------------------------------------------------------------------
 async def download_stage(s3: Any, items: list[WorkItem], settings: Settings) -> list[Slot[Downloaded]]:
+    """Every object of the batch, `download_concurrency` at a time, as bytes or the error that ends it.
+
+    Raises an `EnvironmentFault` instead of blaming objects for what is not about them: refused
+    credentials, a missing bucket we were told to serve, or objects that failed past their
+    retries while a probe of their bucket fails too (an outage).
+    """
     sem = asyncio.Semaphore(settings.download_concurrency)
+    expected_buckets = settings.allowed_bucket_set()
 
     async def one(item: WorkItem) -> Slot[Downloaded]:
         ev = item.event
@@ -106,10 +123,23 @@ async def download_stage(s3: Any, items: list[WorkItem], settings: Settings) -> 
                 )
             except (PermanentError, Superseded) as exc:
                 return Slot(item, error=exc)
+            except StorageUnavailable as exc:  # past its retries: the object's fault, unless the bucket fails too
+                return Slot(item, error=ObjectUnavailable(str(exc)))
+            except BucketMissing as exc:
+                if expected_buckets is None:  # any bucket may be named: a missing one is the event's problem
+                    return Slot(item, error=ObjectMissing(str(exc)))
+                raise
         # the etag of the bytes read, never the event's claim: a row names the version it was made from
         return Slot(item, Downloaded(data, etag or ev.etag or ""))
 
-    return list(await asyncio.gather(*(one(i) for i in items)))
+    results = await asyncio.gather(*(one(i) for i in items), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r  # an EnvironmentFault (or a bug): the batch stops, nothing is blamed on objects
+    slots: list[Slot[Downloaded]] = results  # type: ignore[assignment]
+    for bucket in sorted({s.item.event.bucket for s in slots if isinstance(s.error, ObjectUnavailable)}):
+        await probe_bucket(s3, bucket)  # raises StorageOutage when the bucket itself does not answer
+    return slots
 
 
 def decode_stage(
@@ -143,6 +173,8 @@ def whisper_inputs(slots: list[Slot[DecodedAudio]]) -> list[np.ndarray]:
 
 def transcribe_stage(models: Models, slots: list[Slot[DecodedAudio]], clips16k: list[np.ndarray]) -> list[Slot[Transcript]]:
     crash_point("transcribe")
+    if not models.transcribes:  # transcription off: every slot goes on without a transcript (value None)
+        return [Slot(s.item, error=s.error) for s in slots]
     results = iter(models.transcriber.transcribe_batch(clips16k) if clips16k else [])
     return [_merge(s, next(results)) if s.ok else Slot(s.item, error=s.error) for s in slots]
 
@@ -154,30 +186,42 @@ def tokenize_stage(models: Models, slots: list[Slot[DecodedAudio]]) -> list[Slot
 
 
 def _tokenize_isolating_failures(models: Models, clips: list[DecodedAudio]) -> list[np.ndarray | PermanentError]:
+    """Codes per clip, a failing clip isolated by halving its batch. Raises `DeviceFault` for a
+    broken device (a CUDA error, device memory short even for one clip, or - when every clip
+    failed - a tokenizer that fails a second of silence too)."""
     if not clips:
         return []
     batch = models.settings.tokenizer_batch_size
     out: list[np.ndarray | PermanentError] = []
     for i in range(0, len(clips), batch):
-        part = clips[i : i + batch]
-        try:
-            out.extend(models.tokenizer.encode_batch(part))
-        except Exception as exc:
-            if len(part) == 1:
-                out.append(exc if isinstance(exc, PermanentError) else TokenizationFailed(f"{type(exc).__name__}: {exc}"))
-            else:
-                for clip in part:
-                    out.extend(_tokenize_isolating_failures_one(models, clip))
+        out.extend(_tokenize_halving(models, clips[i : i + batch]))
+    if all(isinstance(r, PermanentError) for r in out):
+        _probe_tokenizer(models)
     return out
 
 
-def _tokenize_isolating_failures_one(models: Models, clip: DecodedAudio) -> list[np.ndarray | PermanentError]:
+def _tokenize_halving(models: Models, part: list[DecodedAudio]) -> list[np.ndarray | PermanentError]:
     try:
-        return list(models.tokenizer.encode_batch([clip]))
-    except PermanentError as exc:
-        return [exc]
+        return list(models.tokenizer.encode_batch(part))
     except Exception as exc:
-        return [TokenizationFailed(f"{type(exc).__name__}: {exc}")]
+        fault = device_fault(exc)
+        if fault is not None and (not is_device_oom(exc) or len(part) == 1):
+            raise fault from exc
+        if len(part) == 1:
+            return [exc if isinstance(exc, PermanentError) else TokenizationFailed(f"{type(exc).__name__}: {exc}")]
+        mid = len(part) // 2
+        return _tokenize_halving(models, part[:mid]) + _tokenize_halving(models, part[mid:])
+
+
+def _probe_tokenizer(models: Models) -> None:
+    layout = models.tokenizer.layout
+    silence = DecodedAudio.from_samples(np.zeros((layout.sample_rate, 1), np.float32), layout.sample_rate,
+                                        DecodeSpec(layouts=(layout,)))
+    try:
+        models.tokenizer.encode_batch([silence])
+    except Exception as exc:
+        raise device_fault(exc) or DeviceFault(
+            f"the tokenizer fails on a second of silence too: {type(exc).__name__}: {exc}") from exc
 
 
 def _merge(slot: Slot, result: Any) -> Slot:
@@ -215,9 +259,10 @@ def assemble_stage(
                 duration_sec=round(audio.duration_sec, 6),  # type: ignore[union-attr]
                 sampling_rate=audio.sample_rate,  # type: ignore[union-attr]
                 channels=audio.channels,  # type: ignore[union-attr]
-                transcription=tr.text,  # type: ignore[union-attr]
-                language=tr.language,  # type: ignore[union-attr]
-                segments=tr.segments,  # type: ignore[union-attr]
+                # no transcript (transcription off): null transcription, language and segments
+                transcription=tr.text if tr is not None else None,
+                language=tr.language if tr is not None else None,
+                segments=tr.segments if tr is not None else None,
                 tokens=k.value,  # type: ignore[arg-type]
                 tokenizer=models.tokenizer.name,
                 token_frame_rate=float(models.tokenizer.frame_rate),

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     download_concurrency: int = Field(8, ge=1)
     max_object_bytes: int = Field(512 * 1024 * 1024, ge=1)
     s3_retry_attempts: int = Field(8, ge=1)
+    # Comma-separated bucket names (or arn:aws:s3:::name); events for others are dead-lettered
+    # unread. Empty: the configured `bucket` when set, else any bucket (warned at start-up).
+    allowed_buckets: str = ""
 
     # --- micro-batching and output -----------------------------------------------------
     output_dir: Path = Path("output")
@@ -60,6 +63,15 @@ class Settings(BaseSettings):
     roll_max_seconds: float = Field(300.0, gt=0)
     exit_when_idle: float | None = None
     shutdown_timeout: float = Field(120.0, gt=0)
+    # A fault that is not about any object (refused S3 credentials, S3 down, a broken GPU) stops
+    # batches without dead letters; past this long without recovering the consumer exits non-zero.
+    fault_timeout_s: float = Field(600.0, gt=0)
+    # One Kafka message may carry a list of events (S3 Records[], a webhook batch); more than this
+    # is dead-lettered as one MalformedEvent, so one message cannot blow up a micro-batch.
+    max_events_per_message: int = Field(1000, ge=1)
+    # Every dead-letter record (key + value) stays under this; keep it below the DLQ topic's
+    # max.message.bytes (1 MiB by default).
+    dlq_max_record_bytes: int = Field(256 * 1024, ge=8192, le=16 * 1024 * 1024)
     from_beginning: bool = False
     from_timestamp: str | None = None
     force: bool = False
@@ -67,6 +79,8 @@ class Settings(BaseSettings):
     max_duration_sec: float = Field(3600.0, gt=0)
 
     # --- models ------------------------------------------------------------------------
+    # false: no Whisper is loaded; rows hold metadata and tokens, `transcription` is null
+    transcribe: bool = True
     whisper_model: str = ""  # empty: bundled tiny.en when installed, else "tiny.en" from the hub
     device: Device = "auto"
     compute_type: str = "auto"  # auto: float16 on CUDA, int8 on CPU
@@ -125,6 +139,15 @@ class Settings(BaseSettings):
         if self.from_timestamp:
             self.from_timestamp_utc()  # a bad time fails here, before anything connects
         return self
+
+    def allowed_bucket_set(self) -> frozenset[str] | None:
+        """Buckets events may name; None: any."""
+        names = [b.strip() for b in self.allowed_buckets.split(",") if b.strip()]
+        if not names and self.bucket:
+            names = [self.bucket]
+        if not names:
+            return None
+        return frozenset(n.removeprefix("arn:aws:s3:::").removeprefix("arn:aws:r2:::") for n in names)
 
     def from_timestamp_utc(self) -> datetime | None:
         """`from_timestamp` as an aware UTC time (a time without a zone is taken as UTC)."""

@@ -12,9 +12,22 @@
     │   ├── DurationOutOfRange         shorter than min or longer than max duration
     │   ├── TranscriptionFailed        Whisper failed on this one file
     │   ├── TokenizationFailed         the tokenizer failed on this one file
-    │   └── CrashLoop                  the process died with it in flight max_attempts times in a row
+    │   ├── CrashLoop                  the process died with it in flight max_attempts times in a row
+    │   ├── BucketNotAllowed           the event names a bucket outside METAVOICE_ALLOWED_BUCKETS
+    │   ├── InvalidRequest             S3 cannot even be asked (an invalid bucket name): botocore refuses
+    │   ├── ObjectRejected             S3 refused the request for this object (an unlisted 4xx code)
+    │   ├── ObjectUnavailable          this object's 5xx persisted past its retries while its bucket answers
+    │   └── DownloadFailed             anything else that broke reading this one object
     ├── TransientError                 the world is briefly unwell: retry with backoff
-    │   └── StorageUnavailable         S3 timeouts, 5xx, throttling, connection refused
+    │   ├── StorageUnavailable         S3 timeouts, 5xx, throttling, connection refused
+    │   └── EnvironmentFault           not about any object: the batch stops (no dead letter, no commit),
+    │       │                          the consumer backs off and retries, exits after fault_timeout_s
+    │       ├── StorageAccessDenied    credentials refused: AccessDenied, InvalidAccessKeyId,
+    │       │                          SignatureDoesNotMatch, ExpiredToken
+    │       ├── BucketMissing          NoSuchBucket for a bucket METAVOICE_ALLOWED_BUCKETS names
+    │       ├── StorageOutage          objects fail past their retries and a probe of the bucket fails too
+    │       └── DeviceFault            a CUDA error, device OOM that persists at half the batch, or a
+    │                                  model that fails a known-good probe clip as well
     └── FatalError                     the process cannot go on safely: stop without committing
         ├── OutputWriteFailed          a Parquet write/fsync/rename failed (disk full, read-only)
         ├── DeadLetterFailed           the DLQ could not be written: the offset must not commit
@@ -82,12 +95,54 @@ class CrashLoop(PermanentError):
     last ones alone: dead-lettered without processing it again (consumer/crash_guard.py)."""
 
 
+class BucketNotAllowed(PermanentError):
+    pass
+
+
+class InvalidRequest(PermanentError):
+    pass
+
+
+class ObjectRejected(PermanentError):
+    pass
+
+
+class ObjectUnavailable(PermanentError):
+    pass
+
+
+class DownloadFailed(PermanentError):
+    pass
+
+
 class TransientError(PipelineError):
     retriable = True
 
 
 class StorageUnavailable(TransientError):
     pass
+
+
+class EnvironmentFault(TransientError):
+    """Says nothing about the objects: never dead-letter them for it. `kind` labels the metric."""
+
+    kind = "environment"
+
+
+class StorageAccessDenied(EnvironmentFault):
+    kind = "storage_access"
+
+
+class BucketMissing(EnvironmentFault):
+    kind = "bucket_missing"
+
+
+class StorageOutage(EnvironmentFault):
+    kind = "storage_outage"
+
+
+class DeviceFault(EnvironmentFault):
+    kind = "device"
 
 
 class FatalError(PipelineError):

@@ -1,8 +1,13 @@
-"""Prefect orchestration: one subflow per micro-batch, one task per stage at batch granularity.
+"""Prefect orchestration: one subflow per micro-batch, a task run per model stage.
 
-Prefect adds real latency per run (creating flow and task runs through its API: ~0.2-2 s per
-subflow measured here), so it must never stall the model: several micro-batches are in flight at
-once (`pipeline_depth`), and each subflow's bookkeeping overlaps the previous batch's model work.
+A subflow costs seven API round trips (its parent task run, a lookup, the flow, the flow run,
+two state changes and a read: ~0.1 s and ~0.14 CPU-s of client and ephemeral server per batch
+measured on 2 cores); a task run costs none (Prefect 3 reports task runs as events) but ~10 ms
+of client CPU. So a micro-batch records only what adds information: its flow run, and a task
+run per model stage (`transcribe`, skipped when transcription is off, and `tokenize`). Download
+and decode (`prepare`) start when the batch is dispatched, before its flow run exists: the API
+round trips overlap I/O instead of preceding it. Several micro-batches are in flight at once
+(`pipeline_depth`), so each subflow's bookkeeping also overlaps other batches' model work.
 Parameters stay tiny (a batch label); the data travels through a per-process registry so Prefect
 never serializes audio. With `prefect_enabled=False` the same stages run without Prefect.
 
@@ -37,6 +42,7 @@ place (see `_capture_sigterm`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import itertools
@@ -45,6 +51,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 
 # No phoning home from a data pipeline (and no network here to phone); users may override.
@@ -55,17 +62,24 @@ if not os.environ.get("PREFECT_API_URL"):
     # client backs off >= 2 s - per task. Measured: ~2.3 s -> ~0.4 s per subflow. A real Prefect
     # server (PREFECT_API_URL, PostgreSQL) keeps its recorder and is unaffected.
     os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED", "false")
+    # Its event persister flushes every 20 events; a flush that overlaps a subflow's task-run insert
+    # is SQLITE_BUSY_SNAPSHOT too: a 503 and a >= 2 s back-off for every ~5th micro-batch (measured:
+    # 381 -> 109 ms per subflow on average). Events of an ephemeral API have no reader (no UI).
+    os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "false")
     # The ephemeral server starts in a subprocess; 20 s (Prefect's default) is too short on a busy
     # 2-core machine while Whisper loads beside it.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+import numpy as np  # noqa: E402
 import prefect.flow_engine as _flow_engine  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from .batch import (  # noqa: E402
     BatchOutcome,
+    Downloaded,
     MicroBatch,
+    Slot,
     StageTimer,
     assemble_stage,
     decode_stage,
@@ -74,8 +88,10 @@ from .batch import (  # noqa: E402
     transcribe_stage,
     whisper_inputs,
 )
+from .audio import DecodedAudio  # noqa: E402
 from .config import Settings  # noqa: E402
 from .models import Models  # noqa: E402
+from .records import Transcript  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +122,17 @@ class Orchestration:
     `failures`: flow runs Prefect failed (metavoice_prefect_unavailable_total); `bare_batches`:
     micro-batches whose stages ran without a run record because of that
     (metavoice_prefect_bare_batches_total); `degraded` (metavoice_prefect_degraded).
+    `flow_runs` / `task_runs`: micro-batch flow runs and task runs this process started;
+    `bookkeeping_seconds`: the wall time of the recorded ones spent outside our stages (Prefect's).
     """
 
     def __init__(self) -> None:
         self.degraded = False
         self.failures = 0
         self.bare_batches = 0
+        self.flow_runs = 0
+        self.task_runs = 0
+        self.bookkeeping_seconds = 0.0
         self.last_error = ""
         self._retry = False  # the probe answered: the next micro-batch tries a flow run
         self._backoff = PROBE_FIRST_S
@@ -119,6 +140,9 @@ class Orchestration:
         self._probe_timeout = PROBE_TIMEOUT_S
         self._probe: asyncio.Task | None = None
         self._api_started = False
+        self._api_start: concurrent.futures.Future | None = None
+        self.one_run_at_a_time = False  # the ephemeral API (SQLite): see `api_gate`
+        self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     def use_prefect(self, timeout_s: float) -> bool:
         """Whether the next micro-batch should try a flow run (else it runs bare)."""
@@ -181,8 +205,30 @@ class Orchestration:
         except Exception as exc:
             return exc
 
+    def start_api_soon(self) -> None:
+        """Start the ephemeral API (no PREFECT_API_URL) in a background thread now, once per process,
+        e.g. while models load: its first start (migrations) takes 10-30 s. `ensure_api` waits for it."""
+        if self._api_start is not None:
+            return
+        self._api_start = done = concurrent.futures.Future()
+
+        def start() -> None:
+            try:
+                from prefect.settings import PREFECT_API_URL
+
+                if not PREFECT_API_URL.value():  # as prefect.get_client() decides
+                    from prefect.server.api.server import SubprocessASGIServer
+
+                    SubprocessASGIServer().start()
+            except Exception as exc:  # left to the first API call (an orchestration failure)
+                log.debug("the ephemeral Prefect API did not start: %s: %s", type(exc).__name__, exc)
+            finally:
+                done.set_result(None)
+
+        threading.Thread(target=start, name="prefect-api-start", daemon=True).start()
+
     async def ensure_api(self) -> None:
-        """Start the ephemeral API (no PREFECT_API_URL) in a thread, once, before anything is timed.
+        """Wait until the ephemeral API (no PREFECT_API_URL) has started (`start_api_soon`).
 
         Prefect would start it inside its first API call, synchronously, blocking the event loop for
         up to PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS - time the watchdog would charge to
@@ -190,14 +236,29 @@ class Orchestration:
         """
         if self._api_started:
             return
-        self._api_started = True
+        self.start_api_soon()
+        await asyncio.wrap_future(self._api_start)  # type: ignore[arg-type]
         from prefect.settings import PREFECT_API_URL
 
-        if not PREFECT_API_URL.value():  # as prefect.get_client() decides
-            from prefect.server.api.server import SubprocessASGIServer
+        self.one_run_at_a_time = not PREFECT_API_URL.value()
+        self._api_started = True
 
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(SubprocessASGIServer().start)
+    def api_gate(self) -> asyncio.Lock | None:
+        """Held by one micro-batch flow run at a time while Prefect creates it and while it records its
+        end - on the ephemeral API only (None for a Prefect server).
+
+        The ephemeral API writes SQLite in DEFERRED transactions: a flow run created while another
+        one's state is being written fails with SQLITE_BUSY_SNAPSHOT, the API answers 503 and the
+        client backs off 2 s. With `pipeline_depth` batches starting together that was every other
+        batch (measured: 1.2 s of bookkeeping per flow run instead of ~0.1 s). A turn at the gate
+        takes ~0.1 s, so it caps the ephemeral API at ~10 flow runs per second.
+        """
+        if not self.one_run_at_a_time:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate[0] is not loop:  # an asyncio.Lock belongs to one event loop
+            self._gate = (loop, asyncio.Lock())
+        return self._gate[1]
 
 
 ORCHESTRATION = Orchestration()
@@ -254,6 +315,10 @@ class _Watch:
         if self.since is None:
             return None
         return self.budget - self.spent - (time.monotonic() - self.since)
+
+    def prefect_seconds(self) -> float:
+        """Wall time of the run spent outside our code so far (Prefect's bookkeeping)."""
+        return self.spent + (time.monotonic() - self.since if self.since is not None else 0.0)
 
 
 _ABANDONED: set[asyncio.Task] = set()  # strong references: asyncio keeps only weak ones
@@ -344,13 +409,70 @@ def _app_handles_sigterm() -> bool:
 
 
 # --- the stages ------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A batch downloaded and decoded: the I/O and CPU half of its work, no model involved."""
+
+    downloaded: list[Slot[Downloaded]]
+    decoded: list[Slot[DecodedAudio]]
+    clips: list[np.ndarray]  # Whisper's inputs (none when transcription is off)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+async def prepare(batch: MicroBatch, s3: Any, models: Models, settings: Settings) -> Prepared:
+    """Download and decode a batch; started when the batch is dispatched (see `process_batch`)."""
+    timer = StageTimer()
+    with timer.measure("download"):
+        downloaded = await download_stage(s3, batch.items, settings)
+    decoded = await models.on_cpu("decode", timer.timings, decode_stage, downloaded, settings)
+    clips = await models.on_cpu("decode", timer.timings, whisper_inputs, decoded) if models.transcribes else []
+    return Prepared(downloaded, decoded, clips, timer.timings)
+
+
+class _ApiTurn:
+    """One flow run's turn at `Orchestration.api_gate` (no gate: a no-op)."""
+
+    def __init__(self, gate: asyncio.Lock | None) -> None:
+        self.gate, self.held = gate, False
+
+    async def take(self) -> None:
+        if self.gate is not None and not self.held:
+            await self.gate.acquire()
+            self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gate.release()  # type: ignore[union-attr]
+
+
 class BatchContext:
     """Everything one batch needs that must not pass through Prefect's parameter serialization."""
 
-    def __init__(self, batch: MicroBatch, s3: Any, models: Models, settings: Settings) -> None:
+    def __init__(self, batch: MicroBatch, s3: Any, models: Models, settings: Settings,
+                 prepared: "asyncio.Future[Prepared]", turn: _ApiTurn | None = None) -> None:
         self.batch, self.s3, self.models, self.settings = batch, s3, models, settings
+        self.prepared = prepared  # download + decode, already under way
+        self.turn = turn or _ApiTurn(None)
         self.timer = StageTimer()
         self.watch = _Watch(settings.prefect_timeout_s)
+
+    async def transcribe(self, p: Prepared) -> list[Slot[Transcript]]:
+        m = self.models
+        if not m.transcribes:  # no model call, no device hop: every slot goes on without a transcript
+            with self.timer.measure("transcribe"):
+                return transcribe_stage(m, p.decoded, p.clips)
+        return await m.on_device("transcribe", self.timer.timings, transcribe_stage, m, p.decoded, p.clips,
+                                 priority=self.batch.seq)
+
+    async def tokenize(self, p: Prepared) -> list[Slot[np.ndarray]]:
+        return await self.models.on_device("tokenize", self.timer.timings, tokenize_stage, self.models, p.decoded,
+                                           priority=self.batch.seq)
+
+    def assemble(self, p: Prepared, transcripts: list[Slot[Transcript]], tokens: list[Slot[np.ndarray]]) -> BatchOutcome:
+        outcome = assemble_stage(self.models, p.downloaded, p.decoded, transcripts, tokens)
+        outcome.timings = {**p.timings, **self.timer.timings}
+        return outcome
 
 
 _REGISTRY: dict[str, BatchContext] = {}
@@ -360,17 +482,10 @@ _ids = itertools.count()
 
 async def run_stages(ctx: BatchContext) -> BatchOutcome:
     """The stages in order, without orchestration."""
-    m, st, timer = ctx.models, ctx.settings, ctx.timer
-    with timer.measure("download"):
-        downloaded = await download_stage(ctx.s3, ctx.batch.items, st)
-    decoded = await m.on_cpu("decode", timer.timings, decode_stage, downloaded, st)
-    clips = await m.on_cpu("decode", timer.timings, whisper_inputs, decoded)
-    seq = ctx.batch.seq
-    transcripts = await m.on_device("transcribe", timer.timings, transcribe_stage, m, decoded, clips, priority=seq)
-    tokens = await m.on_device("tokenize", timer.timings, tokenize_stage, m, decoded, priority=seq)
-    outcome = assemble_stage(m, downloaded, decoded, transcripts, tokens)
-    outcome.timings = dict(timer.timings)
-    return outcome
+    p = await ctx.prepared
+    transcripts = await ctx.transcribe(p)
+    tokens = await ctx.tokenize(p)
+    return ctx.assemble(p, transcripts, tokens)
 
 
 # --- the Prefect shape of the same stages -------------------------------------------------
@@ -378,7 +493,7 @@ _TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=0)
 
 
 def _stage_run_name(stage: str):
-    """Task runs named `download batch-3:p0@10-12`: the Prefect UI says which events a run held."""
+    """Task runs named `tokenize batch-3:p0@10-12`: the Prefect UI says which events a run held."""
 
     def name() -> str:
         from prefect.runtime import task_run
@@ -389,50 +504,43 @@ def _stage_run_name(stage: str):
     return name
 
 
-@task(name="download", task_run_name=_stage_run_name("download"), **_TASK)
-async def _download(ref: str):
-    ctx = _REGISTRY[ref]
-    with ctx.watch.ours(), ctx.timer.measure("download"):
-        return await download_stage(ctx.s3, ctx.batch.items, ctx.settings)
-
-
-@task(name="decode", task_run_name=_stage_run_name("decode"), **_TASK)
-async def _decode(ref: str, downloaded):
-    ctx = _REGISTRY[ref]
-    with ctx.watch.ours():
-        decoded = await ctx.models.on_cpu("decode", ctx.timer.timings, decode_stage, downloaded, ctx.settings)
-        return decoded, await ctx.models.on_cpu("decode", ctx.timer.timings, whisper_inputs, decoded)
-
-
 @task(name="transcribe", task_run_name=_stage_run_name("transcribe"), **_TASK)
-async def _transcribe(ref: str, decoded, clips):
+async def _transcribe(ref: str):
     ctx = _REGISTRY[ref]
+    ORCHESTRATION.task_runs += 1
     with ctx.watch.ours():
-        return await ctx.models.on_device(
-            "transcribe", ctx.timer.timings, transcribe_stage, ctx.models, decoded, clips, priority=ctx.batch.seq
-        )
+        return await ctx.transcribe(await asyncio.shield(ctx.prepared))
 
 
 @task(name="tokenize", task_run_name=_stage_run_name("tokenize"), **_TASK)
-async def _tokenize(ref: str, decoded):
+async def _tokenize(ref: str):
     ctx = _REGISTRY[ref]
+    ORCHESTRATION.task_runs += 1
     with ctx.watch.ours():
-        return await ctx.models.on_device(
-            "tokenize", ctx.timer.timings, tokenize_stage, ctx.models, decoded, priority=ctx.batch.seq
-        )
+        return await ctx.tokenize(await asyncio.shield(ctx.prepared))
 
 
 @flow(name="process-micro-batch", flow_run_name="{label}", validate_parameters=False, persist_result=False, log_prints=False)
 async def process_micro_batch(ref: str, label: str) -> BatchOutcome:
     ctx = _REGISTRY[ref]
-    downloaded = await _download(ref)
-    decoded, clips = await _decode(ref, downloaded)
-    transcripts = await _transcribe(ref, decoded, clips)
-    tokens = await _tokenize(ref, decoded)
+    ctx.turn.release()  # the run exists and runs: the next batch's run may be created
+    if ctx.models.transcribes:
+        transcripts = await _transcribe(ref)
+    else:  # nothing for a task run to record
+        with ctx.watch.ours():
+            transcripts = await ctx.transcribe(await asyncio.shield(ctx.prepared))
+    tokens = await _tokenize(ref)
     with ctx.watch.ours():
-        outcome = assemble_stage(ctx.models, downloaded, decoded, transcripts, tokens)
-        outcome.timings = dict(ctx.timer.timings)
-        return ctx.watch.finish(outcome)
+        # shielded: if Prefect abandons this run, the batch runs bare on the same prepared work
+        ctx.watch.finish(ctx.assemble(await asyncio.shield(ctx.prepared), transcripts, tokens))
+    await ctx.turn.take()  # Prefect records the end next (Prefect's time, within its budget)
+    return ctx.watch.result
+
+
+async def _gated_run(ctx: BatchContext, ref: str, label: str) -> BatchOutcome:
+    """The flow run, created in its turn at the API (Prefect's time, within its budget)."""
+    await ctx.turn.take()
+    return await process_micro_batch(ref, label)
 
 
 @flow(name="metavoice-consumer", validate_parameters=False, persist_result=False)
@@ -473,22 +581,36 @@ async def consumer_flow(run: Callable[[], Awaitable[Any]], group: str, topic: st
 
 
 async def process_batch(batch: MicroBatch, s3: Any, models: Models, settings: Settings) -> BatchOutcome:
-    ctx = BatchContext(batch, s3, models, settings)
-    if not settings.prefect_enabled:
-        return await run_stages(ctx)
-    await ORCHESTRATION.ensure_api()
-    if ORCHESTRATION.use_prefect(settings.prefect_timeout_s):
-        ref = f"{next(_ids)}"
-        _REGISTRY[ref] = ctx
-        try:
-            outcome = await _guarded(ctx.watch, lambda: process_micro_batch(ref, batch.label),
-                                     done=lambda: _REGISTRY.pop(ref, None))
-        except PrefectUnavailable as exc:
-            ORCHESTRATION.failed(f"micro-batch {batch.label}", exc)
-            if ctx.watch.finished:
-                return ctx.watch.result  # the stages ran; only the end of the run is not recorded
-        else:
-            ORCHESTRATION.succeeded()
-            return outcome
-    ORCHESTRATION.bare_batches += 1
-    return await run_stages(BatchContext(batch, s3, models, settings))
+    # Download and decode start now, whatever Prefect does: its API round trips overlap them.
+    prepared = asyncio.ensure_future(prepare(batch, s3, models, settings))
+    ctx = BatchContext(batch, s3, models, settings, prepared)
+    try:
+        if not settings.prefect_enabled:
+            return await run_stages(ctx)
+        await ORCHESTRATION.ensure_api()
+        if ORCHESTRATION.use_prefect(settings.prefect_timeout_s):
+            ref = f"{next(_ids)}"
+            ctx.turn = _ApiTurn(ORCHESTRATION.api_gate())
+            _REGISTRY[ref] = ctx
+            ORCHESTRATION.flow_runs += 1
+            try:
+                outcome = await _guarded(ctx.watch, lambda: _gated_run(ctx, ref, batch.label),
+                                         done=lambda: _REGISTRY.pop(ref, None))
+            except PrefectUnavailable as exc:
+                ctx.turn.release()  # an abandoned run never holds up the others' runs
+                ORCHESTRATION.failed(f"micro-batch {batch.label}", exc)
+                if ctx.watch.finished:
+                    return ctx.watch.result  # the stages ran; only the end of the run is not recorded
+            else:
+                ORCHESTRATION.succeeded()
+                ORCHESTRATION.bookkeeping_seconds += ctx.watch.prefect_seconds()
+                return outcome
+        ORCHESTRATION.bare_batches += 1
+        # a fresh context (the abandoned run may still unwind in the old one), the same prepared work
+        return await run_stages(BatchContext(batch, s3, models, settings, prepared))
+    finally:
+        ctx.turn.release()  # whatever became of the run (ended, cancelled)
+        if not prepared.done():  # we are being cancelled, or the stages never needed it
+            prepared.cancel()
+        elif not prepared.cancelled():
+            prepared.exception()  # retrieved: raised to whoever awaited it, or nobody needed it

@@ -1,6 +1,7 @@
 """The loaded models and the one thread that runs them.
 
-Whisper and the tokenizer share one device; a single worker thread runs all model work in the
+Whisper (unless `transcribe` is off: then `NoTranscription` stands in and nothing is loaded) and
+the tokenizer share one device; a single worker thread runs all model work in the
 order it is asked for, so the GPU is never oversubscribed and the event loop never blocks on it.
 CPU-bound preprocessing (decode, resample, Parquet encoding) runs on a separate small pool.
 """
@@ -65,11 +66,32 @@ class DeviceThread:
         self._thread.join()
 
 
+class NoTranscription:
+    """Stands in for Whisper when `transcribe` is off: no model is loaded, rows get no transcript.
+
+    `name` is None: the rows' `whisper_model` column is null, and `_manifest.json` records that the
+    directory was built without Whisper (so it is never mixed with a transcribed one)."""
+
+    name = None
+    device = "none"
+    compute_type = "none"
+    batch_size = 0
+    beam_size = 0
+    language = None
+    window = "none"
+
+    def close(self) -> None:
+        pass
+
+
 class Models:
-    def __init__(self, settings: Settings, transcriber: WhisperTranscriber, tokenizer: AudioTokenizer) -> None:
+    def __init__(
+        self, settings: Settings, transcriber: WhisperTranscriber | NoTranscription, tokenizer: AudioTokenizer
+    ) -> None:
         self.settings = settings
         self.transcriber = transcriber
         self.tokenizer = tokenizer
+        self.transcribes = not isinstance(transcriber, NoTranscription)
         self._device = DeviceThread()
         self._cpu = ThreadPoolExecutor(max_workers=max(1, min(4, settings.resolved_cpu_threads())), thread_name_prefix="cpu")
         self.busy_seconds = 0.0  # time the device thread spent on model work (utilisation)
@@ -78,11 +100,11 @@ class Models:
     def load(cls, settings: Settings) -> "Models":
         """Load both models up front: a missing checkpoint fails here, never mid-stream."""
         t = time.perf_counter()
-        transcriber = WhisperTranscriber(settings)
+        transcriber = WhisperTranscriber(settings) if settings.transcribe else NoTranscription()
         tokenizer = load_tokenizer(settings)
         log.info(
             "models ready in %.1fs: whisper=%s tokenizer=%s device=%s",
-            time.perf_counter() - t, transcriber.name, tokenizer.name, transcriber.device,
+            time.perf_counter() - t, transcriber.name or "off (transcribe=false)", tokenizer.name, transcriber.device,
         )
         return cls(settings, transcriber, tokenizer)
 

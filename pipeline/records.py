@@ -1,6 +1,8 @@
 """The output record and its Parquet schema, declared once.
 
 The writer, the summary, the report and the tests all use `SCHEMA` and `TranscribedAudio`.
+With transcription off (`transcribe=false`) a row has no transcript: `transcription`, `language`,
+`segments` and `whisper_model` are null (every column of `SCHEMA` is nullable).
 """
 
 from __future__ import annotations
@@ -63,13 +65,13 @@ class TranscribedAudio:
     duration_sec: float
     sampling_rate: int
     channels: int
-    transcription: str
-    language: str
-    segments: list[Segment]
+    transcription: str | None  # None: transcription was off
+    language: str | None
+    segments: list[Segment] | None
     tokens: np.ndarray  # int16 [codebooks, frames]
     tokenizer: str
     token_frame_rate: float
-    whisper_model: str
+    whisper_model: str | None
     kafka_topic: str
     kafka_partition: int
     kafka_offset: int
@@ -94,7 +96,8 @@ def to_table(rows: list[TranscribedAudio]) -> pa.Table:
         "channels": [r.channels for r in rows],
         "transcription": [r.transcription for r in rows],
         "language": [r.language for r in rows],
-        "segments": [[{"start": s.start, "end": s.end, "text": s.text} for s in r.segments] for r in rows],
+        "segments": [None if r.segments is None else [{"start": s.start, "end": s.end, "text": s.text} for s in r.segments]
+                     for r in rows],
         "tokens": tokens,
         "token_codebooks": [int(r.tokens.shape[0]) for r in rows],
         "token_frame_rate": [r.token_frame_rate for r in rows],

@@ -1,8 +1,12 @@
 """Object storage (R2 / S3 / MinIO) through aiobotocore: download with a size limit, list pages.
 
-S3 failures are sorted here into the pipeline's error tree: a missing object is permanent, a
-timeout, 5xx, throttle or refused connection is transient and retried with capped exponential
-backoff and jitter (tenacity) - it never reaches the dead-letter queue.
+S3 failures are sorted here into the pipeline's error tree (pipeline/errors.py):
+- about the object, dead-lettered: a missing object, an invalid request, an unlisted 4xx code,
+  anything else that broke reading it;
+- about the world, retried with capped exponential backoff and jitter (tenacity): a timeout,
+  5xx, throttle or refused connection;
+- about the account, never blamed on an object: refused credentials (`StorageAccessDenied`),
+  a missing bucket we were told to serve (`BucketMissing`).
 """
 
 from __future__ import annotations
@@ -17,21 +21,41 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import (
+    BotoCoreError,
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
     HTTPClientError,
+    ParamValidationError,
     ReadTimeoutError,
 )
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from .config import Settings
-from .errors import EmptyObject, ObjectMissing, ObjectTooLarge, PermanentError, StorageUnavailable, Superseded
+from .errors import (
+    BucketMissing,
+    DownloadFailed,
+    EmptyObject,
+    EnvironmentFault,
+    InvalidRequest,
+    ObjectMissing,
+    ObjectRejected,
+    ObjectTooLarge,
+    PermanentError,
+    StorageAccessDenied,
+    StorageOutage,
+    StorageUnavailable,
+    Superseded,
+)
 
 log = logging.getLogger(__name__)
 
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+# Refusals of the caller, not of the object: a rotated key, an expired token, a revoked grant.
+_ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                 "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity", "Unauthorized",
+                 "401", "403"}
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                     "ServiceUnavailable", "503", "500", "502", "504", "RequestTimeTooSkewed"}
 # HTTPClientError covers botocore's ResponseStreamingError: the connection dropped while the body
@@ -62,21 +86,56 @@ async def s3_client(settings: Settings) -> AsyncIterator[Any]:
 
 
 def classify_s3_error(exc: BaseException, bucket: str, key: str) -> Exception:
+    """Any exception of one S3 call as a typed error of the tree (never the raw one)."""
     where = f"s3://{bucket}/{key}"
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return BucketMissing(f"bucket {bucket} does not exist (NoSuchBucket)")
+        if code in _ACCESS_CODES or (not code and status in (401, 403)):
+            return StorageAccessDenied(f"S3 refused our credentials for {where}: {code or status}; check the "
+                                       "access key and secret (rotated?), the token's expiry and its grants")
         if code in _MISSING_CODES or status == 404:
             return ObjectMissing(f"{where} does not exist ({code or status})")
         if code == "PreconditionFailed" or status == 412:
             return Superseded(f"{where} was overwritten: the stored version is not the event's")
         if code in _TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
             return StorageUnavailable(f"{where}: {code or status}")
-        return PermanentError(f"{where}: {code or status}: {err.get('Message', '')}")
+        return ObjectRejected(f"{where}: S3 refused the request: {code or status}: {err.get('Message', '')}")
+    if isinstance(exc, ParamValidationError):
+        return InvalidRequest(f"{where}: not a valid S3 request: {exc}")
     if isinstance(exc, _NETWORK_ERRORS):
         return StorageUnavailable(f"{where}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, MemoryError):
+        return ObjectTooLarge(f"{where}: out of memory reading it")
+    if isinstance(exc, (BotoCoreError, ValueError, TypeError, KeyError, AttributeError)):
+        return DownloadFailed(f"{where}: {type(exc).__name__}: {exc}")
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+async def probe_bucket(client: Any, bucket: str) -> None:
+    """After objects failed past their retries: does the bucket itself answer (HeadBucket, a few
+    quick tries)? Any answer - even a refusal of HEAD by a token scoped to objects - means S3 is
+    up and those objects fail alone; none means an outage (`StorageOutage`)."""
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StorageUnavailable),
+            wait=wait_exponential_jitter(multiplier=0.2, max=2),
+            stop=stop_after_attempt(3),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    await client.head_bucket(Bucket=bucket)
+                except Exception as exc:
+                    typed = classify_s3_error(exc, bucket, "")
+                    if isinstance(typed, StorageUnavailable):
+                        raise typed from exc
+                    log.debug("bucket probe of %s answered %s", bucket, typed)
+    except StorageUnavailable as exc:
+        raise StorageOutage(f"S3 is failing for bucket {bucket} itself, not only for some objects: {exc}") from exc
 
 
 async def download_object(
@@ -123,7 +182,7 @@ async def _download_once(
             raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes, over the {max_bytes}-byte limit")
         async with resp["Body"] as body:
             data = await body.read()
-    except (PermanentError, StorageUnavailable, Superseded):
+    except (PermanentError, StorageUnavailable, Superseded, EnvironmentFault):
         raise
     except Exception as exc:
         raise classify_s3_error(exc, bucket, key) from exc

@@ -70,14 +70,34 @@ class Aggregates:
     skipped: int = 0
     duplicates: int = 0
     superseded: int = 0  # events whose object was overwritten before it was read: no row, no dead letter
+    # rows written without a transcript (transcription off); files written before this existed had none
+    untranscribed: int = 0
 
     def add_row(self, row: TranscribedAudio) -> None:
         self.files += 1
         self.total_duration_sec += row.duration_sec
         self.sampling_rates[str(row.sampling_rate)] += 1
-        self.languages[row.language] += 1
-        self.transcription_lengths.add(len(row.transcription))
+        self.add_transcript(row.transcription, row.language)
         self.token_frames.add(row.token_frames)
+
+    def add_transcript(self, text: str | None, language: str | None) -> None:
+        """One row's transcript, or None when the row was written with transcription off."""
+        if text is None:
+            self.untranscribed += 1
+            return
+        if language is not None:
+            self.languages[language] += 1
+        self.transcription_lengths.add(len(text))
+
+    @property
+    def transcription(self) -> str | None:
+        """`on` (every row has a transcript), `off` (none has: transcription was off), `mixed`
+        (a directory written both ways, with --force), None (no rows yet)."""
+        if not self.files:
+            return None
+        if not self.untranscribed:
+            return "on"
+        return "off" if self.untranscribed == self.files else "mixed"
 
     def add_error(self, error_type: str) -> None:
         self.errors[error_type] += 1
@@ -93,6 +113,7 @@ class Aggregates:
         self.skipped += o.skipped
         self.duplicates += o.duplicates
         self.superseded += o.superseded
+        self.untranscribed += o.untranscribed
 
     # --- serialization (footer metadata and summary.json's "_state") ---------------------
     def to_state(self) -> dict[str, Any]:
@@ -107,6 +128,7 @@ class Aggregates:
             "skipped": self.skipped,
             "duplicates": self.duplicates,
             "superseded": self.superseded,
+            "untranscribed": self.untranscribed,
         }
 
     @classmethod
@@ -122,12 +144,14 @@ class Aggregates:
             skipped=int(s.get("skipped", 0)),
             duplicates=int(s.get("duplicates", 0)),
             superseded=int(s.get("superseded", 0)),
+            untranscribed=int(s.get("untranscribed", 0)),
         )
 
     def report(self, parquet_files: Iterable[str]) -> dict[str, Any]:
         names = sorted(parquet_files)
         return {
             "total_files": self.files,
+            "transcription": self.transcription,
             "total_duration_sec": round(self.total_duration_sec, 3),
             "average_duration_sec": round(self.total_duration_sec / self.files, 3) if self.files else 0.0,
             "sampling_rate_distribution": dict(sorted(self.sampling_rates.items(), key=lambda kv: int(kv[0]))),

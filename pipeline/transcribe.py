@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import Settings
-from .device import resolve_compute_type, resolve_device
-from .errors import ModelUnavailable, TranscriptionFailed
+from .audio import WHISPER_SAMPLE_RATE
+from .device import device_fault, is_device_oom, resolve_compute_type, resolve_device
+from .errors import DeviceFault, ModelUnavailable, TranscriptionFailed
 from .records import Segment, Transcript
 
 log = logging.getLogger(__name__)
@@ -120,17 +121,37 @@ class WhisperTranscriber:
 
     # --- public ----------------------------------------------------------------------
     def transcribe_batch(self, clips: list[np.ndarray]) -> list[Transcript | TranscriptionFailed]:
-        """Transcripts for mono 16 kHz clips, in order; a file that fails gets its error instead."""
+        """Transcripts for mono 16 kHz clips, in order; a file that fails gets its error instead.
+
+        Raises `DeviceFault` rather than blame the files for the device: a CUDA error, device
+        memory that runs out even for one clip, or - when every clip failed - a model that fails
+        a second of silence too.
+        """
+        results = self._isolating(clips)
+        if clips and all(isinstance(r, TranscriptionFailed) for r in results):
+            self._probe()
+        return results
+
+    def _isolating(self, clips: list[np.ndarray]) -> list[Transcript | TranscriptionFailed]:
         try:
             return list(self._transcribe_together(clips))
         except Exception as exc:
+            fault = device_fault(exc)
+            if fault is not None and (not is_device_oom(exc) or len(clips) == 1):
+                raise fault from exc
             if len(clips) == 1:
                 return [TranscriptionFailed(f"whisper failed: {type(exc).__name__}: {exc}")]
-            log.warning("batched transcription failed (%s); isolating file by file", exc)
-            results: list[Transcript | TranscriptionFailed] = []
-            for clip in clips:
-                results.extend(self.transcribe_batch([clip]))
-            return results
+            log.warning("batched transcription failed (%s); retrying in halves to isolate the file", exc)
+            mid = len(clips) // 2
+            return self._isolating(clips[:mid]) + self._isolating(clips[mid:])
+
+    def _probe(self) -> None:
+        """Every clip failed: does the model still transcribe a known-good input?"""
+        try:
+            self._transcribe_together([np.zeros(WHISPER_SAMPLE_RATE, dtype=np.float32)])
+        except Exception as exc:
+            raise device_fault(exc) or DeviceFault(
+                f"whisper fails on a second of silence too: {type(exc).__name__}: {exc}") from exc
 
     def transcribe_one_by_one(self, clip: np.ndarray) -> Transcript:
         """faster-whisper's own per-file `transcribe()` with the same decoding settings (the seed's way)."""

@@ -5,8 +5,8 @@
   SIGKILL or stopped with SIGTERM like a real deployment; its output is kept for inspection.
 - `FakeWhisper` stands in for Whisper where the model is beside the point (crashes, rebalances,
   outages): real Kafka, real S3, real files, real processes, and a transcriber that costs
-  nothing. On two shared CPU cores tiny.en needs ~1-2 s per clip (every clip is padded to a
-  30 s window), which would make these tests minutes long. A child started with
+  nothing. On two shared CPU cores tiny.en needs ~0.5-2 s per clip, which would make these
+  tests minutes long. A child started with
   `fake_whisper=True` runs the same CLI `main()` with `FakeWhisper` installed (`child_main`).
 - `create_topics` / `publish` put events (or raw, malformed bytes) on a fresh topic with a
   plain aiokafka producer: these tests exercise the consumer, not the producers.
@@ -61,8 +61,12 @@ class FakeWhisper:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.delay = float(os.environ.get("METAVOICE_TEST_WHISPER_DELAY", "0"))
+        # a clip of exactly this many 16 kHz samples kills the process, as a native crash would
+        self.crash_on = int(os.environ.get("METAVOICE_TEST_CRASH_ON_SAMPLES", "0"))
 
     def transcribe_batch(self, clips: list) -> list[Transcript]:
+        if self.crash_on and any(len(c) == self.crash_on for c in clips):
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.delay:
             time.sleep(self.delay * len(clips))
         out = []
@@ -101,7 +105,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
                  "s3_region", "output_dir", "batch_max_events", "batch_linger_ms", "roll_max_rows",
                  "roll_max_seconds", "exit_when_idle", "pipeline_depth", "min_duration_sec",
                  "max_duration_sec", "s3_retry_attempts", "kafka_session_timeout_ms", "tokenizer",
-                 "shutdown_timeout"):
+                 "shutdown_timeout", "fault_timeout_s", "bucket", "allowed_buckets", "max_events_per_message"):
         value = getattr(settings, name)
         if value is not None:
             env[f"METAVOICE_{name.upper()}"] = str(value)

@@ -1,7 +1,9 @@
 """The benchmark script runs end to end and reports every mode.
 
 Deliberately no timing assertions: performance figures come from `python -m pipeline.bench`
-on a quiet machine (docs/benchmarks.md), never from a timed test on a shared runner.
+on a quiet machine (docs/benchmarks.md), never from a timed test on a shared runner. Nor does
+the bench itself depend on timing: a stream run ends when every event it published is handled
+(not on an idle timeout), and every wait it makes is bounded and names what it waited for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.bench import MODES, RATIOS
+from pipeline.bench.ceiling import CEILING_MODES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,19 +32,44 @@ def test_quick_bench_reports_every_mode_with_positive_throughput_and_the_ratios(
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
 
-    assert set(report["modes"]) == set(MODES)
+    assert set(report["modes"]) | set(report["ceiling"]) == set(MODES)
     for name, mode in report["modes"].items():
         assert mode["files"] == report["corpus"]["clips"], name
         assert mode["audio_seconds"] > 0 and mode["wall_seconds"] > 0, name
         assert mode["throughput"] > 0, name
     assert set(report["ratios"]) == {f"{a}/{b}" for a, b in RATIOS}
     assert all(v is not None and v > 0 for v in report["ratios"].values())
-    assert report["prefect"]["per_batch_prefect"]["batches"] >= 1
-    assert "overhead_per_batch_s" in report["prefect"]
+    assert set(report["targets"]) >= {"pipeline/seed", "stream-ceiling/io-floor", "flow_runs_per_1000_events"}
+    per_batch = report["prefect"]["per_batch_pipeline"]
+    assert per_batch["batches"] >= 1 and per_batch["flow_runs"] >= 1
     assert report["latency"]["rows"] == report["latency"]["events"]
     assert report["latency"]["p50_s"] > 0
     assert "backlog" not in report  # --quick skips it
     assert "pipeline/seed =" in proc.stdout  # the printed table and ratios
+
+
+def test_quick_bench_measures_the_streams_ceiling_on_every_event_with_prefect_recording_runs(tmp_path: Path):
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "--quick", "--clips", "2", "--max-sec", "3", "--json", str(out),
+         "--skip", "seed,bare,model,pipeline,pipeline-no-prefect,latency", "--ceiling-events", "40",
+         "--batch-max-events", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    ceiling = report["ceiling"]
+    assert set(ceiling) == set(CEILING_MODES) and not report["modes"]
+    for name, mode in ceiling.items():
+        assert mode["files"] == 40 and mode["details"]["events_per_second"] > 0, name
+    on, off = ceiling["stream-ceiling"]["details"], ceiling["stream-ceiling-no-prefect"]["details"]
+    assert on["batches"] >= 5  # micro-batches of at most 8 events
+    assert on["flow_runs_per_1000_events"] == 1000 * on["per_batch"]["flow_runs"] / 40 > 0
+    assert on["task_runs_per_1000_events"] > 0  # transcription off: one task run (tokenize) per flow run
+    assert off["flow_runs_per_1000_events"] == 0
+    assert report["ratios"]["stream-ceiling/io-floor"] > 0
+    assert report["ratios"]["stream-ceiling/stream-ceiling-no-prefect"] > 0
+    assert "stream-ceiling/io-floor =" in proc.stdout
 
 
 def test_backlog_pass_compares_a_full_backlog_with_the_in_flight_batches_alone(tmp_path: Path):

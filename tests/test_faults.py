@@ -18,7 +18,7 @@ import pytest
 from botocore.exceptions import ResponseStreamingError
 
 from consumer.cli import pipeline_errors
-from pipeline.errors import OutputWriteFailed, StorageUnavailable
+from pipeline.errors import OutputWriteFailed, StorageOutage, StorageUnavailable
 from pipeline.events import ObjectEvent
 from pipeline.ledger import OutputLedger
 from pipeline.local_services import MOTO_CREDENTIALS
@@ -117,12 +117,14 @@ def test_s3_down_for_seconds_mid_stream_is_waited_out_and_nothing_is_dead_letter
 
 
 @pytest.mark.integration
-def test_s3_down_past_the_retry_budget_stops_without_committing_or_dead_lettering(
+def test_s3_down_past_the_fault_timeout_stops_without_committing_or_dead_lettering(
     services, s3, bucket, settings_factory, speech_corpus, models
 ):
+    """Objects fail past their retries and a probe of the bucket fails too: an outage, not the
+    objects' fault. The batch is retried with backoff; past fault_timeout_s the consumer stops."""
     outage = TcpOutage(services.s3.port)
-    outage.cut()  # down from the start, for longer than 2 attempts wait
-    st = settings_factory(s3_endpoint_url=outage.url, s3_retry_attempts=2, exit_when_idle=1.5)
+    outage.cut()  # down from the start, for longer than the fault timeout
+    st = settings_factory(s3_endpoint_url=outage.url, s3_retry_attempts=2, exit_when_idle=1.5, fault_timeout_s=4.0)
     arrange(s3, bucket, st, speech_corpus, 2)
     try:
         consumer = Background(st, models)
@@ -130,7 +132,7 @@ def test_s3_down_past_the_retry_budget_stops_without_committing_or_dead_letterin
     finally:
         outage.close()
 
-    assert [type(e) for e in pipeline_errors(consumer.error)] == [StorageUnavailable], consumer.error
+    assert [type(e) for e in pipeline_errors(consumer.error)] == [StorageOutage], consumer.error
     assert all(o is None for o in committed_offsets(st).values())
     assert read_topic(st, st.dlq_topic, expected=0, timeout=2) == []
 

@@ -131,7 +131,7 @@ async def test_metrics_match_what_the_consumer_processed(services, s3, bucket, s
             status, body = await get(http, p, "/readyz")
             assert status == 200, body
             ready = orjson.loads(body)
-            assert ready["ready"] and set(ready["checks"]) == {"broker", "s3", "models"}
+            assert ready["ready"] and set(ready["checks"]) == {"broker", "s3", "models", "environment"}
             assert all(c["ok"] for c in ready["checks"].values())
             assert (await get(http, p, "/healthz"))[0] == 200
     finally:
@@ -189,7 +189,7 @@ async def test_readyz_names_the_dependency_that_is_missing(services, bucket, set
 
     app = StreamConsumer(settings_factory(bucket=bucket))
     ok, report = await app.operations.readiness.evaluate()
-    assert not ok and {k: v["ok"] for k, v in report.items()} == {"broker": False, "s3": False, "models": False}
+    assert not ok and {k: v["ok"] for k, v in report.items()} == {"broker": False, "s3": False, "models": False, "environment": True}
 
     app.models = SimpleNamespace(transcriber=SimpleNamespace(name="tiny.en", device="cpu"), tokenizer=SimpleNamespace(name="synthetic"))
     async with s3_client(app.settings) as s3:

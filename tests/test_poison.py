@@ -62,6 +62,7 @@ class FailsOnOneClip(AudioTokenizer):
     def __init__(self, inner: AudioTokenizer) -> None:
         self.inner = inner
         self.name, self.codebooks, self.frame_rate, self.device = inner.name, inner.codebooks, inner.frame_rate, inner.device
+        self.sample_rate, self.channels = inner.sample_rate, inner.channels
 
     def encode_batch(self, clips: list[DecodedAudio]) -> list[np.ndarray]:
         if any((c.frames, c.sample_rate) == TOKENIZE_FAILS for c in clips):
@@ -76,7 +77,7 @@ def flaky_models(models, monkeypatch):
 
     def transcribe_together(clips):
         if any(len(c) == TRANSCRIBE_FAILS_SAMPLES for c in clips):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            raise ValueError("decoder produced tokens past the end of the vocabulary")  # this file's fault, not the device's
         return real(clips)
 
     monkeypatch.setattr(models.transcriber, "_transcribe_together", transcribe_together)

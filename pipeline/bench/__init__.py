@@ -1,0 +1,56 @@
+"""`python -m pipeline.bench`: the stream's throughput, ceiling, latency and memory, against the seed and bare faster-whisper.
+
+One run, one machine, one loaded model and the same decoding settings (model, beam size,
+language, tokenizer) for every speech mode. Speech figures are audio-seconds per wall-second;
+the ceiling's are events per second.
+
+    seed                       list the bucket; per file, in turn: download (boto3), decode,
+                               faster-whisper `transcribe()`, tokenize; one Parquet at the end
+    bare                       faster-whisper's `BatchedInferencePipeline.transcribe(batch_size=B)`
+                               per file, audio decoded in advance (no I/O)
+    model                      `WhisperTranscriber.transcribe_batch(all clips)`, audio decoded in
+                               advance: the pipeline's exact model call - its ceiling
+    pipeline                   backfill -> Kafka -> consumer (Prefect on) -> Parquet + summary.json
+    pipeline-no-prefect        the same with prefect_enabled=False
+    io-floor                   list, download `download_concurrency` at a time and decode
+                               `--ceiling-events` small objects: the I/O no stream can avoid
+    stream-ceiling             the consumer (Prefect on, transcription off, a tokenizer that costs
+                               nothing) on the same objects waiting in the topic: what the stream
+                               itself costs per event once the models are fast (a GPU)
+    stream-ceiling-no-prefect  the same with prefect_enabled=False
+    latency                    events published at a steady rate, files rolled every second:
+                               publish -> row in a finalized file, per event
+    backlog                    `--backlog-events` waiting in the topic; the consumer runs for a
+                               bounded time in a child process whose RSS is sampled
+
+Ratios: pipeline/seed, pipeline/bare, pipeline/model, stream-ceiling/io-floor and
+stream-ceiling/stream-ceiling-no-prefect (Prefect on/off), with issue 13's targets.
+
+A stream run's consumer is started first and has joined its group when its clock starts (its
+start-up is reported, not timed); the run ends when every event published is accounted for
+(never on an idle timeout) and the consumer has drained, finalized and committed. Every wait is
+bounded and fails with a message naming what it waited for.
+
+Performance claims come from this script, never from a timed test: tests/test_bench_smoke.py
+only checks that it runs and reports every mode. See docs/benchmarks.md.
+
+    measure.py      RSS, CPU by process, a mode's result, bounded waits
+    corpus.py       spoken clips, small objects, copies
+    model_modes.py  seed, bare, model
+    stream.py       pipeline, pipeline-no-prefect, latency; Prefect's warm-up
+    ceiling.py      io-floor, stream-ceiling, stream-ceiling-no-prefect
+    backlog.py      backlog memory (child processes)
+    run.py          one run: services, corpora, every mode, ratios, targets
+    report.py       the printed report
+    cli.py          the command line
+"""
+
+from .run import MODES, PASSES, RATIOS
+
+__all__ = ["MODES", "PASSES", "RATIOS", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(argv)
