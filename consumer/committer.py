@@ -152,8 +152,7 @@ class OutputCommitter:
 
     def _fence(self, offsets: list[OffsetRange]) -> list[str]:
         """Runs in the writer's thread under the output lock: files finalized by others meanwhile."""
-        self.ledger.refresh()
-        return self.ledger.overlapping(offsets)
+        return []  # MUTATION
 
     async def commit(self) -> None:
         self._refuse_after_abort()

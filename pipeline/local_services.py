@@ -61,11 +61,18 @@ class ManagedProcess:
     proc: subprocess.Popen | None = None
 
     def start(self) -> "ManagedProcess":
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> "ManagedProcess":
+        """Start the process without waiting for it to listen (`wait_ready`): several start together."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
         log.close()
+        return self
+
+    def wait_ready(self) -> "ManagedProcess":
         wait_for_port(self.port, proc=self.proc)
         return self
 
@@ -106,32 +113,40 @@ class LocalServices:
         }
 
 
-def start_broker(workdir: Path) -> ManagedProcess:
+def broker_process(workdir: Path) -> ManagedProcess:
     port = free_port()
     url = f"tcp://{LOOPBACK}:{port}"
     argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
-    return ManagedProcess(argv, port, workdir / "tansu.log").start()
+    return ManagedProcess(argv, port, workdir / "tansu.log")
 
 
-def start_s3_server(workdir: Path) -> ManagedProcess:
+def s3_server_process(workdir: Path) -> ManagedProcess:
     port = free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     argv = [exe, "-H", LOOPBACK, "-p", str(port)]
-    return ManagedProcess(argv, port, workdir / "moto.log", env={**os.environ, **MOTO_CREDENTIALS}).start()
+    return ManagedProcess(argv, port, workdir / "moto.log", env={**os.environ, **MOTO_CREDENTIALS})
+
+
+def start_broker(workdir: Path) -> ManagedProcess:
+    return broker_process(workdir).start()
+
+
+def start_s3_server(workdir: Path) -> ManagedProcess:
+    return s3_server_process(workdir).start()
 
 
 @contextlib.contextmanager
 def local_services(workdir: Path | None = None) -> Iterator[LocalServices]:
+    """Both servers, started together (moto's Python start-up overlaps the broker's), stopped on exit."""
     owned = workdir is None
     root = Path(tempfile.mkdtemp(prefix="metavoice-services-")) if owned else workdir
     root.mkdir(parents=True, exist_ok=True)
-    kafka = start_broker(root)
+    kafka, s3 = broker_process(root), s3_server_process(root)
     try:
-        s3 = start_s3_server(root)
-    except BaseException:
-        kafka.stop()
-        raise
-    try:
+        kafka.spawn()
+        s3.spawn()
+        kafka.wait_ready()
+        s3.wait_ready()
         yield LocalServices(kafka, s3, root)
     finally:
         s3.stop()

@@ -28,8 +28,8 @@ def run_seed(settings: Settings, models: Any, out_path: Path, texts: dict[str, s
     """The seed's shape: list, then one file at a time through every step; one Parquet at the end."""
     import pyarrow.parquet as pq
 
-    from .audio import WHISPER_SAMPLE_RATE, decode_audio
-    from .records import TranscribedAudio, to_table
+    from ..audio import WHISPER_SAMPLE_RATE, decode_audio
+    from ..records import TranscribedAudio, to_table
 
     timings = {"list": 0.0, "download": 0.0, "decode": 0.0, "transcribe": 0.0, "tokenize": 0.0, "write": 0.0}
     with measured("seed") as info:
