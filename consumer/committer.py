@@ -152,7 +152,8 @@ class OutputCommitter:
 
     def _fence(self, offsets: list[OffsetRange]) -> list[str]:
         """Runs in the writer's thread under the output lock: files finalized by others meanwhile."""
-        return []  # MUTATION
+        self.ledger.refresh()
+        return self.ledger.overlapping(offsets)
 
     async def commit(self) -> None:
         self._refuse_after_abort()
