@@ -179,7 +179,8 @@ class StreamConsumer:
                                       max_event_bytes=min(DeadLetterLimits().max_event_bytes, st.dlq_max_record_bytes // 4))
             self.committer = OutputCommitter(consumer, writer, self.ledger, DeadLetterWriter(dlq_producer, st.dlq_topic, limits))
             self.batcher = Batcher(self.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms,
-                                   allowed_buckets=st.allowed_bucket_set(), max_events_per_message=st.max_events_per_message)
+                                   allowed_buckets=st.allowed_bucket_set(), max_events_per_message=st.max_events_per_message,
+                                   backlog_max_events=st.batch_max_events_backlog)
             consumer.subscribe([st.topic], listener=Rebalancer(self))
             await _start_when_broker_is_up(consumer.start, st)
             stack.push_async_callback(consumer.stop)
@@ -259,7 +260,9 @@ class StreamConsumer:
             wait = batcher.seconds_until_due()
             timeout_ms = int(1000 * min(0.2 if wait is None else wait, 0.2))
             fetched_in = self.gate.generation  # an assignment change meanwhile voids this fetch
-            records = await consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=self.settings.batch_max_events)
+            # every pipeline slot busy: a backlog; let the open batch grow instead of closing it small
+            batcher.backlog = self._pending >= self.settings.pipeline_depth
+            records = await consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=batcher.event_limit)
             self._raise_if_failed()
             async with self._fetch_lock:
                 records = self._admit(fetched_in, records)
@@ -452,6 +455,10 @@ class StreamConsumer:
                 log.info("committing offsets the files hold but the broker lacks: %s",
                          {f"{tp.partition}": o for tp, o in plan.lagging.items()})
                 await self.committer.commit_recovered(plan.lagging)
+            if plan.rewound and self.committer is not None:
+                # a rewind is committed at once: a restart without the flag resumes from it, not
+                # from the group's old offsets (as kafka-consumer-groups --reset-offsets does)
+                await self.committer.commit_rewind({tp: starts[tp] for tp in plan.rewound})
 
     async def _plan_starts(self, assigned: set[TopicPartition], first: bool) -> StartPlan[TopicPartition]:
         """Ask the broker and the files, then decide (consumer/positions.py).
@@ -462,12 +469,15 @@ class StreamConsumer:
         """
         consumer, st = self.consumer, self.settings
         assert consumer is not None
+        # every partition of the topic: one that reaches this process later (a member leaves) is
+        # rewound too, not resumed from the group's old offsets
+        topic = assigned | {TopicPartition(st.topic, p) for p in (consumer.partitions_for_topic(st.topic) or ())}
         if first and st.from_timestamp:
             ts = int(st.from_timestamp_utc().timestamp() * 1000)  # type: ignore[union-attr]
-            found = await consumer.offsets_for_times({tp: ts for tp in assigned})
-            self._rewind_points = {tp: offset_from_time_lookup(found.get(tp)) for tp in assigned}
+            found = await consumer.offsets_for_times({tp: ts for tp in topic})
+            self._rewind_points = {tp: offset_from_time_lookup(found.get(tp)) for tp in topic}
         elif first and st.from_beginning:
-            self._rewind_points = dict(await consumer.beginning_offsets(list(assigned)))
+            self._rewind_points = dict(await consumer.beginning_offsets(list(topic)))
         # Progress made since the rewind is in the files, and a start never goes before them.
         rewind = {tp: self._rewind_points[tp] for tp in assigned & self._rewind_points.keys()} or None
         committed = {tp: await consumer.committed(tp) for tp in assigned}

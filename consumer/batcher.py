@@ -53,9 +53,15 @@ class Batcher:
     def __init__(
         self, ledger: OutputLedger, max_events: int, max_bytes: int, linger_ms: int, *,
         allowed_buckets: frozenset[str] | None = None, max_events_per_message: int = 1000,
+        backlog_max_events: int | None = None,
     ) -> None:
         self.ledger = ledger
         self.max_events = max_events
+        # Under a backlog (every pipeline slot busy) a batch keeps growing to this instead of
+        # closing at `max_events`: fewer, larger micro-batches, so per-batch costs (a Prefect flow
+        # run, a summary update) are paid per hundreds of events. Idle streams keep small batches.
+        self.backlog_max_events = max(max_events, backlog_max_events or max_events)
+        self.backlog = False
         self.max_bytes = max_bytes
         self.linger = linger_ms / 1000.0
         self.allowed_buckets = allowed_buckets  # None: any bucket
@@ -104,9 +110,13 @@ class Batcher:
         b.newest_record_ms = max(b.newest_record_ms, record.timestamp or 0)
         return b, SourceRef(record.topic, record.partition, record.offset)
 
+    @property
+    def event_limit(self) -> int:
+        return self.backlog_max_events if self.backlog else self.max_events
+
     def full(self) -> bool:
         b = self._open
-        return b is not None and (len(b.items) >= self.max_events or b.bytes >= self.max_bytes)
+        return b is not None and (len(b.items) >= self.event_limit or b.bytes >= self.max_bytes)
 
     def due(self, now: float | None = None) -> bool:
         b = self._open

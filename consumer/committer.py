@@ -189,6 +189,18 @@ class OutputCommitter:
         except KafkaError as exc:  # harmless: the files hold these positions either way
             log.warning("committing recovered offsets failed (%s); the finalized files still hold them", exc)
 
+    async def commit_rewind(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit where a rewind starts (it may be before the group's committed offset): from now on
+        commits never go below it. A failure is logged: the next file's commit catches up."""
+        offsets = {tp: off for tp, off in offsets.items() if tp in self.consumer.assignment()}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
+            self._committed_check.update(offsets)
+        except KafkaError as exc:
+            log.warning("committing the rewind positions failed (%s); they are committed with the next file", exc)
+
     def forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._committed_check.pop(tp, None)

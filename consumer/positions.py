@@ -60,6 +60,7 @@ class StartPlan(Generic[TP]):
     to_end: list[TP] = field(default_factory=list)  # a time rewind found no record at/after the time
     to_beginning: list[TP] = field(default_factory=list)  # neither the broker nor the files know it
     lagging: dict[TP, int] = field(default_factory=dict)  # commit these: the files are ahead of the broker
+    rewound: list[TP] = field(default_factory=list)  # started by a rewind: commit the start (persist it)
 
 
 def plan_starts(
@@ -80,8 +81,11 @@ def plan_starts(
             plan.lagging[tp] = behind
         if rewind is not None and tp in rewind and rewind[tp] is None:
             plan.to_end.append(tp)
+            plan.rewound.append(tp)
             continue
         start = resume_offset(committed.get(tp), from_files.get(tp), rewind.get(tp) if rewind else None)
+        if rewind is not None and rewind.get(tp) is not None and start != committed.get(tp):
+            plan.rewound.append(tp)
         if start is None:
             plan.to_beginning.append(tp)
         else:

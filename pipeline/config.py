@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # --- micro-batching and output -----------------------------------------------------
     output_dir: Path = Path("output")
     batch_max_events: int = Field(32, ge=1)
+    # Under a backlog (all pipeline_depth batches in flight) a micro-batch grows to this many events
+    # (still within batch_max_bytes and the linger): fewer flow runs per event when it matters.
+    batch_max_events_backlog: int = Field(128, ge=1)
     batch_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     batch_linger_ms: int = Field(500, ge=0)
     roll_max_rows: int = Field(10_000, ge=1)

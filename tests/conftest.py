@@ -60,6 +60,8 @@ def test_settings(services: LocalServices, unique: str, output_dir: Path, **over
         output_dir=output_dir,
         topic_partitions=4,
         batch_linger_ms=100,
+        # batch sizes as the tests set them; tests of backlog growth opt in
+        batch_max_events_backlog=1,
         exit_when_idle=3.0,
         prefect_enabled=False,
         # Tansu holds a first group join for about half the session timeout: keep it short.

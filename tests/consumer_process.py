@@ -102,7 +102,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """`METAVOICE_*` variables that reproduce `settings` in a child process (secrets excluded)."""
     env = {}
     for name in ("kafka_bootstrap", "topic", "dlq_topic", "group", "topic_partitions", "s3_endpoint_url",
-                 "s3_region", "output_dir", "batch_max_events", "batch_linger_ms", "roll_max_rows",
+                 "s3_region", "output_dir", "batch_max_events", "batch_max_events_backlog", "batch_linger_ms", "roll_max_rows",
                  "roll_max_seconds", "exit_when_idle", "pipeline_depth", "min_duration_sec",
                  "max_duration_sec", "s3_retry_attempts", "kafka_session_timeout_ms", "tokenizer",
                  "shutdown_timeout", "fault_timeout_s", "bucket", "allowed_buckets", "max_events_per_message"):

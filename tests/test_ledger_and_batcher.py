@@ -71,3 +71,20 @@ def test_batch_closes_on_events_bytes_or_linger(tmp_path):
     assert b.due(now=b._open.opened_at + 0.06)  # noqa: SLF001
     b.add(record(1, r2("b.flac")))
     assert b.full()  # 2 events (and 20 bytes > 15)
+
+
+def test_under_a_backlog_a_micro_batch_grows_past_its_idle_size_and_shrinks_back_when_idle(tmp_path):
+    ledger = OutputLedger(tmp_path)
+    batcher = Batcher(ledger, max_events=4, max_bytes=1 << 30, linger_ms=10_000, backlog_max_events=10)
+    event = lambda i: orjson.dumps({"action": "PutObject", "bucket": "b", "object": {"key": f"k{i}", "eTag": f"e{i}"}})
+    for i in range(4):
+        batcher.add(record(i, event(i)))
+    assert batcher.full()  # idle stream: closes at max_events
+    batcher.backlog = True  # every pipeline slot is busy
+    assert not batcher.full() and batcher.event_limit == 10
+    for i in range(4, 10):
+        batcher.add(record(i, event(i)))
+    assert batcher.full()
+    assert len(batcher.take().items) == 10
+    batcher.backlog = False
+    assert batcher.event_limit == 4

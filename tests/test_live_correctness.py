@@ -164,6 +164,28 @@ def test_rewinding_a_group_that_committed_mid_topic_replays_every_event_once_wit
     assert committed_offsets(st) == {p: (end or None) for p, end in ends.items()}
 
 
+@pytest.mark.slow
+def test_a_rewind_is_committed_at_once_so_a_restart_without_the_flag_does_not_skip_what_it_rewound_to(
+    services, s3, bucket, settings_factory, speech_corpus, models, tmp_path
+):
+    st = settings_factory(topic_partitions=1, batch_max_events=2, roll_max_rows=2)
+    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 8)
+    create_topics(st)
+    publish(st, events)
+    assert consume_until_idle(st, models).rows == 8  # the group has committed the whole topic
+
+    replay = st.model_copy(update={"output_dir": tmp_path / "replay", "from_beginning": True})
+    killed = ConsumerProcess(services, replay, tmp_path / "killed.log", METAVOICE_FROM_BEGINNING="true",
+                             METAVOICE_CRASH_AT="after_rename:1").start()
+    with logs_on_failure(killed):
+        assert killed.wait(timeout=120) == -signal.SIGKILL
+    # restarted the way a supervisor does it: the same settings, without the one-off rewind flag
+    consume_until_idle(replay.model_copy(update={"from_beginning": False}), models)
+
+    assert_exactly_once(replay.output_dir, versions(events))
+    assert_offsets_contiguous(replay.output_dir, {0: 8})
+
+
 def test_from_timestamp_starts_a_partition_with_no_later_record_at_its_end_not_its_beginning(
     s3, bucket, settings_factory, speech_corpus, models, tmp_path
 ):

@@ -164,6 +164,9 @@ class Consumer:
     async def beginning_offsets(self, tps) -> dict[TopicPartition, int]:
         return {tp: 0 for tp in tps}
 
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {tp.partition for tp in self.group.tps if tp.topic == topic}
+
     async def offsets_for_times(self, times: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndTimestamp | None]:
         found: dict[TopicPartition, OffsetAndTimestamp | None] = {}
         for tp, ts in times.items():
@@ -299,8 +302,8 @@ class Process:
         self.consumer.returned(records)
         async with self.app._fetch_lock:
             for tp_records in self.app._admit(fetched_in, records).values():
-                for rec in tp_records:
-                    self.app.batcher.add(rec)  # type: ignore[union-attr]  # _batch_record, verdict "ok"
+                for rec in tp_records:  # what _batch_record does when the crash guard says "ok"
+                    self.app.batcher.add(rec)  # type: ignore[union-attr]
         return sum(map(len, records.values()))
 
     async def apply(self) -> None:
@@ -340,6 +343,8 @@ class Process:
 
 # --- the steps --------------------------------------------------------------------------------------
 class World:
+    """The group, the dead letters, the deployment and its current process; one method per step."""
+
     def __init__(self, tmp: Path, log: dict[int, list[ConsumerRecord]], roll_max_rows: int) -> None:
         self.tmp, self.log, self.roll_max_rows = tmp, log, roll_max_rows
         self.group = Group(log)
@@ -392,6 +397,7 @@ class World:
             raise AssertionError(s)
 
     async def crash(self, point: str | None, fetch_early: bool) -> None:
+        """The process dies (in a finalize, at `point`), and a new one starts on the same directory."""
         self.crash_at = point
         try:
             if point is not None:
@@ -488,6 +494,8 @@ class World:
         for _ in range(20):
             await asyncio.sleep(0)
         b = None
+        # A revoke that returned before the rename would let B plan from files that lack A's: B
+        # would read those offsets again, and its finalize be fenced (an unexpected Fenced fails).
         if revoke.done():  # the group moves on now; A's process lives on (its liveness lock held)
             a.consumer.revoked()
             b = await self.start(fetch_early)
@@ -503,6 +511,7 @@ class World:
 
     async def finish(self) -> None:
         """Drain the log, stop, and start once more: nothing left to do, a lost commit caught up."""
+        self.group.fail_next_commit = False  # a healthy broker from here on
         proc = self.proc
         for _ in range(10):
             await proc.fetch(1000)
@@ -614,7 +623,8 @@ step = st.one_of(
     takeover,
     handover,
 )
-# the moments that matter most come with a file open: a batch, then one of them
+# the moments that matter most come with a file open: a batch, then one of them (one_of and
+# sampled_from draw their first choices most often)
 after_a_batch = st.tuples(batch, st.one_of(handover, takeover, rewind, crash, rebalance))
 steps = st.lists(st.one_of(after_a_batch.map(list), step.map(lambda s: [s])), min_size=3, max_size=15).map(lambda parts: sum(parts, []))
 
