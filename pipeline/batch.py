@@ -11,7 +11,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 import numpy as np
 
@@ -90,6 +90,16 @@ class Slot(Generic[T]):
 class Downloaded:
     data: bytes
     etag: str
+    size: int = -1  # bytes read; kept when `data` is released after decoding
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.data)
+
+    def release(self) -> int:
+        """Drop the compressed bytes (decoded, they are no longer needed); returns how many."""
+        n, self.data = len(self.data), b""
+        return n
 
 
 @dataclass
@@ -110,36 +120,81 @@ async def download_stage(s3: Any, items: list[WorkItem], settings: Settings) -> 
     retries while a probe of their bucket fails too (an outage).
     """
     sem = asyncio.Semaphore(settings.download_concurrency)
-    expected_buckets = settings.allowed_bucket_set()
 
     async def one(item: WorkItem) -> Slot[Downloaded]:
-        ev = item.event
         async with sem:
-            crash_point("download")
-            try:
-                data, etag = await download_object(
-                    s3, ev.bucket, ev.key, settings.max_object_bytes, settings.s3_retry_attempts,
-                    if_match=ev.etag, version_id=ev.version_id,
-                )
-            except (PermanentError, Superseded) as exc:
-                return Slot(item, error=exc)
-            except StorageUnavailable as exc:  # past its retries: the object's fault, unless the bucket fails too
-                return Slot(item, error=ObjectUnavailable(str(exc)))
-            except BucketMissing as exc:
-                if expected_buckets is None:  # any bucket may be named: a missing one is the event's problem
-                    return Slot(item, error=ObjectMissing(str(exc)))
-                raise
-        # the etag of the bytes read, never the event's claim: a row names the version it was made from
-        return Slot(item, Downloaded(data, etag or ev.etag or ""))
+            return await _download_one(s3, item, settings)
 
-    results = await asyncio.gather(*(one(i) for i in items), return_exceptions=True)
+    slots = _raise_fault(await asyncio.gather(*(one(i) for i in items), return_exceptions=True))
+    await _probe_unavailable(s3, slots)
+    return slots
+
+
+async def download_and_decode_stage(
+    s3: Any, items: list[WorkItem], settings: Settings,
+    decode: Callable[[list[Slot[Downloaded]]], Awaitable[list[Slot[DecodedAudio]]]],
+) -> tuple[list[Slot[Downloaded]], list[Slot[DecodedAudio]]]:
+    """Download and decode, object by object: each object is decoded as soon as it is read and
+    its compressed bytes dropped, and a download starts only while the bytes held (read, not yet
+    decoded) are under `batch_max_bytes` - the bytes actually read, whatever the events claim.
+    So a batch holds at most the budget plus `download_concurrency` objects of compressed audio."""
+    sem = asyncio.Semaphore(settings.download_concurrency)
+    room = asyncio.Condition()
+    held = 0
+
+    async def one(item: WorkItem) -> tuple[Slot[Downloaded], Slot[DecodedAudio]]:
+        nonlocal held
+        async with sem:
+            async with room:
+                await room.wait_for(lambda: held < settings.batch_max_bytes or held == 0)
+            slot = await _download_one(s3, item, settings)
+            if slot.ok:
+                held += slot.value.size  # type: ignore[union-attr]
+        try:
+            (decoded,) = await decode([slot])
+        finally:
+            if slot.ok:
+                held -= slot.value.release()  # type: ignore[union-attr]
+                async with room:
+                    room.notify_all()
+        return slot, decoded
+
+    pairs = _raise_fault(await asyncio.gather(*(one(i) for i in items), return_exceptions=True))
+    downloaded = [d for d, _ in pairs]
+    await _probe_unavailable(s3, downloaded)
+    return downloaded, [a for _, a in pairs]
+
+
+async def _download_one(s3: Any, item: WorkItem, settings: Settings) -> Slot[Downloaded]:
+    ev = item.event
+    crash_point("download")
+    try:
+        data, etag = await download_object(
+            s3, ev.bucket, ev.key, settings.max_object_bytes, settings.s3_retry_attempts,
+            if_match=ev.etag, version_id=ev.version_id,
+        )
+    except (PermanentError, Superseded) as exc:
+        return Slot(item, error=exc)
+    except StorageUnavailable as exc:  # past its retries: the object's fault, unless the bucket fails too
+        return Slot(item, error=ObjectUnavailable(str(exc)))
+    except BucketMissing as exc:
+        if settings.allowed_bucket_set() is None:  # any bucket may be named: a missing one is the event's problem
+            return Slot(item, error=ObjectMissing(str(exc)))
+        raise
+    # the etag of the bytes read, never the event's claim: a row names the version it was made from
+    return Slot(item, Downloaded(data, etag or ev.etag or ""))
+
+
+def _raise_fault(results: list) -> list:
     for r in results:
         if isinstance(r, BaseException):
             raise r  # an EnvironmentFault (or a bug): the batch stops, nothing is blamed on objects
-    slots: list[Slot[Downloaded]] = results  # type: ignore[assignment]
+    return results
+
+
+async def _probe_unavailable(s3: Any, slots: list[Slot[Downloaded]]) -> None:
     for bucket in sorted({s.item.event.bucket for s in slots if isinstance(s.error, ObjectUnavailable)}):
         await probe_bucket(s3, bucket)  # raises StorageOutage when the bucket itself does not answer
-    return slots
 
 
 def decode_stage(
@@ -254,7 +309,7 @@ def assemble_stage(
                 id=ev.key,
                 bucket=ev.bucket,
                 etag=d.value.etag,  # type: ignore[union-attr]
-                size_bytes=len(d.value.data),  # type: ignore[union-attr]
+                size_bytes=d.value.size,  # type: ignore[union-attr]
                 event_time=ev.event_time,
                 duration_sec=round(audio.duration_sec, 6),  # type: ignore[union-attr]
                 sampling_rate=audio.sample_rate,  # type: ignore[union-attr]
