@@ -147,6 +147,9 @@ class StreamConsumer:
                  "tokenizer": self.models.tokenizer.name},
                 force=st.force,
             )
+            if st.allowed_bucket_set() is None:
+                log.warning("any bucket an event names will be read: set METAVOICE_ALLOWED_BUCKETS (or "
+                            "METAVOICE_BUCKET) to the buckets this stream serves")
             discard_orphaned_inprogress(st.output_dir)
             self.guard = CrashGuard(st.output_dir)
             stack.callback(self.guard.abandon)  # a stop Python sees blames no record; only a hard death does
