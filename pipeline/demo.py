@@ -52,12 +52,8 @@ def demo_settings(settings: Settings, **overrides: Any) -> Settings:
 def run_demo(output_dir: Path, clips: int, settings: Settings) -> int:
     console = Console()
     os.environ.update({k: os.environ.get(k, v) for k, v in MOTO_CREDENTIALS.items()})
-    if settings.prefect_enabled:
-        from .flows import ORCHESTRATION
-
-        ORCHESTRATION.start_api_soon()  # its first start (migrations) overlaps everything below
-    loader = ThreadPoolExecutor(1, thread_name_prefix="demo-models")
-    models_ready = loader.submit(_load_models, settings)  # Whisper and the tokenizer, meanwhile
+    loader = ThreadPoolExecutor(1, thread_name_prefix="demo-start")
+    models_ready = loader.submit(_start_prefect_then_load_models, settings)  # meanwhile: services, clips
     if output_dir.exists():
         shutil.rmtree(output_dir)
     try:
@@ -89,7 +85,17 @@ def run_demo(output_dir: Path, clips: int, settings: Settings) -> int:
     return 0
 
 
-def _load_models(settings: Settings):
+def _start_prefect_then_load_models(settings: Settings):
+    """The longest start first: the Prefect API (its first start runs migrations, 5-15 s in its own
+    process) is spawned before the models load (~3 s here), both while the clips are spoken."""
+    if settings.prefect_enabled:
+        from prefect.settings import PREFECT_API_URL
+
+        from .flows import ORCHESTRATION
+
+        if not PREFECT_API_URL.value():
+            import prefect.server.api.server  # noqa: F401  (heavy: imported here, so the API is spawned at once)
+        ORCHESTRATION.start_api_soon()
     from .models import Models
 
     return Models.load(settings)

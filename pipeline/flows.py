@@ -1,13 +1,15 @@
 """Prefect orchestration: one subflow per micro-batch, a task run per model stage.
 
-A subflow costs seven API round trips (its parent task run, a lookup, the flow, the flow run,
-two state changes and a read: ~0.1 s and ~0.14 CPU-s of client and ephemeral server per batch
-measured on 2 cores); a task run costs none (Prefect 3 reports task runs as events) but ~10 ms
-of client CPU. So a micro-batch records only what adds information: its flow run, and a task
-run per model stage (`transcribe`, skipped when transcription is off, and `tokenize`). Download
-and decode (`prepare`) start when the batch is dispatched, before its flow run exists: the API
-round trips overlap I/O instead of preceding it. Several micro-batches are in flight at once
-(`pipeline_depth`), so each subflow's bookkeeping also overlaps other batches' model work.
+A subflow costs eight API round trips (its parent task run, a lookup, the flow, the flow run, its
+name, two state changes and a read): ~0.1 s and ~0.11 CPU-s of client and ephemeral server per
+batch on 2 quiet cores, twice that on busy ones. A task run costs no round trip (Prefect 3 reports
+task runs as events) but ~10 ms of client CPU. So a micro-batch records what adds information: its
+flow run, named after the events it holds, and a task run per model stage (`transcribe`, left out
+when transcription is off, and `tokenize`). Download and decode (`prepare`) start when the batch
+is dispatched, before its flow run exists: the round trips overlap I/O instead of preceding it,
+and a batch that Prefect fails runs bare on the same prepared work. Several micro-batches are in
+flight at once (`pipeline_depth`), so bookkeeping also overlaps other batches' model work; on the
+ephemeral API (SQLite) they take turns to create and end their runs (`Orchestration.api_gate`).
 Parameters stay tiny (a batch label); the data travels through a per-process registry so Prefect
 never serializes audio. With `prefect_enabled=False` the same stages run without Prefect.
 
@@ -83,7 +85,7 @@ from .batch import (  # noqa: E402
     StageTimer,
     assemble_stage,
     decode_stage,
-    download_stage,
+    download_and_decode_stage,
     tokenize_stage,
     transcribe_stage,
     whisper_inputs,
@@ -422,9 +424,14 @@ class Prepared:
 async def prepare(batch: MicroBatch, s3: Any, models: Models, settings: Settings) -> Prepared:
     """Download and decode a batch; started when the batch is dispatched (see `process_batch`)."""
     timer = StageTimer()
+
+    async def decode(slots: list[Slot[Downloaded]]) -> list[Slot[DecodedAudio]]:
+        return await models.on_cpu("decode", timer.timings, decode_stage, slots, settings)
+
+    # each object decoded as it arrives and its bytes dropped: the byte budget counts bytes read
     with timer.measure("download"):
-        downloaded = await download_stage(s3, batch.items, settings)
-    decoded = await models.on_cpu("decode", timer.timings, decode_stage, downloaded, settings)
+        downloaded, decoded = await download_and_decode_stage(s3, batch.items, settings, decode)
+    timer.timings["download"] = max(0.0, timer.timings["download"] - timer.timings.get("decode", 0.0))
     clips = await models.on_cpu("decode", timer.timings, whisper_inputs, decoded) if models.transcribes else []
     return Prepared(downloaded, decoded, clips, timer.timings)
 

@@ -176,7 +176,6 @@ def rebuild_aggregates(output_dir: Path) -> tuple[Aggregates, list[str]]:
             agg.files += 1
             agg.total_duration_sec += d
             agg.sampling_rates[str(sr)] += 1
-            agg.languages[lang] += 1
-            agg.transcription_lengths.add(len(text))
+            agg.add_transcript(text, lang)
             agg.token_frames.add(len(toks[0]) if toks else 0)
     return agg, names

@@ -12,7 +12,7 @@ from .ledger import rebuild_aggregates
 from .summary import SUMMARY_NAME, load_summary
 
 CHECKED = ("files", "total_duration_sec", "sampling_rates", "languages", "transcription_lengths", "token_frames",
-           "errors", "skipped", "duplicates")
+           "errors", "skipped", "duplicates", "superseded", "untranscribed")
 
 
 def run_summary(output_dir: Path, rebuild: bool = False) -> int:

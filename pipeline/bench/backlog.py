@@ -24,7 +24,7 @@ import numpy as np
 from ..config import Settings
 from ..samples import SampleClip
 from .corpus import BUCKET
-from .measure import MB, BenchWaitTimeout, RssSampler, bounded, psutil_module, rounded, wait_for
+from .measure import MB, BenchWaitTimeout, RssSampler, bounded, log, psutil_module, rounded, wait_for
 from .stream import ASSIGN_TIMEOUT_S, PUBLISH_TIMEOUT_S, bench_consumer, unique, warm_up_prefect
 
 RSS_TARGET_MB = 200
@@ -59,12 +59,19 @@ def run_backlog_comparison(base: Settings, clips: list[SampleClip], events: int,
     in-flight batches (audio, Whisper's working set) are in both; what the backlog itself costs
     is the difference of the peaks - the figure the target is about.
     """
-    in_flight = (base.pipeline_depth + 2) * base.batch_max_events  # every slot full, one batch queued
+    # as many records as the consumer holds ahead of its work under a backlog: every slot busy, one
+    # batch waiting for a slot, one queued, one the fetch loop is handing over - at their largest
+    in_flight = (base.pipeline_depth + 3) * largest_batch(base)
     small = run_backlog(base, clips, min(in_flight, events), seconds, work, "in-flight")
     large = run_backlog(base, clips, events, seconds, work, "backlog")
     growth = (large["peak_rss_mb"] - small["peak_rss_mb"]) if large.get("peak_rss_mb") and small.get("peak_rss_mb") else None
     return rounded({"in_flight_only": small, "backlog": large, "events": events, "seconds": seconds,
                      "growth_from_backlog_mb": growth, "target_growth_mb": RSS_TARGET_MB})
+
+
+def largest_batch(st: Settings) -> int:
+    """Events in the largest micro-batch: `batch_max_events_backlog` where this version has it."""
+    return max(st.batch_max_events, getattr(st, "batch_max_events_backlog", 0))
 
 
 def run_backlog(base: Settings, clips: list[SampleClip], events: int, seconds: float, work: Path,
@@ -103,10 +110,10 @@ def _settings_env(st: Settings) -> dict[str, str]:
     keys = ["kafka_bootstrap", "topic", "group", "s3_endpoint_url", "s3_region", "output_dir", "prefect_enabled",
             "device", "compute_type", "cpu_threads", "whisper_model", "whisper_batch_size", "whisper_window", "beam_size",
             "tokenizer", "synthetic_load_ms", "batch_max_events", "pipeline_depth", "language", "topic_partitions",
-            "kafka_session_timeout_ms", "transcribe", "bucket"]
+            "kafka_session_timeout_ms", "transcribe", "bucket", "batch_max_events_backlog"]
     env = {}
     for k in keys:
-        v = getattr(st, k)
+        v = getattr(st, k, None)
         if v is not None:
             env[f"METAVOICE_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
     return env
@@ -169,6 +176,7 @@ def backlog_worker(seconds: float, result_path: Path) -> int:
             "series_mb": [(round(t, 1), round(v, 1)) for t, v in series[:: max(1, len(series) // 40)]],
             "kafka_fetch": {"max_partition_fetch_bytes": 1 << 20, "fetch_max_bytes": _fetch_max_bytes(app),
                             "partitions": st.topic_partitions, "batch_max_events": st.batch_max_events,
+                            "largest_batch_events": largest_batch(st),
                             "pipeline_depth": st.pipeline_depth},
         }
         tmp = result_path.with_suffix(".tmp")

@@ -94,7 +94,8 @@ async def run_io_floor(settings: Settings, objects: list[StoredObject]) -> ModeR
     from ..storage import download_object, s3_client
 
     st = settings
-    pool = ThreadPoolExecutor(max_workers=max(1, min(4, st.resolved_cpu_threads())), thread_name_prefix="floor-cpu")
+    threads = max(1, min(4, st.resolved_cpu_threads()))  # as `Models`' CPU pool
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="floor-cpu")
     loop = asyncio.get_running_loop()
     timings = {"list": 0.0, "download": 0.0, "decode": 0.0}
     decoded = failed = 0
@@ -137,7 +138,7 @@ async def run_io_floor(settings: Settings, objects: list[StoredObject]) -> ModeR
         raise RuntimeError(f"io-floor: listed {len(keys)} objects for {len(objects)} uploaded, {failed} failed to decode")
     return ModeResult("io-floor", decoded, audio, wall, **info, details={
         "events_per_second": decoded / wall, "stage_seconds": timings,
-        "download_concurrency": st.download_concurrency, "decode_threads": pool._max_workers,  # noqa: SLF001
+        "download_concurrency": st.download_concurrency, "decode_threads": threads,
     })
 
 
@@ -172,8 +173,9 @@ async def run_stream_ceiling(base: Settings, models: Any, name: str, prefect: bo
         "stage_seconds": dict(stats.stage_seconds),
         "model_busy_seconds": models.busy_seconds - busy0,
         "per_batch": per_batch,
-        "settings": {k: getattr(st, k) for k in ("batch_max_events", "batch_max_bytes", "batch_linger_ms",
-                                                  "pipeline_depth", "download_concurrency", "roll_max_rows")},
+        "settings": {k: getattr(st, k) for k in ("batch_max_events", "batch_max_events_backlog", "batch_max_bytes",
+                                                  "batch_linger_ms", "pipeline_depth", "download_concurrency",
+                                                  "roll_max_rows") if hasattr(st, k)},
     })
 
 

@@ -174,7 +174,7 @@ async def wait_for(what: str, ready: Callable[[], bool] | asyncio.Event, timeout
                 raise worker.exception()  # type: ignore[misc]
             if check():
                 return
-            raise BenchWaitTimeout(f"the consumer stopped before {what}")
+            raise BenchWaitTimeout(f"the consumer stopped while waiting for {what}")
         if time.monotonic() > deadline:
             raise BenchWaitTimeout(f"waited {timeout:g}s for {what}")
         await asyncio.sleep(poll)

@@ -15,14 +15,16 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(120, Console().width))
-    s, c = report["settings"], report["corpus"]
-    console.print(
-        f"[bold]{c['clips']} clips[/], {c['audio_seconds']:.0f}s of audio ({c['min_sec']:.1f}-{c['max_sec']:.1f}s, "
-        f"rates {c['sampling_rates']}); whisper {s['whisper_model']} on {s['device']}/{s['compute_type']}, "
-        f"beam {s['beam_size']}, batch {s['whisper_batch_size']}; tokenizer {s['tokenizer']}; "
-        f"micro-batches of {s['batch_max_events']} events, depth {s['pipeline_depth']}"
-    )
+    console = Console(width=max(160, Console().width))
+    s, c = report["settings"], report.get("corpus")
+    if c:
+        console.print(
+            f"[bold]{c['clips']} clips[/], {c['audio_seconds']:.0f}s of audio ({c['min_sec']:.1f}-{c['max_sec']:.1f}s, "
+            f"rates {c['sampling_rates']}); whisper {s['whisper_model']} on {s['device']}/{s['compute_type']}, "
+            f"beam {s['beam_size']}, batch {s['whisper_batch_size']}; tokenizer {s['tokenizer']}")
+    console.print(f"micro-batches of at most {s['batch_max_events']} events / {s['batch_max_bytes'] // (1 << 20)} MiB / "
+                  f"{s['batch_linger_ms']} ms, {s['pipeline_depth']} in flight, {s['download_concurrency']} downloads each, "
+                  f"{s['cpu_threads']} CPU threads")
     if report.get("modes"):
         table = Table(title="audio-seconds per wall-second (higher is better)")
         for col in ("mode", "files", "audio s", "wall s", "audio s / wall s", "audio s / CPU s", "peak RSS MB",
@@ -49,7 +51,7 @@ def print_report(report: dict[str, Any]) -> None:
     targets = report.get("targets", {})
     if targets:
         console.print("targets  " + "  ".join(
-            f"{k} {t['target']}: {_f(t['measured'], '.2f')} "
+            f"{k} {t['target']}: {_f(t['measured'], '.3g')} "
             f"{'[green]met[/]' if t['met'] else '[red]not met[/]' if t['met'] is False else '(not measured)'}"
             for k, t in targets.items()))
     p = report.get("prefect", {})

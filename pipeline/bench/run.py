@@ -46,6 +46,8 @@ RATIOS = (
 TARGETS = {"pipeline/seed": 2.0, "pipeline/model": 0.9, "stream-ceiling/io-floor": 0.8,
            "stream-ceiling/stream-ceiling-no-prefect": 0.9}
 FLOW_RUNS_PER_1000_TARGET = 10.0
+# Micro-batch settings beyond batch_max_events/bytes/linger, reported when this version has them.
+ADAPTIVE_BATCH_SETTINGS = ("batch_max_events_backlog",)
 
 
 @dataclass
@@ -85,10 +87,13 @@ def run(args: BenchArgs) -> dict[str, Any]:
                               "machine": machine_info(), "prefect": {"api": prefect_api}}
     if _wants_prefect(args):
         start_prefect_api()  # its first start (migrations) overlaps the corpus and the model load
+    speech = _wants_speech(args)
     try:
-        corpus_dir = args.corpus_dir or work / "corpus"
-        log.info("speaking %d clips (%g-%g s) into %s", args.clips, args.min_sec, args.max_sec, corpus_dir)
-        corpus = make_bench_corpus(corpus_dir, args.clips, args.min_sec, args.max_sec)
+        corpus: list[SampleClip] = []
+        if speech:
+            corpus_dir = args.corpus_dir or work / "corpus"
+            log.info("speaking %d clips (%g-%g s) into %s", args.clips, args.min_sec, args.max_sec, corpus_dir)
+            corpus = make_bench_corpus(corpus_dir, args.clips, args.min_sec, args.max_sec)
         with local_services(work / "services") as svc:
             base = Settings().with_overrides(
                 kafka_bootstrap=svc.kafka_bootstrap, s3_endpoint_url=svc.s3_endpoint_url, s3_region=MOTO_REGION,
@@ -98,7 +103,8 @@ def run(args: BenchArgs) -> dict[str, Any]:
             )
             upload_corpus(base, corpus)
             t = time.perf_counter()
-            models = Models.load(base)
+            # only the ceiling modes: no Whisper (they load models of their own that cost nothing)
+            models = Models.load(base if speech else base.with_overrides(transcribe=False))
             report["model_load_seconds"] = time.perf_counter() - t
             try:
                 report["settings"] = _settings_report(base, models)
@@ -116,6 +122,11 @@ def _wants_prefect(args: BenchArgs) -> bool:
     return bool({"pipeline", "stream-ceiling", "latency", "backlog"} - args.skip)
 
 
+def _wants_speech(args: BenchArgs) -> bool:
+    """Whether any mode needs the spoken corpus and Whisper (all but the ceiling modes do)."""
+    return bool(set(SPEECH_MODES + PASSES) - args.skip)
+
+
 def _settings_report(st: Settings, models: Any) -> dict[str, Any]:
     tr = models.transcriber
     return {
@@ -126,6 +137,7 @@ def _settings_report(st: Settings, models: Any) -> dict[str, Any]:
         "batch_max_bytes": st.batch_max_bytes, "batch_linger_ms": st.batch_linger_ms, "pipeline_depth": st.pipeline_depth,
         "download_concurrency": st.download_concurrency, "topic_partitions": st.topic_partitions,
         "kafka_session_timeout_ms": st.kafka_session_timeout_ms,
+        **{k: getattr(st, k) for k in ADAPTIVE_BATCH_SETTINGS if hasattr(st, k)},
     }
 
 
@@ -137,18 +149,19 @@ def _run_modes(args: BenchArgs, base: Settings, models: Any, corpus: list[Sample
     decoded = {c.key: decode_audio(c.path.read_bytes()) for c in corpus}
     clips16k = {k: a.at_rate(WHISPER_SAMPLE_RATE) for k, a in decoded.items()}
     durations = [a.duration_sec for a in decoded.values()]
-    report["corpus"] = {
-        "clips": len(corpus), "audio_seconds": sum(durations), "min_sec": min(durations),
-        "max_sec": max(durations), "mean_sec": float(np.mean(durations)),
-        "sampling_rates": sorted({c.sample_rate for c in corpus}), "stereo": sum(c.channels == 2 for c in corpus),
-    }
-    # First calls allocate and load lazily (ctranslate2 buffers, the Silero VAD model): not timed.
-    shortest = min(clips16k.values(), key=len)
-    models.transcriber.transcribe_one_by_one(shortest)
-    models.transcriber.transcribe_batch([shortest])
-    models.tokenizer.encode_batch([next(iter(decoded.values()))])
+    if corpus:
+        report["corpus"] = {
+            "clips": len(corpus), "audio_seconds": sum(durations), "min_sec": min(durations),
+            "max_sec": max(durations), "mean_sec": float(np.mean(durations)),
+            "sampling_rates": sorted({c.sample_rate for c in corpus}), "stereo": sum(c.channels == 2 for c in corpus),
+        }
+        # First calls allocate and load lazily (ctranslate2 buffers, the Silero VAD model): not timed.
+        shortest = min(clips16k.values(), key=len)
+        models.transcriber.transcribe_one_by_one(shortest)
+        models.transcriber.transcribe_batch([shortest])
+        models.tokenizer.encode_batch([next(iter(decoded.values()))])
     bare_batch = models.transcriber.batch_size
-    if "bare" not in args.skip:
+    if corpus and "bare" not in args.skip:
         from faster_whisper import BatchedInferencePipeline
 
         list(BatchedInferencePipeline(models.transcriber.model).transcribe(

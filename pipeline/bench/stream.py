@@ -166,7 +166,7 @@ async def running(app: Any, what: str):
 async def until_handled(app: Any, task: asyncio.Task, timeout: float = HANDLED_TIMEOUT_S):
     """The consumer's stats once it has handled every expected event, finalized and committed."""
     try:
-        await wait_for(f"the consumer to handle all {app.expected} events", lambda: app.handled() >= app.expected,
+        await wait_for(f"all {app.expected} events to be handled", lambda: app.handled() >= app.expected,
                        timeout, worker=task, poll=0.02)
     except BenchWaitTimeout as exc:
         raise BenchWaitTimeout(f"{exc} ({app.handled()} handled)") from None
