@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = None
     # Well under aiokafka's max_poll_interval_ms (300 s): a slow batch must never look dead.
     kafka_session_timeout_ms: int = 30_000
+    # How long producers and the consumer wait for the broker to answer at start-up (compose
+    # starts everything at once), before they exit naming the address they tried.
+    kafka_connect_timeout_s: float = Field(300.0, gt=0)
 
     # --- S3 / R2 -----------------------------------------------------------------------
     s3_endpoint_url: str | None = None
@@ -55,7 +58,22 @@ class Settings(BaseSettings):
     allowed_buckets: str = ""
 
     # --- micro-batching and output -----------------------------------------------------
-    output_dir: Path = Path("output")
+    # A local directory, or s3://bucket/prefix (R2, S3, MinIO): see pipeline/output/.
+    output_dir: str = "output"
+    # The output store's own endpoint and keys, when the dataset lives in another account than
+    # the audio; unset: the S3 settings above.
+    output_s3_endpoint_url: str | None = None
+    output_s3_region: str | None = None
+    output_s3_access_key_id: SecretStr | None = None
+    output_s3_secret_access_key: SecretStr | None = None
+    # Where in-progress Parquet files are written before they are uploaded (object-store output);
+    # empty: `.metavoice-spool/` in the working directory. A local output spools in `<output>/_tmp`.
+    spool_dir: str = ""
+    # Multipart part size for uploads (R2: every part but the last must be this same size).
+    output_part_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024 * 1024 * 1024)
+    # A finalize claims its offsets in the object store before uploading; a claim whose writer died
+    # is taken over after this long (and a writer gives up its upload before its claim gets this old).
+    output_claim_ttl_s: float = Field(300.0, ge=10)
     batch_max_events: int = Field(32, ge=1)
     # Under a backlog (all pipeline_depth batches in flight) a micro-batch grows to this many events
     # (still within batch_max_bytes and the linger): fewer flow runs per event when it matters.
@@ -134,6 +152,11 @@ class Settings(BaseSettings):
     cf_api_base: str = "https://api.cloudflare.com/client/v4"
     # Cloudflare's API limit is 1200 requests per 5 minutes per account, pulls and acks together.
     cf_api_requests_per_5min: int = Field(1200, ge=1)
+
+    @field_validator("output_dir", "spool_dir", mode="before")
+    @classmethod
+    def _path_as_text(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":
