@@ -21,20 +21,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaConnectionError
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
+from broker.clients import make_consumer, make_producer, start_when_broker_is_up
+from broker.topics import ensure_dead_letter_topic
 from pipeline.batch import BatchOutcome
 from pipeline.config import Settings
 from pipeline.errors import EnvironmentFault, FatalError, OutputWriteFailed
 from pipeline.faults import adelay_point
 from pipeline.flows import consumer_flow, process_batch
 from pipeline.ledger import OutputLedger, publish_summary
+from pipeline.output import open_output
 from pipeline.manifest import check_manifest
 from pipeline.models import Models
-from pipeline.parquet import RollingParquetWriter, discard_orphaned_inprogress, finalized_files
+from pipeline.parquet import RollingParquetWriter
 from pipeline.storage import s3_client
 
 from .batcher import Batcher, PendingBatch
@@ -42,14 +43,11 @@ from .crash_guard import CrashGuard
 from .committer import CommitStats, OutputCommitter
 from .dead_letters import DeadLetterLimits, DeadLetterWriter
 from .environment import FaultWatch
-from .topics import ensure_dead_letter_topic
 from .positions import FetchGate, StartPlan, offset_from_time_lookup, plan_starts
 from .metrics import Operations, realtime_factor
 
 log = logging.getLogger(__name__)
 
-# How long the consumer waits for a broker that is down at start-up.
-BROKER_WAIT_SECONDS = 300
 # The revoke path (drain + finalize + commit) must end well inside the group's rebalance
 # timeout, which aiokafka takes from max_poll_interval_ms.
 MAX_POLL_INTERVAL_MS = 600_000
@@ -125,7 +123,8 @@ class StreamConsumer:
         self.consumer: AIOKafkaConsumer | None = None
         self.committer: OutputCommitter | None = None
         self.batcher: Batcher | None = None
-        self.ledger = OutputLedger(settings.output_dir)
+        self.output = open_output(settings.output_dir, settings)  # a directory or s3://bucket/prefix
+        self.ledger = OutputLedger(self.output)
         self.guard: CrashGuard | None = None
         self.on_batch_done: list[Any] = []  # observers (metrics, progress): fn(batch, outcome, stats)
         self.s3: Any = None
@@ -141,8 +140,10 @@ class StreamConsumer:
             if self.models is None:
                 self.models = await asyncio.to_thread(Models.load, st)
                 stack.callback(self.models.close)
-            check_manifest(
-                st.output_dir,
+            stack.callback(self.output.close)
+            await asyncio.to_thread(
+                check_manifest,
+                self.output,
                 {"topic": st.topic, "group": st.group, "whisper_model": self.models.transcriber.name,
                  "tokenizer": self.models.tokenizer.name},
                 force=st.force,
@@ -150,33 +151,29 @@ class StreamConsumer:
             if st.allowed_bucket_set() is None:
                 log.warning("any bucket an event names will be read: set METAVOICE_ALLOWED_BUCKETS (or "
                             "METAVOICE_BUCKET) to the buckets this stream serves")
-            discard_orphaned_inprogress(st.output_dir)
-            self.guard = CrashGuard(st.output_dir)
+            await asyncio.to_thread(self.output.discard_orphans)
+            self.guard = CrashGuard(self.output.attempts_dir)
             stack.callback(self.guard.abandon)  # a stop Python sees blames no record; only a hard death does
             await asyncio.to_thread(self.ledger.refresh)
             try:  # a crash between a rename and the summary write left summary.json behind the files
-                if finalized_files(st.output_dir):
-                    await asyncio.to_thread(publish_summary, st.output_dir)
+                if self.ledger.known_files:
+                    await asyncio.to_thread(publish_summary, self.output)
             except OSError as exc:
                 raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
             s3 = self.s3 = await stack.enter_async_context(s3_client(st))
-            dlq_producer = AIOKafkaProducer(**st.kafka_client_kwargs(), acks="all",
-                                            max_request_size=max(1 << 20, st.dlq_max_record_bytes + 4096))
-            await _start_when_broker_is_up(dlq_producer.start, st)
+            dlq_producer = make_producer(st, max_request_size=max(1 << 20, st.dlq_max_record_bytes + 4096))
+            await start_when_broker_is_up(dlq_producer, st)
             stack.push_async_callback(dlq_producer.stop)
             await ensure_dead_letter_topic(st)  # before the first record: a dead letter must have a home
-            consumer = AIOKafkaConsumer(
-                **st.kafka_client_kwargs(),
-                group_id=st.group,
+            consumer = make_consumer(  # the group, its session timeout and heartbeats come from the settings
+                st,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",  # a new group starts from the first event: nothing lost
                 max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
-                session_timeout_ms=st.kafka_session_timeout_ms,
-                heartbeat_interval_ms=max(100, st.kafka_session_timeout_ms // 3),
                 max_partition_fetch_bytes=1 << 20,
             )
             self.consumer = consumer
-            writer = RollingParquetWriter(st.output_dir, st.roll_max_rows, st.roll_max_seconds)
+            writer = RollingParquetWriter(self.output, st.roll_max_rows, st.roll_max_seconds)
             stack.callback(writer.close)
             limits = DeadLetterLimits(max_record_bytes=st.dlq_max_record_bytes,
                                       max_event_bytes=min(DeadLetterLimits().max_event_bytes, st.dlq_max_record_bytes // 4))
@@ -185,7 +182,7 @@ class StreamConsumer:
                                    allowed_buckets=st.allowed_bucket_set(), max_events_per_message=st.max_events_per_message,
                                    backlog_max_events=st.batch_max_events_backlog)
             consumer.subscribe([st.topic], listener=Rebalancer(self))
-            await _start_when_broker_is_up(consumer.start, st)
+            await start_when_broker_is_up(consumer, st)
             stack.push_async_callback(consumer.stop)
             self.operations.broker_up = True
             try:
@@ -433,7 +430,7 @@ class StreamConsumer:
         async with self._fetch_lock:
             await adelay_point("on_assigned")  # tests: records fetched meanwhile must not win over the plan
             # other consumers may have finalized files meanwhile, or died leaving in-progress ones
-            await asyncio.to_thread(discard_orphaned_inprogress, self.settings.output_dir)
+            await asyncio.to_thread(self.output.discard_orphans)
             await asyncio.to_thread(self.ledger.refresh)
             first, self._first_assignment = self._first_assignment, False
             plan = await self._plan_starts(assigned, first)
@@ -514,18 +511,6 @@ class StreamConsumer:
                 "committed": {f"{tp.partition}": self.ledger.next_offset(tp.topic, tp.partition) for tp in batch.ranges},
             }},
         )
-
-
-async def _start_when_broker_is_up(start, settings: Settings) -> None:
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(KafkaConnectionError),
-        wait=wait_exponential_jitter(multiplier=0.5, max=5),
-        stop=stop_after_delay(BROKER_WAIT_SECONDS),
-        reraise=True,
-        before_sleep=lambda rs: log.warning("waiting for Kafka at %s: %s", settings.kafka_bootstrap, rs.outcome.exception()),
-    ):
-        with attempt:
-            await start()
 
 
 def _fmt(tps: set[TopicPartition]) -> str:

@@ -5,9 +5,10 @@ drop object versions already written, write dead letters (acknowledged), append 
 open file. When the file is due to roll - or on revoke, shutdown, idle exit - `finalize_and_commit`
 runs its steps in this order, each failure typed:
 
-    1. finalize the file (footer with offset ranges, fsync, rename, fsync dir)   OutputWriteFailed
+    1. finalize the file (footer with offset ranges, fsync, fenced publish:      OutputWriteFailed
+       rename + fsync dir, or an upload to the object store)                    Fenced
     2. learn it in the ledger (offsets, object versions)
-    3. bring summary.json up to date (atomic replace)                           OutputWriteFailed
+    3. bring summary.json up to date (compare-and-swap)                         OutputWriteFailed
     4. commit the offsets the file covers                                        (logged: the file
                                                                                   already proves them)
 A failure before step 4 never commits: a restart resumes from the files. One finalize runs at a
@@ -32,7 +33,8 @@ from pipeline.batch import BatchOutcome, Failure
 from pipeline.errors import FatalError, OutputWriteFailed
 from pipeline.faults import crash_point
 from pipeline.ledger import OutputLedger, object_version_hash, publish_summary
-from pipeline.parquet import OffsetRange, RollingParquetWriter
+from pipeline.output import OffsetRange
+from pipeline.parquet import RollingParquetWriter
 from pipeline.records import to_table
 from pipeline.summary import Aggregates
 
@@ -128,7 +130,7 @@ class OutputCommitter:
         if not self.writer.has_open_file:
             return
         self._refuse_after_abort()
-        # 1. finalize: footer, fsync, fencing check + rename under the output lock, fsync dir
+        # 1. finalize: footer, fsync, fencing check + publish (rename or upload)
         crash_point("before_finalize")
         finalized = await asyncio.to_thread(self.writer.finalize, self._fence)
         if finalized is None:
@@ -142,7 +144,7 @@ class OutputCommitter:
         self.ledger.record_finalized(finalized)
         # 3. summary
         try:
-            await asyncio.to_thread(publish_summary, self.writer.data_dir.parent)
+            await asyncio.to_thread(publish_summary, self.writer.output)
         except OSError as exc:
             raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
         crash_point("after_summary")
@@ -151,7 +153,7 @@ class OutputCommitter:
         crash_point("after_commit")
 
     def _fence(self, offsets: list[OffsetRange]) -> list[str]:
-        """Runs in the writer's thread under the output lock: files finalized by others meanwhile."""
+        """Runs in the writer's thread right before the publish: files finalized by others meanwhile."""
         self.ledger.refresh()
         return self.ledger.overlapping(offsets)
 

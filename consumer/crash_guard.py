@@ -8,8 +8,10 @@ clears them once the batch's outcome is applied (`end`). Offsets still marked wh
 is loaded (`load`, at start-up and on every assignment) were in flight when a process died:
 they are *suspects*, each with the crashes it was present at.
 
-Markers live in the output directory, which every consumer of the group shares and where a
-partition's next owner looks after a crash: `<output_dir>/_attempts/<topic>-<partition>.json`,
+Markers live where a partition's next owner looks after a crash (`Output.attempts_dir`): in a
+local output directory, which every consumer of the group shares, `<output>/_attempts/`; with an
+object-store output, in the local spool (a restart on the same machine or volume sees them; a
+consumer on another machine does not - see docs/guarantees.md): `<dir>/<topic>-<partition>.json`,
 one small file per source partition, replaced atomically (write beside, fsync, rename, fsync
 the directory), written only by the guard that loaded the partition last (its `owner`):
 
@@ -67,11 +69,10 @@ from typing import Literal
 import orjson
 
 from pipeline.errors import CrashLoop
-from pipeline.summary import fsync_dir
+from pipeline.output.local import fsync_dir
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS_DIR = "_attempts"
 Verdict = Literal["ok", "isolate", "crash_loop"]
 Partition = tuple[str, int]  # (topic, partition); aiokafka's TopicPartition is one
 
@@ -108,10 +109,11 @@ class _PartitionState:
 class CrashGuard:
     """Attempt markers for the partitions this process owns; thread-safe (one lock)."""
 
-    def __init__(self, output_dir: Path | str, max_attempts: int = 3, *, fsync: bool = True) -> None:
+    def __init__(self, directory: Path | str, max_attempts: int = 3, *, fsync: bool = True) -> None:
+        """`directory`: where the markers live (`Output.attempts_dir`)."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self.dir = Path(output_dir) / ATTEMPTS_DIR
+        self.dir = Path(directory)
         self.max_attempts = max_attempts
         self.fsync = fsync  # off: survives a process death but not a machine crash
         self.owner = uuid.uuid4().hex[:12]

@@ -9,14 +9,20 @@ roles) unless given here explicitly; secrets are `SecretStr` so they never print
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .timeutil import parse_iso_time
+
 Device = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+# The tokenizer families pipeline/tokenizers registers (tests/test_cli.py checks they agree), named
+# here so that a misspelt one fails with the settings, before torch or any model is imported.
+TOKENIZERS = ("synthetic", "encodec", "dac", "mimi")
 
 
 class Settings(BaseSettings):
@@ -59,7 +65,7 @@ class Settings(BaseSettings):
 
     # --- micro-batching and output -----------------------------------------------------
     # A local directory, or s3://bucket/prefix (R2, S3, MinIO): see pipeline/output/.
-    output_dir: str = "output"
+    output_dir: str | Path = "output"  # a Path given in code stays one
     # The output store's own endpoint and keys, when the dataset lives in another account than
     # the audio; unset: the S3 settings above.
     output_s3_endpoint_url: str | None = None
@@ -73,7 +79,7 @@ class Settings(BaseSettings):
     output_part_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024 * 1024 * 1024)
     # A finalize claims its offsets in the object store before uploading; a claim whose writer died
     # is taken over after this long (and a writer gives up its upload before its claim gets this old).
-    output_claim_ttl_s: float = Field(300.0, ge=10)
+    output_claim_ttl_s: float = Field(120.0, ge=10)
     batch_max_events: int = Field(32, ge=1)
     # Under a backlog (all pipeline_depth batches in flight) a micro-batch grows to this many events
     # (still within batch_max_bytes and the linger): fewer flow runs per event when it matters.
@@ -133,7 +139,7 @@ class Settings(BaseSettings):
     pipeline_depth: int = Field(3, ge=1)  # micro-batches in flight at once
     metrics_port: int | None = None
     log_format: Literal["text", "json"] = "text"
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"  # any case: `debug` is DEBUG
     webhook_token: SecretStr | None = None
     webhook_hmac_secret: SecretStr | None = None
 
@@ -153,17 +159,37 @@ class Settings(BaseSettings):
     # Cloudflare's API limit is 1200 requests per 5 minutes per account, pulls and acks together.
     cf_api_requests_per_5min: int = Field(1200, ge=1)
 
-    @field_validator("output_dir", "spool_dir", mode="before")
+    @field_validator("spool_dir", mode="before")
     @classmethod
     def _path_as_text(cls, v: Any) -> Any:
         return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+    # Values that would otherwise fail late (after partitions are assigned, after Whisper has
+    # loaded) fail here, with the settings, before anything connects or loads.
+    @field_validator("from_timestamp")
+    @classmethod
+    def _iso_time(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        parse_iso_time(v)
+        return v.strip()
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _known_tokenizer(cls, v: str) -> str:
+        if v.split(":", 1)[0] not in TOKENIZERS:  # `family` or `family:checkpoint@...` (the Parquet column)
+            raise ValueError(f"unknown tokenizer (choose {', '.join(TOKENIZERS[:-1])} or {TOKENIZERS[-1]})")
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, v: Any) -> Any:
+        return v.strip().upper() if isinstance(v, str) and v.strip().upper() in get_args(LogLevel) else v
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":
         if not self.dlq_topic:
             self.dlq_topic = f"{self.topic}.dlq"
-        if self.from_timestamp:
-            self.from_timestamp_utc()  # a bad time fails here, before anything connects
         return self
 
     def allowed_bucket_set(self) -> frozenset[str] | None:
@@ -177,13 +203,7 @@ class Settings(BaseSettings):
 
     def from_timestamp_utc(self) -> datetime | None:
         """`from_timestamp` as an aware UTC time (a time without a zone is taken as UTC)."""
-        if not self.from_timestamp:
-            return None
-        try:
-            t = datetime.fromisoformat(self.from_timestamp.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"from_timestamp must be an ISO-8601 time, got {self.from_timestamp!r}") from None
-        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        return parse_iso_time(self.from_timestamp) if self.from_timestamp else None
 
     def with_overrides(self, **overrides: Any) -> "Settings":
         """Apply CLI flags over env/defaults; `None` means "flag not given"."""
@@ -197,22 +217,6 @@ class Settings(BaseSettings):
         return type(self).model_validate(data)
 
     # --- derived views used by the clients --------------------------------------------
-    def kafka_client_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "bootstrap_servers": self.kafka_bootstrap,
-            "security_protocol": self.kafka_security_protocol,
-        }
-        if self.kafka_sasl_mechanism:
-            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
-            kwargs["sasl_plain_username"] = self.kafka_sasl_username
-            if self.kafka_sasl_password is not None:
-                kwargs["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
-        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            kwargs["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
-        return kwargs
-
     def s3_client_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"region_name": self.s3_region}
         if self.s3_endpoint_url:
@@ -222,12 +226,17 @@ class Settings(BaseSettings):
             kwargs["aws_secret_access_key"] = self.s3_secret_access_key.get_secret_value()
         return kwargs
 
+    def output_s3_client_kwargs(self) -> dict[str, Any]:
+        """The output store's client: its own endpoint/region/keys where set, else the audio store's."""
+        kwargs = self.s3_client_kwargs()
+        if self.output_s3_endpoint_url:
+            kwargs["endpoint_url"] = self.output_s3_endpoint_url
+        if self.output_s3_region:
+            kwargs["region_name"] = self.output_s3_region
+        if self.output_s3_access_key_id is not None and self.output_s3_secret_access_key is not None:
+            kwargs["aws_access_key_id"] = self.output_s3_access_key_id.get_secret_value()
+            kwargs["aws_secret_access_key"] = self.output_s3_secret_access_key.get_secret_value()
+        return kwargs
+
     def resolved_cpu_threads(self) -> int:
         return self.cpu_threads or (os.cpu_count() or 1)
-
-    def public_dict(self) -> dict[str, Any]:
-        """Settings safe to print or store: secrets masked."""
-        return {
-            k: ("**********" if isinstance(v, SecretStr) else (str(v) if isinstance(v, Path) else v))
-            for k, v in self.__dict__.items()
-        }

@@ -29,7 +29,7 @@ from producer.backfill import progress_wanted, run_backfill
 from .config import Settings
 from .local_services import MOTO_CREDENTIALS, MOTO_REGION, local_services
 from .samples import make_corpus
-from .summary import SUMMARY_NAME
+from .output.layout import SUMMARY_NAME
 
 log = logging.getLogger(__name__)
 DEMO_BUCKET = "metavoice-demo"

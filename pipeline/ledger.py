@@ -1,4 +1,4 @@
-"""What an output directory already holds, rebuilt from its finalized Parquet files.
+"""What an output already holds, rebuilt from its finalized Parquet files (local or object store).
 
 Two questions recovery must answer from the files themselves, never from the broker alone:
 - how far has each source partition been handled? (footer offset ranges; a commit can be lost
@@ -15,10 +15,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import orjson
 
-from .parquet import FileFooter, OffsetRange, finalized_files, read_footer
-from .summary import Aggregates, load_summary, output_lock, write_summary
+from .output import FileFooter, OffsetRange, Output, as_output
+from .output.layout import SUMMARY_NAME
+from .summary import Aggregates, parse_summary, render_summary
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ class DedupeIndex:
 
 
 class OutputLedger:
-    def __init__(self, output_dir: Path) -> None:
-        self.output_dir = Path(output_dir)
+    def __init__(self, output: Output | str | Path) -> None:
+        self.output = as_output(output)
         self.index = DedupeIndex()
         self._indexed: set[str] = set()
         self._next_offsets: dict[tuple[str, int], int] = {}
@@ -81,9 +82,9 @@ class OutputLedger:
 
         Thread-safe: an assignment and a finalize's fencing check may refresh at the same time."""
         with self._refreshing:
-            new = [p for p in finalized_files(self.output_dir) if p.name not in self._indexed]
-            for p in new:
-                self._index_file(read_footer(p))
+            new = [n for n in self.output.finalized() if n not in self._indexed]
+            for name in new:
+                self._index_file(self.output.read_footer(name))
         if new:
             log.info("indexed %d finalized files (%d object versions)", len(new), len(self.index))
         return len(new)
@@ -92,9 +93,13 @@ class OutputLedger:
         """Our own file was finalized: learn its offsets without reading it back (its object
         versions entered the index when their rows were appended)."""
         with self._refreshing:
-            if footer.path.name not in self._indexed:  # a concurrent refresh may have read it already
-                self._indexed.add(footer.path.name)
+            if footer.name not in self._indexed:  # a concurrent refresh may have read it already
+                self._indexed.add(footer.name)
                 self._advance(footer)
+
+    @property
+    def known_files(self) -> int:
+        return len(self._indexed)
 
     def next_offset(self, topic: str, partition: int) -> int | None:
         """First offset of the partition not yet held by any finalized file."""
@@ -115,10 +120,10 @@ class OutputLedger:
         return found
 
     def _index_file(self, footer: FileFooter) -> None:
-        self._indexed.add(footer.path.name)
+        self._indexed.add(footer.name)
         self._advance(footer)
         if footer.rows:
-            t = pq.read_table(footer.path, columns=["bucket", "id", "etag"])
+            t = self.output.read_columns(footer.name, ["bucket", "id", "etag"])
             hashes = np.fromiter(
                 (object_version_hash(b, k, e or "") for b, k, e in zip(*(t.column(c).to_pylist() for c in ("bucket", "id", "etag")))),
                 dtype=np.uint64,
@@ -130,34 +135,52 @@ class OutputLedger:
         for r in footer.offsets:
             key = (r.topic, r.partition)
             self._next_offsets[key] = max(self._next_offsets.get(key, 0), r.last + 1)
-            self._spans.setdefault(key, []).append((r.first, r.last, footer.path.name))
+            self._spans.setdefault(key, []).append((r.first, r.last, footer.name))
 
 
-def publish_summary(output_dir: Path) -> dict:
+def load_summary(output: Output | str | Path) -> tuple[Aggregates, set[str]] | None:
+    """summary.json's aggregates and file set, or None if missing or unreadable."""
+    output = as_output(output)
+    return parse_summary(output.read_doc(SUMMARY_NAME))
+
+
+def publish_summary(output: Output | str | Path) -> dict:
     """Bring summary.json up to date with every finalized file, merging only the ones it lacks.
 
     Called after each finalize; also repairs a summary left behind by a crash between the
-    rename and the summary write (or a missing/corrupt summary: rebuilt from footers).
+    publish and the summary write (or a missing/corrupt summary: rebuilt from footers). One
+    compare-and-swap: a writer that raced us is re-read and merged, never overwritten.
     """
-    with output_lock(output_dir):
-        loaded = load_summary(output_dir)
+    output = as_output(output)
+    footers: dict[str, Aggregates] = {}  # footers read in an earlier attempt stay valid
+
+    def change(current: bytes | None) -> bytes | None:
+        loaded = parse_summary(current)
         aggregates, included = loaded if loaded else (Aggregates(), set())
-        on_disk = {p.name: p for p in finalized_files(output_dir)}
-        if not included <= on_disk.keys():  # a file vanished: trust only what is there
+        on_store = set(output.finalized())
+        if not included <= on_store:  # a file vanished: trust only what is there
             aggregates, included = Aggregates(), set()
-        for name in sorted(on_disk.keys() - included):
-            aggregates.merge(read_footer(on_disk[name]).aggregates)
+        missing = sorted(on_store - included)
+        if not missing and loaded is not None:
+            return None  # already up to date
+        for name in missing:
+            if name not in footers:
+                footers[name] = output.read_footer(name).aggregates
+            aggregates.merge(footers[name])
             included.add(name)
-        return write_summary(output_dir, aggregates, included)
+        return render_summary(aggregates, included)
+
+    return orjson.loads(output.update_doc(SUMMARY_NAME, change) or b"{}")
 
 
-def rebuild_aggregates(output_dir: Path) -> tuple[Aggregates, list[str]]:
+def rebuild_aggregates(output: Output | str | Path) -> tuple[Aggregates, list[str]]:
     """Aggregates recomputed from the row data itself (checks the incremental summary)."""
+    output = as_output(output)
     agg = Aggregates()
     names = []
-    for p in finalized_files(output_dir):
-        names.append(p.name)
-        footer = read_footer(p)
+    for name in output.finalized():
+        names.append(name)
+        footer = output.read_footer(name)
         # errors/skips live only in footers; row statistics are recomputed from the data
         agg.errors.update(footer.aggregates.errors)
         agg.skipped += footer.aggregates.skipped
@@ -165,7 +188,7 @@ def rebuild_aggregates(output_dir: Path) -> tuple[Aggregates, list[str]]:
         agg.superseded += footer.aggregates.superseded
         if not footer.rows:
             continue
-        t = pq.read_table(p, columns=["duration_sec", "sampling_rate", "language", "transcription", "tokens"])
+        t = output.read_columns(name, ["duration_sec", "sampling_rate", "language", "transcription", "tokens"])
         for d, sr, lang, text, toks in zip(
             t.column("duration_sec").to_pylist(),
             t.column("sampling_rate").to_pylist(),

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from matplotlib.ticker import MaxNLocator
 
-from .parquet import finalized_files, read_footer
+from .output import open_output
 from .summary import Aggregates
 
 COLUMNS = ["duration_sec", "sampling_rate", "language", "transcription", "tokens", "token_codebooks",
@@ -40,7 +40,7 @@ TOP_LANGUAGES = 20
 class DatasetStats:
     """What the figures and the table need, gathered in one pass over the files."""
 
-    files: list[Path] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # finalized file names under data/
     aggregates: Aggregates = field(default_factory=Aggregates)  # merged footers: errors, skips, duplicates
     durations: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sampling_rates: Counter = field(default_factory=Counter)
@@ -58,11 +58,12 @@ class DatasetStats:
 
 
 def collect(output_dir: Path) -> DatasetStats:
-    stats = DatasetStats(files=finalized_files(output_dir))
+    output = open_output(output_dir)
+    stats = DatasetStats(files=output.finalized())
     durations, chars, tps = [], [], []
-    for path in stats.files:
-        stats.aggregates.merge(read_footer(path).aggregates)
-        for batch in pq.ParquetFile(path).iter_batches(columns=COLUMNS, batch_size=4096):
+    for name in stats.files:
+        stats.aggregates.merge(output.read_footer(name).aggregates)
+        for batch in pq.ParquetFile(output.data_path(name)).iter_batches(columns=COLUMNS, batch_size=4096):
             d = batch.column("duration_sec").to_numpy(zero_copy_only=False).astype(float)
             durations.append(d)
             chars.append(pc.utf8_length(batch.column("transcription")).fill_null(0).to_numpy(zero_copy_only=False))

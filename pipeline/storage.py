@@ -192,14 +192,18 @@ async def _download_once(
 
 
 async def list_objects(
-    client: Any, bucket: str, prefix: str = "", start_after: str | None = None
+    client: Any, bucket: str, prefix: str = "", start_after: str | None = None, attempts: int = 8
 ) -> AsyncIterator[ListedObject]:
-    """Every object under `prefix`, all pages, in key order."""
-    paginator = client.get_paginator("list_objects_v2")
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    """Every object under `prefix`, all pages, in key order.
+
+    Each page is one request, retried like a download (`attempts`, capped exponential backoff
+    with jitter); what still fails is raised typed, one line naming the bucket and the endpoint
+    (`list_page`)."""
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
     if start_after:
-        kwargs["StartAfter"] = start_after
-    async for page in paginator.paginate(**kwargs):
+        request["StartAfter"] = start_after
+    while True:
+        page = await list_page(client, request, attempts)
         for item in page.get("Contents", []):
             yield ListedObject(
                 key=item["Key"],
@@ -207,3 +211,66 @@ async def list_objects(
                 etag=str(item.get("ETag", "")).strip('"'),
                 last_modified=item["LastModified"],
             )
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+        request = {**request, "ContinuationToken": token}
+
+
+async def check_listable(client: Any, bucket: str, prefix: str = "", attempts: int = 8) -> None:
+    """One listing request of at most one key: the bucket exists at the endpoint, which answers
+    and accepts our credentials - before anything else is done. Raises as `list_page`."""
+    await list_page(client, {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1}, attempts)
+
+
+async def list_page(client: Any, request: dict[str, Any], attempts: int = 8) -> dict[str, Any]:
+    """One ListObjectsV2 response. A failure that can pass (a timeout, 5xx, throttling, a refused
+    connection) is retried `attempts` times in all, then raised as `StorageOutage`; the others at
+    once: `BucketMissing` (no such bucket at the endpoint), `StorageAccessDenied` (credentials
+    refused), `InvalidRequest` (an invalid bucket name), `ObjectRejected` (another refusal).
+    Every message is one line that names the bucket and the endpoint."""
+    bucket = str(request["Bucket"])
+    endpoint = _endpoint(client)
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StorageUnavailable),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10),
+            stop=stop_after_attempt(attempts),
+            reraise=True,
+            before_sleep=lambda rs: log.warning(
+                "S3 unavailable listing bucket %r, retrying (attempt %d of %d): %s",
+                bucket, rs.attempt_number, attempts, rs.outcome.exception() if rs.outcome else "",
+            ),
+        ):
+            with attempt:
+                try:
+                    return await client.list_objects_v2(**request)
+                except Exception as exc:
+                    raise _listing_error(exc, bucket, str(request.get("Prefix", "")), endpoint) from exc
+    except StorageUnavailable as exc:
+        raise StorageOutage(
+            f"S3 at {endpoint} did not answer listing bucket {bucket!r} ({attempts} attempts, "
+            f"METAVOICE_S3_RETRY_ATTEMPTS): {_one_line(exc)}"
+        ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _listing_error(exc: BaseException, bucket: str, prefix: str, endpoint: str) -> Exception:
+    """A failed listing request as a typed error with a one-line message."""
+    typed = classify_s3_error(exc, bucket, prefix)
+    if isinstance(typed, (BucketMissing, ObjectMissing)):  # a 404 on a bucket's listing: no such bucket
+        return BucketMissing(f"bucket {bucket!r} does not exist at {endpoint}")
+    if isinstance(typed, StorageUnavailable):
+        return StorageUnavailable(_one_line(typed))
+    if isinstance(typed, (PermanentError, EnvironmentFault)):
+        return type(typed)(f"listing bucket {bucket!r} at {endpoint}: {_one_line(typed)}")
+    return typed
+
+
+def _endpoint(client: Any) -> str:
+    meta = getattr(client, "meta", None)
+    return str(getattr(meta, "endpoint_url", None) or "the default S3 endpoint")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

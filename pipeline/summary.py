@@ -3,28 +3,21 @@
 Each finalized Parquet file carries the aggregates of what its epoch handled (rows, errors,
 skips) in its footer. `summary.json` is the merge of exactly the finalized files' aggregates,
 so it can be updated incrementally (merge one file's aggregates) and rebuilt from footers alone,
-without re-reading any row data. Several consumers may share one output directory: updates
-take a file lock, re-read, add every finalized file not yet included, and replace atomically.
+without re-reading any row data. Several consumers may share one output: updates re-read, add
+every finalized file not yet included, and replace the document in one compare-and-swap
+(pipeline/ledger.py `publish_summary`, pipeline/output/).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import orjson
 
-from .faults import crash_point
 from .records import TranscribedAudio
-
-SUMMARY_NAME = "summary.json"
-LOCK_NAME = ".summary.lock"
 
 
 @dataclass
@@ -168,52 +161,16 @@ class Aggregates:
         }
 
 
-def load_summary(output_dir: Path) -> tuple[Aggregates, set[str]] | None:
-    """The aggregates and file set of summary.json, or None if missing or unreadable."""
-    path = output_dir / SUMMARY_NAME
+def parse_summary(doc: bytes | None) -> tuple[Aggregates, set[str]] | None:
+    """The aggregates and file set of a summary.json, or None if missing or unreadable."""
+    if doc is None:
+        return None
     try:
-        doc = orjson.loads(path.read_bytes())
-        state = doc["_state"]
+        state = orjson.loads(doc)["_state"]
         return Aggregates.from_state(state["aggregates"]), set(state["files"])
-    except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 
 
-def write_summary(output_dir: Path, aggregates: Aggregates, files: Iterable[str]) -> dict[str, Any]:
-    doc = aggregates.report(files)
-    atomic_write_bytes(output_dir / SUMMARY_NAME, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    return doc
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write beside, fsync, rename over, fsync the directory: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data[: len(data) // 2])
-        crash_point("mid_summary_write")
-        f.write(data[len(data) // 2 :])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def output_lock(output_dir: Path) -> Iterator[None]:
-    """The output directory's lock, between consumers sharing it (same host or NFS): summary
-    updates, and a finalize's fencing check + rename, happen under it. Not re-entrant."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / LOCK_NAME, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def render_summary(aggregates: Aggregates, files: Iterable[str]) -> bytes:
+    return orjson.dumps(aggregates.report(files), option=orjson.OPT_INDENT_2)

@@ -8,24 +8,29 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from .ledger import rebuild_aggregates
-from .summary import SUMMARY_NAME, load_summary
+from .cli import print_error
+from .ledger import load_summary, rebuild_aggregates
+from .output import as_output, is_object_store
+from .output.layout import SUMMARY_NAME
 
 CHECKED = ("files", "total_duration_sec", "sampling_rates", "languages", "transcription_lengths", "token_frames",
            "errors", "skipped", "duplicates", "superseded", "untranscribed")
 
 
-def run_summary(output_dir: Path, rebuild: bool = False) -> int:
+def run_summary(output_dir: Path | str, rebuild: bool = False) -> int:
+    """`output_dir`: a local directory, or an object-store output (`s3://bucket/prefix`)."""
     console = Console()
-    path = output_dir / SUMMARY_NAME
-    if not path.exists():
-        console.print(f"[red]no {SUMMARY_NAME} in {output_dir}[/]")
-        return 2
+    if not is_object_store(output_dir) and not Path(output_dir).is_dir():
+        return print_error(f"{output_dir} is not a directory (an output directory holds data/ and {SUMMARY_NAME})", 2)
+    output = as_output(output_dir)
+    raw = output.read_doc(SUMMARY_NAME)
+    if raw is None:
+        return print_error(f"no {SUMMARY_NAME} in {output_dir}: the consumer writes it when it finalizes its first file", 2)
     try:
-        doc = orjson.loads(path.read_bytes())
+        doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        console.print(f"[red]{path} is not valid JSON ({exc}); the consumer rebuilds it from the file footers on its next finalize[/]")
-        return 1
+        return print_error(f"{output.location}/{SUMMARY_NAME} is not valid JSON ({exc}); the consumer rebuilds it from "
+                           "the file footers on its next finalize")
     table = Table(title=f"{output_dir} ({doc.get('updated_at', '?')})", show_header=True)
     table.add_column("metric")
     table.add_column("value", overflow="fold")
@@ -36,9 +41,9 @@ def run_summary(output_dir: Path, rebuild: bool = False) -> int:
     console.print(table)
     if not rebuild:
         return 0
-    loaded = load_summary(output_dir)
+    loaded = load_summary(output)
     incremental = loaded[0].to_state() if loaded else {}
-    recomputed, files = rebuild_aggregates(output_dir)
+    recomputed, files = rebuild_aggregates(output)
     mismatches = [k for k in CHECKED if _norm(incremental.get(k)) != _norm(recomputed.to_state().get(k))]
     if loaded and set(files) != loaded[1]:
         mismatches.append("files included")

@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow.dataset as ds
-import soundfile as sf
-
-from .config import Settings
+from .config import TOKENIZERS, Settings
 from .errors import ModelUnavailable
-from .records import tokens_from_column
-from .tokenizers import load_tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# NumPy, Arrow, soundfile and the tokenizers are imported where a row is read or decoded: building
+# the command line (`metavoice --help`, in the producers' base install too) needs none of them.
 
 
 class RowNotFound(LookupError):
@@ -49,6 +50,10 @@ def read_row_tokens(parquet_path: str | Path, row_id: str) -> tuple[np.ndarray, 
     `parquet_path` is one file or a directory of them; when a key was written more than once
     (a forced reprocess), the last row read wins.
     """
+    import pyarrow.dataset as ds
+
+    from .records import tokens_from_column
+
     dataset = ds.dataset([str(f) for f in parquet_files(parquet_path)], format="parquet")
     rows = dataset.to_table(columns=["id", "tokenizer", "tokens"], filter=ds.field("id") == row_id)
     if rows.num_rows == 0:
@@ -59,6 +64,11 @@ def read_row_tokens(parquet_path: str | Path, row_id: str) -> tuple[np.ndarray, 
 
 def decode_row_to_wav(parquet_path: str | Path, row_id: str, out_path: str | Path, settings: Settings) -> Path:
     """Decode one row's tokens with the codec its `tokenizer` column names; write a 16-bit WAV."""
+    import numpy as np
+    import soundfile as sf
+
+    from .tokenizers import load_tokenizer
+
     tokens, tokenizer = read_row_tokens(parquet_path, row_id)
     family = tokenizer.split(":", 1)[0]
     if family in ("", "synthetic"):
@@ -66,6 +76,9 @@ def decode_row_to_wav(parquet_path: str | Path, row_id: str, out_path: str | Pat
             f"row {row_id!r} was tokenized by {tokenizer or 'nothing'!r}, whose codes carry no audio; only "
             "neural codec tokens (encodec, dac, mimi) can be decoded"
         )
+    if family not in TOKENIZERS:
+        raise ValueError(f"row {row_id!r} was tokenized by {tokenizer!r}, which this version cannot decode "
+                         f"(it knows {', '.join(TOKENIZERS)})")
     if tokens.size == 0:
         raise ValueError(f"row {row_id!r} holds no tokens")
     codec = load_tokenizer(settings.with_overrides(tokenizer=tokenizer))

@@ -15,6 +15,13 @@ The path of one prefix, in order:
 
 A failure in step 4 raises before the checkpoint moves, so nothing unacknowledged is ever
 recorded as done.
+
+Before any topic is made, one listing request checks the bucket. Every listing request is
+retried like a download (`s3_retry_attempts`); what still fails is a typed error with a
+one-line message naming the bucket and the endpoint (`pipeline.storage.list_page`):
+`BucketMissing`, `StorageAccessDenied`, `StorageOutage` (no answer past the retries),
+`InvalidRequest` (an invalid bucket name), `ObjectRejected` (another refusal). A broker that
+does not answer within `kafka_connect_timeout_s` is `BrokerUnreachable`.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from broker.topics import ensure_topics
 from pipeline.config import Settings
 from pipeline.events import ObjectEvent
-from pipeline.storage import ListedObject, list_objects, s3_client
+from pipeline.storage import ListedObject, check_listable, list_objects, s3_client
 
 from .checkpoint import BackfillCheckpoint, PrefixProgress
-from .kafka import EventPublisher, ensure_topics, event_publisher, wait_acknowledged
+from .kafka import EventPublisher, event_publisher, wait_acknowledged
 from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -79,12 +87,6 @@ class BackfillResult:
     dry_run: bool = False
 
 
-def parse_time(text: str) -> datetime:
-    """ISO 8601 (`2024-05-01`, `2024-05-01T12:00:00Z`, `...+02:00`); no zone means UTC."""
-    t = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-
-
 def event_for(bucket: str, obj: ListedObject) -> ObjectEvent:
     return ObjectEvent(
         bucket=bucket,
@@ -121,6 +123,9 @@ async def run_backfill(
 
     async with contextlib.AsyncExitStack() as stack:
         s3 = await stack.enter_async_context(s3_client(settings))
+        # A missing bucket, refused credentials or an endpoint that does not answer fail here, in
+        # one line, before any topic is made.
+        await check_listable(s3, bucket, prefixes[0], settings.s3_retry_attempts)
         publisher: EventPublisher | None = None
         if not dry_run:
             await ensure_topics(settings)
@@ -133,7 +138,7 @@ async def run_backfill(
                 continue
             run = _PrefixRun(bucket, prefix, state, ckpt, publisher, result, bar, chunk_size)
             after = max(filter(None, [start_after, state.after]), default=None)
-            async for obj in list_objects(s3, bucket, prefix, after):
+            async for obj in list_objects(s3, bucket, prefix, after, settings.s3_retry_attempts):
                 result.listed += 1
                 if filt.matches(obj):
                     if limiter is not None:

@@ -6,7 +6,8 @@
     create-topic  create the events topic and its DLQ for replay (infinite retention)
 
 Settings come from METAVOICE_* environment variables (see pipeline/config.py); the flags
-below override them.
+below override them. A value that is not allowed stops the command with one line naming it
+(exit status 2) before anything connects; a typed failure ends it with one line (exit status 1).
 """
 
 from __future__ import annotations
@@ -16,30 +17,32 @@ import asyncio
 import logging
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from aiokafka.errors import KafkaError
 from rich.filesize import decimal
 
+from pipeline.cli import CliError, Parser, document_settings, entry_point, print_error, settings_from
 from pipeline.config import Settings
-from pipeline.errors import PipelineError
 from pipeline.logs import setup_logging
+from pipeline.timeutil import parse_iso_time
 
-from .backfill import parse_time, progress_wanted, run_backfill
-from .kafka import ensure_topics
+from .backfill import progress_wanted, run_backfill
 from .r2_queue import CF_API_BASE, MAX_BATCH, QueueConfig, run_r2_queue
 
 log = logging.getLogger("producer")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m producer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (METAVOICE_KAFKA_BOOTSTRAP)")
-    p.add_argument("--topic", help="events topic (METAVOICE_TOPIC)")
-    p.add_argument("--partitions", dest="topic_partitions", type=int, help="partitions when creating topics")
-    sub = p.add_subparsers(dest="command", required=True)
+def build_parser(prog: str = "python -m producer") -> argparse.ArgumentParser:
+    # A flag whose dest is a setting stays text here: pipeline/config.py checks it, in the same words
+    # as its environment variable.
+    p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers")
+    p.add_argument("--topic", help="events topic")
+    p.add_argument("--partitions", dest="topic_partitions", metavar="N", help="partitions when creating topics")
+    p.add_argument("--log-level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("backfill", help="publish one event per object already in a bucket")
     b.add_argument("--bucket", help="bucket to enumerate (METAVOICE_BUCKET)")
@@ -66,28 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("webhook", help="accept bucket notifications over HTTP")
     w.add_argument("--host", default="0.0.0.0")
     w.add_argument("--port", type=int, default=8080)
-    w.add_argument("--max-body-bytes", dest="webhook_max_body_bytes", type=int,
-                   help="larger bodies get 413 (METAVOICE_WEBHOOK_MAX_BODY_BYTES)")
+    w.add_argument("--max-body-bytes", dest="webhook_max_body_bytes", metavar="N", help="larger bodies get 413")
 
     t = sub.add_parser("create-topic", help="create the events topic and its DLQ when missing")
-    t.add_argument("--retention-ms", dest="topic_retention_ms", type=int,
+    t.add_argument("--retention-ms", dest="topic_retention_ms", metavar="MS",
                    help="retention of both topics (default -1: forever, so a replay can re-read everything)")
-    t.add_argument("--replication", dest="topic_replication", type=int, help="replication factor")
+    t.add_argument("--replication", dest="topic_replication", metavar="N", help="replication factor")
+    for parser in (p, *sub.choices.values()):
+        document_settings(parser)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = dict(kafka_bootstrap=args.kafka_bootstrap, topic=args.topic, topic_partitions=args.topic_partitions)
-    for name in ("webhook_max_body_bytes", "topic_retention_ms", "topic_replication"):
-        overrides[name] = getattr(args, name, None)
-    settings = Settings().with_overrides(**overrides)
+@entry_point  # a typed failure (pipeline.errors.PipelineError, storage and broker ones included): one line, exit 1
+def main(argv: list[str] | None = None, prog: str = "python -m producer") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    settings = settings_from(args, parser)  # every value checked: nothing has connected yet
     setup_logging(settings)
     try:
         return COMMANDS[args.command](settings, args)
-    except (PipelineError, KafkaError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except KafkaError as exc:
+        return print_error(f"{type(exc).__name__}: {exc}", 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     bucket = args.bucket or settings.bucket
     if not bucket:
-        raise SystemExit("backfill needs --bucket or METAVOICE_BUCKET")
+        raise CliError("backfill needs --bucket or METAVOICE_BUCKET")
     try:
         result = asyncio.run(
             run_backfill(
@@ -127,11 +129,11 @@ def cmd_r2_queue(settings: Settings, args: argparse.Namespace) -> int:
     account_id = args.account_id or settings.cf_account_id
     queue_id = args.queue_id or settings.cf_queue_id
     if not account_id or not queue_id:
-        raise SystemExit("r2-queue needs --account-id and --queue-id (or METAVOICE_CF_ACCOUNT_ID / _QUEUE_ID)")
+        raise CliError("r2-queue needs --account-id and --queue-id (or METAVOICE_CF_ACCOUNT_ID / _QUEUE_ID)")
     if settings.cf_api_token is None:
-        raise SystemExit("r2-queue needs METAVOICE_CF_API_TOKEN (an API token with Queues Edit)")
+        raise CliError("r2-queue needs METAVOICE_CF_API_TOKEN (an API token with Queues Edit)")
     if not 1 <= args.batch_size <= MAX_BATCH:
-        raise SystemExit(f"--batch-size must be 1..{MAX_BATCH}")
+        raise CliError(f"--batch-size: must be 1..{MAX_BATCH}, got {args.batch_size}")
     cfg = QueueConfig(
         account_id=account_id,
         queue_id=queue_id,
@@ -165,6 +167,8 @@ def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_create_topic(settings: Settings, args: argparse.Namespace) -> int:
+    from broker.topics import ensure_topics
+
     report = asyncio.run(ensure_topics(settings))
     for name in report.created:
         print(
@@ -205,11 +209,11 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _iso_time(text: str):
+def _iso_time(text: str) -> datetime:
     try:
-        return parse_time(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+        return parse_iso_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
 
 
 def _positive_float(text: str) -> float:

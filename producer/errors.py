@@ -4,7 +4,14 @@
     ├── PermanentError
     │   └── MalformedEvent          (pipeline.errors) a body that is not an event: DLQ or HTTP 400
     ├── TransientError
-    │   ├── KafkaUnavailable        the broker did not acknowledge in time: retry, never ack early
+    │   ├── KafkaUnavailable        (broker.errors) the broker did not acknowledge in time: retry,
+    │   │   │                       never ack early
+    │   │   └── BrokerUnreachable   (broker.errors) no broker within METAVOICE_KAFKA_CONNECT_TIMEOUT_S
+    │   ├── StorageUnavailable      (pipeline.errors) one listing request failed; retried s3_retry_attempts times
+    │   ├── EnvironmentFault        (pipeline.errors) a backfill's listing cannot go on:
+    │   │   ├── BucketMissing           the bucket does not exist at the endpoint
+    │   │   ├── StorageAccessDenied     the endpoint refused the credentials
+    │   │   └── StorageOutage           the endpoint did not answer past the retries
     │   └── QueueApiUnavailable     Cloudflare API 429/5xx/network failure: back off, try again
     └── FatalError
         ├── QueueApiRejected        Cloudflare API refused the request (bad token, unknown queue)
@@ -14,11 +21,11 @@
 
 from __future__ import annotations
 
+from broker.errors import BrokerUnreachable, KafkaUnavailable
 from pipeline.errors import FatalError, TransientError
 
-
-class KafkaUnavailable(TransientError):
-    """Kafka could not be reached or did not acknowledge: nothing may be acknowledged upstream."""
+__all__ = ["BrokerUnreachable", "CheckpointMismatch", "KafkaUnavailable", "QueueApiRejected",
+           "QueueApiUnavailable", "WebhookMisconfigured"]
 
 
 class QueueApiUnavailable(TransientError):

@@ -36,12 +36,13 @@ import orjson
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
+from broker.topics import ensure_topics
 from pipeline.config import Settings
 from pipeline.errors import MalformedEvent
 from pipeline.events import decode_maybe_base64, parse_event_json
 
 from .errors import KafkaUnavailable, QueueApiRejected, QueueApiUnavailable
-from .kafka import EventPublisher, encode_event, ensure_topics, event_publisher, wait_acknowledged
+from .kafka import EventPublisher, encode_event, event_publisher, wait_acknowledged
 from .ratelimit import SlidingWindowLimiter
 
 log = logging.getLogger(__name__)

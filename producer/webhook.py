@@ -42,12 +42,13 @@ import orjson
 from aiohttp import web
 from aiokafka.errors import KafkaError
 
+from broker.topics import ensure_topics
 from pipeline.config import Settings
 from pipeline.errors import MalformedEvent
 from pipeline.events import parse_event_json
 
 from .errors import KafkaUnavailable, WebhookMisconfigured
-from .kafka import EventPublisher, encode_event, ensure_topics, make_producer, wait_acknowledged
+from .kafka import EventPublisher, encode_event, make_event_producer, wait_acknowledged
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class KafkaGate:
             return self._publisher
 
     async def _connect(self) -> None:
-        producer = make_producer(self.settings)
+        producer = make_event_producer(self.settings)
         try:
             await asyncio.wait_for(producer.start(), CONNECT_TIMEOUT_S)
         except BaseException as exc:  # also a cancelled start (shutdown): never leak its tasks
@@ -104,7 +105,7 @@ class KafkaGate:
             raise
         self._producer = producer  # from here on close() stops it, whatever happens next
         try:
-            await asyncio.wait_for(ensure_topics(self.settings, wait_seconds=0), CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(ensure_topics(self.settings, wait_s=CONNECT_TIMEOUT_S), CONNECT_TIMEOUT_S)
         except (KafkaError, KafkaUnavailable, OSError, asyncio.TimeoutError) as exc:
             log.warning("could not ensure topics (%s); publishing anyway", exc)
         self._publisher = EventPublisher(producer, self.settings.topic, self.settings.dlq_topic)

@@ -79,7 +79,7 @@ def settings_factory(services: LocalServices, unique: str, tmp_path: Path) -> Ca
     """Settings pointed at the session's services, with a fresh topic, group and output dir."""
 
     def make(**overrides) -> Settings:
-        return test_settings(services, unique, tmp_path / "out", **overrides)
+        return test_settings(services, unique, overrides.pop("output_dir", tmp_path / "out"), **overrides)
 
     return make
 

@@ -31,7 +31,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import pyarrow.parquet as pq
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -43,8 +42,10 @@ from pipeline.models import Models
 from pipeline.records import Segment, Transcript
 from pipeline.ledger import rebuild_aggregates
 from pipeline.local_services import LocalServices
-from pipeline.parquet import INPROGRESS_SUFFIX, finalized_files, read_footer
-from pipeline.summary import load_summary
+from pipeline.ledger import load_summary
+from pipeline.output import as_output
+from pipeline.output.layout import writer_of
+from tests.output_files import Where, inprogress_files
 
 REPO = Path(__file__).resolve().parent.parent
 ObjectVersion = tuple[str, str, str]  # (bucket, key, etag)
@@ -102,7 +103,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """`METAVOICE_*` variables that reproduce `settings` in a child process (secrets excluded)."""
     env = {}
     for name in ("kafka_bootstrap", "topic", "dlq_topic", "group", "topic_partitions", "s3_endpoint_url",
-                 "s3_region", "output_dir", "batch_max_events", "batch_max_events_backlog", "batch_linger_ms", "roll_max_rows",
+                 "s3_region", "output_dir", "spool_dir", "output_claim_ttl_s", "batch_max_events", "batch_max_events_backlog", "batch_linger_ms", "roll_max_rows",
                  "roll_max_seconds", "exit_when_idle", "pipeline_depth", "min_duration_sec",
                  "max_duration_sec", "s3_retry_attempts", "kafka_session_timeout_ms", "tokenizer",
                  "shutdown_timeout", "fault_timeout_s", "bucket", "allowed_buckets", "max_events_per_message"):
@@ -191,7 +192,7 @@ def logs_on_failure(*procs: "ConsumerProcess | None") -> Iterator[None]:
         raise AssertionError(f"{exc}\n{logs}") from exc
 
 
-def wait_for_rows(output_dir: Path, count: int, timeout: float) -> None:
+def wait_for_rows(output_dir: Where, count: int, timeout: float) -> None:
     """Until the finalized files hold `count` distinct object versions."""
     from pipeline.ledger import OutputLedger
 
@@ -205,16 +206,16 @@ def wait_for_rows(output_dir: Path, count: int, timeout: float) -> None:
     raise AssertionError(f"only {len(ledger.index)} of {count} object versions in files after {timeout}s")
 
 
-def wait_for_files(output_dir: Path, at_least: int, timeout: float, proc: ConsumerProcess | None = None) -> list[Path]:
+def wait_for_files(output_dir: Where, at_least: int, timeout: float, proc: ConsumerProcess | None = None) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        files = finalized_files(output_dir)
+        files = as_output(output_dir).finalized()
         if len(files) >= at_least:
             return files
         if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
             break
         time.sleep(0.1)
-    raise AssertionError(f"fewer than {at_least} finalized files after {timeout}s: {finalized_files(output_dir)}")
+    raise AssertionError(f"fewer than {at_least} finalized files after {timeout}s: {as_output(output_dir).finalized()}")
 
 
 # --- an outage that keeps the server's state ---------------------------------------------------
@@ -235,6 +236,7 @@ class TcpOutage:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self.bytes_from_server = 0  # what clients were sent: a ranged read fetches less than the object
         self.restore()
 
     @property
@@ -284,11 +286,14 @@ class TcpOutage:
             with self._lock:
                 self._conns |= {client, upstream}
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, a is upstream), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, from_server: bool = False) -> None:
         try:
             while data := src.recv(1 << 16):
+                if from_server:
+                    with self._lock:
+                        self.bytes_from_server += len(data)
                 dst.sendall(data)
         except OSError:
             pass
@@ -392,16 +397,16 @@ def versions(events: Iterable[ObjectEvent]) -> set[ObjectVersion]:
 
 
 # --- reading back the guarantees ---------------------------------------------------------------
-def output_rows(output_dir: Path) -> list[dict]:
+def output_rows(output_dir: Where) -> list[dict]:
     """(bucket, id, etag, kafka_partition, kafka_offset) of every row of every finalized file."""
+    out = as_output(output_dir)
     rows: list[dict] = []
-    for p in finalized_files(output_dir):
-        t = pq.read_table(p, columns=["bucket", "id", "etag", "kafka_partition", "kafka_offset"])
-        rows.extend(t.to_pylist())
+    for name in out.finalized():
+        rows.extend(out.read_columns(name, ["bucket", "id", "etag", "kafka_partition", "kafka_offset"]).to_pylist())
     return rows
 
 
-def assert_exactly_once(output_dir: Path, expected: set[ObjectVersion]) -> None:
+def assert_exactly_once(output_dir: Where, expected: set[ObjectVersion]) -> None:
     """Every expected object version is in the finalized files exactly once, and nothing else is."""
     rows = output_rows(output_dir)
     counts = Counter((r["bucket"], r["id"], r["etag"]) for r in rows)
@@ -411,10 +416,10 @@ def assert_exactly_once(output_dir: Path, expected: set[ObjectVersion]) -> None:
     assert not doubled, f"rows written more than once: {doubled}"
     assert not missing, f"{len(missing)} events lost: {sorted(missing)[:5]}"
     assert not unexpected, f"rows nobody asked for: {sorted(unexpected)[:5]}"
-    assert not list((output_dir / "data").glob(f"*{INPROGRESS_SUFFIX}")), "in-progress files left behind"
+    assert not inprogress_files(output_dir), "in-progress files left behind"
 
 
-def assert_summary_matches_files(output_dir: Path) -> dict:
+def assert_summary_matches_files(output_dir: Where) -> dict:
     """summary.json's aggregates equal those recomputed from the finalized files' rows."""
     loaded = load_summary(output_dir)
     assert loaded is not None, "summary.json is missing or unreadable"
@@ -432,17 +437,18 @@ def assert_summary_matches_files(output_dir: Path) -> dict:
     return {"aggregates": summary, "files": names}
 
 
-def footer_offsets(output_dir: Path) -> dict[int, list[tuple[int, int, str]]]:
+def footer_offsets(output_dir: Where) -> dict[int, list[tuple[int, int, str]]]:
     """Per partition, the [first, last] offset ranges the finalized files' footers claim, and the file."""
+    store = as_output(output_dir)
     out: dict[int, list[tuple[int, int, str]]] = {}
-    for p in finalized_files(output_dir):
-        footer = read_footer(p)
+    for name in store.finalized():
+        footer = store.read_footer(name)
         for r in footer.offsets:
-            out.setdefault(r.partition, []).append((r.first, r.last, f"{p.name} ({footer.rows} rows)"))
+            out.setdefault(r.partition, []).append((r.first, r.last, f"{name} ({footer.rows} rows)"))
     return {k: sorted(v) for k, v in out.items()}
 
 
-def assert_offsets_contiguous(output_dir: Path, ends: dict[int, int]) -> None:
+def assert_offsets_contiguous(output_dir: Where, ends: dict[int, int]) -> None:
     """Footers cover every offset [0, end) of each partition once: no gap, no overlap."""
     spans = footer_offsets(output_dir)
     for partition, end in ends.items():
@@ -453,9 +459,9 @@ def assert_offsets_contiguous(output_dir: Path, ends: dict[int, int]) -> None:
         assert nxt == end, f"partition {partition}: footers end at {nxt}, the log at {end}"
 
 
-def writer_ids(output_dir: Path) -> set[str]:
+def writer_ids(output_dir: Where) -> set[str]:
     """Writer ids from finalized file names `part-<stamp>-<writer>-<seq>.parquet`."""
-    return {p.name.split("-")[2] for p in finalized_files(output_dir)}
+    return {writer_of(name) for name in as_output(output_dir).finalized()}
 
 
 def committed_offsets(settings: Settings, partitions: int | None = None) -> dict[int, int | None]:

@@ -1,8 +1,9 @@
 """The deployment files agree with each other and with the code (no Docker engine needed).
 
-docker-compose.yml, the Dockerfile, deploy/prefect.yaml and deploy/k8s/*.yaml are parsed and
-cross-checked: services, images and build targets, ports, volumes, listeners, topics,
-credentials and commands must reference things that exist.
+docker-compose.yml, the Dockerfile, .dockerignore, deploy/prefect.yaml, deploy/k8s/*.yaml and
+deploy/constraints.txt are parsed and cross-checked: services, images and build targets, ports,
+volumes, listeners, topics, buckets, credentials, commands, image tags and pinned versions must
+reference things that exist and agree with pyproject.toml.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import ast
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from pipeline.config import Settings
 
@@ -25,6 +29,11 @@ SERVICES: dict[str, dict] = COMPOSE["services"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 K8S = [doc for f in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(f.read_text()) if doc]
 PREFECT = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CONSTRAINTS = dict(
+    line.split("==", 1) for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+)
 
 
 def env(service: str) -> dict[str, str]:
@@ -50,6 +59,49 @@ def kafka_listeners() -> dict[str, tuple[str, int]]:
 
 def dockerfile_stages() -> set[str]:
     return set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE, re.M | re.I))
+
+
+def dockerfile_stage(name: str) -> str:
+    """The Dockerfile's text from `FROM ... AS name` to the next FROM."""
+    return re.search(rf"^FROM\s+\S+\s+AS\s+{name}\s*$(.*?)(?=^FROM\s|\Z)", DOCKERFILE, re.M | re.S).group(1)
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+DOCKERIGNORE = [
+    (line.startswith("!"), _dockerignore_regex(line.lstrip("!").strip("/")))
+    for line in map(str.strip, (ROOT / ".dockerignore").read_text().splitlines())
+    if line and not line.startswith("#")
+]
+
+
+def in_build_context(path: str) -> bool:
+    """Whether .dockerignore lets `path` (relative to the repository) into the build context.
+
+    Docker's rules: the last pattern matching the path or one of its parent directories decides;
+    a `!pattern` lets back in what an earlier pattern left out.
+    """
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    included = True
+    for negated, regex in DOCKERIGNORE:
+        if any(regex.match(prefix) for prefix in prefixes):
+            included = negated
+    return included
 
 
 def python_module_commands():
@@ -206,6 +258,67 @@ def test_the_consumer_reaches_minio_and_prefect_with_their_own_credentials():
     assert (db.username, db.password, db.path.lstrip("/")) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
 
 
+def _minio_init_buckets() -> set[str]:
+    """The buckets minio-init's script makes (`mc mb local/...`), its variables resolved."""
+    variables = env("minio-init")
+    script = "\n".join(SERVICES["minio-init"]["command"])
+    made = set()
+    for target in re.findall(r"mc mb\b[^\n]*?\s\"?local/([^\s\"]+)", script):
+        made.add(re.sub(r"\$\$\{?(\w+)\}?", lambda m: _compose_default(variables[m.group(1)]), target))
+    return made
+
+
+def _compose_default(value: str) -> str:
+    """`${VAR:-default}` as compose resolves it with VAR unset (no .env): the default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def test_the_consumer_writes_its_dataset_to_a_bucket_that_minio_init_creates():
+    consumer = env("consumer")
+    output = urlparse(consumer["METAVOICE_OUTPUT_DIR"])
+    assert output.scheme == "s3" and output.netloc and output.path.strip("/"), consumer["METAVOICE_OUTPUT_DIR"]
+    buckets = _minio_init_buckets()
+    assert output.netloc in buckets, f"{output.netloc} is not made by minio-init (it makes {sorted(buckets)})"
+    # The bucket exists before the consumer starts.
+    assert SERVICES["consumer"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    # The dataset bucket is not the audio bucket, and sends no events: no event, no loop.
+    audio = _compose_default(env("minio-init")["BUCKET"])
+    assert output.netloc != audio and audio in buckets
+    script = "\n".join(SERVICES["minio-init"]["command"])
+    for line in script.splitlines():
+        if "mc event add" in line:
+            assert "$$BUCKET\"" in line or f"local/{audio}" in line, line
+    # The output store is MinIO: its own endpoint and keys when set, else the audio's.
+    endpoint = consumer.get("METAVOICE_OUTPUT_S3_ENDPOINT_URL", consumer["METAVOICE_S3_ENDPOINT_URL"])
+    s3 = urlparse(endpoint)
+    assert (s3.hostname, s3.port) == ("minio", _flag_port(SERVICES["minio"]["command"], "--address"))
+    minio = env("minio")
+    assert consumer.get("METAVOICE_OUTPUT_S3_ACCESS_KEY_ID", consumer["METAVOICE_S3_ACCESS_KEY_ID"]) == minio["MINIO_ROOT_USER"]
+    assert (consumer.get("METAVOICE_OUTPUT_S3_SECRET_ACCESS_KEY", consumer["METAVOICE_S3_SECRET_ACCESS_KEY"])
+            == minio["MINIO_ROOT_PASSWORD"])
+    # Events naming the dataset bucket are refused unread.
+    allowed = {b.strip() for b in _compose_default(consumer.get("METAVOICE_ALLOWED_BUCKETS", "")).split(",") if b.strip()}
+    assert allowed and output.netloc not in allowed
+    # The consumer's command does not override the output with a flag.
+    assert "--output" not in SERVICES["consumer"]["command"]
+
+
+def test_the_consumer_spools_and_caches_models_on_named_volumes_owned_by_its_user():
+    consumer = env("consumer")
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in SERVICES["consumer"]["volumes"]}
+    spool = consumer["METAVOICE_SPOOL_DIR"]
+    assert spool in mounts and mounts[spool] in COMPOSE["volumes"], f"{spool} is not on a named volume"
+    stage = dockerfile_stage("consumer")
+    hf_home = re.search(r"HF_HOME=(\S+)", stage).group(1)
+    assert mounts.get(hf_home) in COMPOSE["volumes"], "the model cache is not on a named volume"
+    # A fresh named volume copies the ownership of the image's directory: it must be the user's.
+    made = re.search(r"mkdir -p ([^\n\\&]+)", stage).group(1).split()
+    chown = re.search(r"chown -R metavoice ([^\n\\&]+)", stage).group(1).split()
+    for path in (spool, hf_home):
+        assert path in made, f"the image does not make {path}"
+        assert any(path == c or path.startswith(c.rstrip("/") + "/") for c in chown), f"{path} is not chowned"
+
+
 def test_the_consumer_reserves_an_nvidia_gpu_and_outlasts_its_shutdown_budget():
     devices = SERVICES["consumer"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
@@ -253,15 +366,59 @@ def test_the_dockerfile_builds_the_consumer_on_cuda_12_with_a_cu12_torch():
     assert DOCKERFILE.rstrip().splitlines()[-1].startswith("CMD")  # the default target is the consumer
 
 
-def test_everything_the_dockerfile_copies_exists_and_is_not_dockerignored():
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+def test_everything_the_dockerfile_copies_exists_and_is_in_the_build_context():
     for line in re.findall(r"^COPY\s+(?!--from)(.+)$", DOCKERFILE, re.M):
         *sources, _dest = line.split()
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: missing"
-            assert source not in ignored and source.split("/")[0] not in ignored, f"COPY {source} is dockerignored"
-    assert ".env" in ignored  # secrets never enter a build context
+            assert source == "." or in_build_context(source), f"COPY {source} is dockerignored"
+    # What `pip install .` reads: pyproject.toml and the README and LICENSE it names.
+    for needed in ("pyproject.toml", PYPROJECT["project"]["readme"], *PYPROJECT["project"]["license-files"],
+                   "deploy/constraints.txt", "deploy/requirements.py", "pipeline/config.py", "producer/cli.py"):
+        assert in_build_context(needed), f"{needed} is dockerignored, the image build needs it"
+    # Secrets and what no image needs stay out.
+    for kept_out in (".env", ".env.production", "pipeline/.env", ".git/config", "tests/test_compose.py", "docs/deployment.md",
+                     "deploy/k8s/consumer.yaml", "output/data/part.parquet", "pipeline/__pycache__/config.cpython-311.pyc",
+                     "metavoice_stream.egg-info/PKG-INFO"):
+        assert not in_build_context(kept_out), f"{kept_out} would enter the build context"
+
+
+def test_every_package_pyproject_installs_enters_the_build_context():
+    patterns = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()
+                and any(re.fullmatch(p.replace("*", ".*"), d.name) for p in patterns)]
+    assert {"pipeline", "consumer", "producer"} <= set(packages)
+    for package in packages:
+        assert in_build_context(f"{package}/__init__.py"), f"{package}/ is installed by pyproject.toml but dockerignored"
+
+
+def test_the_images_install_their_extras_with_the_pinned_constraints():
+    producer, consumer = dockerfile_stage("producer"), dockerfile_stage("consumer")
+    # The producer image: the base dependencies only, no extra.
+    assert re.search(r"python deploy/requirements\.py > ", producer), "the producer stage lists the base only"
+    assert "-c deploy/constraints.txt -r /tmp/requirements.txt" in producer
+    assert re.search(r"pip install --no-deps .*\s\.\s", producer)
+    # The GPU image: the consumer's and the codecs' extras, so encodec/dac/mimi work in it.
+    assert re.search(r"python deploy/requirements\.py consumer codec > ", consumer)
+    assert "-c deploy/constraints.txt -r /tmp/requirements.txt" in consumer
+    # ... and torch at the pinned version, its CUDA build from TORCH_INDEX.
+    assert "--index-url ${TORCH_INDEX}" in consumer and "grep -E '^torch==' deploy/constraints.txt" in consumer
+    for extra in ("consumer", "codec"):
+        assert extra in PYPROJECT["project"]["optional-dependencies"]
+
+
+def test_the_constraints_pin_every_dependency_within_pyproject_bounds():
+    listed = subprocess.run([sys.executable, str(ROOT / "deploy" / "requirements.py"), "consumer", "codec"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert listed
+    for line in listed:
+        requirement = Requirement(line)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in CONSTRAINTS, f"{name} is installed in the images but not pinned in deploy/constraints.txt"
+        assert requirement.specifier.contains(Version(CONSTRAINTS[name]), prereleases=True), (
+            f"deploy/constraints.txt pins {name}=={CONSTRAINTS[name]}, outside pyproject.toml's {requirement}")
+    for name, version in CONSTRAINTS.items():
+        assert "+" not in version, f"{name}=={version}: a local label would tie the images to one build"
 
 
 def test_the_producer_image_needs_none_of_the_gpu_stack():
@@ -272,9 +429,10 @@ def test_the_producer_image_needs_none_of_the_gpu_stack():
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
-    installed = re.search(r"AS producer.*?RUN pip install (.*?)\n(?!\s)", DOCKERFILE, re.S).group(1)
-    for package in ("aiobotocore", "aiokafka", "aiohttp", "orjson", "pydantic-settings", "tenacity", "rich"):
-        assert f'"{package}>=' in installed, package
+    # ... and the base install the producer image gets carries none of it either
+    # (tests/test_packaging.py runs the producers in a venv holding only that install).
+    base = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for r in PYPROJECT["project"]["dependencies"]}
+    assert not base & {"torch", "faster-whisper", "ctranslate2", "numpy", "pyarrow", "prefect", "soundfile", "transformers"}
 
 
 # --- Prefect and Kubernetes ------------------------------------------------------------------------
@@ -288,7 +446,14 @@ def test_prefect_deployments_point_at_a_flow_that_exists_and_is_in_the_image():
         assert any("flow" in ast.unparse(dec) for dec in fn.decorator_list), f"{func} is not a Prefect flow"
         assert set(d.get("parameters", {})) <= {a.arg for a in fn.args.args}
         assert d["concurrency_limit"] <= Settings.model_fields["topic_partitions"].default
-        assert f"COPY {path} " in DOCKERFILE
+        assert in_build_context(path) and re.search(r"^COPY \. \.", dockerfile_stage("consumer"), re.M), path
+
+
+def test_prefect_yaml_names_the_prefect_the_images_install():
+    [spec] = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["consumer"]
+              if Requirement(r).name == "prefect"]
+    assert str(PREFECT["prefect-version"]) == CONSTRAINTS["prefect"]
+    assert spec.specifier.contains(Version(str(PREFECT["prefect-version"])))
 
 
 def test_kubernetes_consumers_each_get_a_gpu_and_a_config_that_exists():
@@ -316,6 +481,54 @@ def test_kubernetes_consumers_each_get_a_gpu_and_a_config_that_exists():
 
 
 WORKLOADS = [d for d in K8S if d.get("spec", {}).get("template")]
+
+
+def _containers(doc: dict) -> list[dict]:
+    return doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+
+
+def test_every_image_we_build_is_tagged_with_the_project_version():
+    version = PYPROJECT["project"]["version"]
+    images = [(f"k8s:{d['metadata']['name']}", c["image"]) for d in K8S for c in _containers(d)]
+    images += [(f"prefect:{d['name']}", d["work_pool"]["job_variables"]["image"])
+               for d in PREFECT["deployments"] if "image" in d["work_pool"]["job_variables"]]
+    images += [(f"compose:{name}", svc["image"]) for name, svc in SERVICES.items() if svc.get("build")]
+    assert len(images) >= 6
+    for where, image in images:
+        name, _, tag = image.rpartition(":")
+        assert name.rsplit("/", 1)[-1] in {"metavoice-consumer", "metavoice-producer"}, f"{where}: {image}"
+        assert tag == version, f"{where}: {image} is not tagged {version} (pyproject.toml's version)"
+    for doc in K8S:
+        for c in _containers(doc):
+            assert not c["image"].endswith(":latest") and ":" in c["image"].rsplit("/", 1)[-1], c["image"]
+
+
+def test_kubernetes_consumers_keep_their_model_cache_on_a_persistent_volume():
+    [deployment] = [d for d in K8S if d["kind"] == "Deployment" and d["metadata"]["name"] == "metavoice-consumer"]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    hf_home = re.search(r"HF_HOME=(\S+)", dockerfile_stage("consumer")).group(1)
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == hf_home]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" not in volume
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    [pvc] = [d for d in K8S if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim]
+    # Every replica mounts it, on whichever node it runs.
+    assert deployment["spec"]["replicas"] == 1 or "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+def test_the_webhook_is_probed_on_a_route_it_serves():
+    routes = set(re.findall(r"add_get\(\s*\"([^\"]+)\"", (ROOT / "producer" / "webhook.py").read_text()))
+    assert routes, "producer/webhook.py registers no GET route"
+    [deployment] = [d for d in K8S if d["kind"] == "Deployment" and d["metadata"]["name"] == "metavoice-webhook"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    port_names = {p["name"] for p in container["ports"]}
+    port = int(_flag(container["command"], "--port"))
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] in routes, f"{probe} asks {get['path']}, the webhook serves {sorted(routes)}"
+        assert get["port"] in port_names
+        assert next(p["containerPort"] for p in container["ports"] if p["name"] == get["port"]) == port
 
 
 @pytest.mark.parametrize("doc", WORKLOADS, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")

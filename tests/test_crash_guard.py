@@ -17,7 +17,8 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from consumer.crash_guard import ATTEMPTS_DIR, CrashGuard, Suspect
+from consumer.crash_guard import CrashGuard, Suspect
+from pipeline.output.layout import ATTEMPTS_DIR
 from pipeline.errors import CrashLoop, PermanentError
 
 P0, P1 = ("events", 0), ("events", 1)
@@ -29,7 +30,7 @@ def die(guard: CrashGuard) -> None:
 
 
 def restart(out: Path, partitions=(P0,), max_attempts: int = 3) -> CrashGuard:
-    g = CrashGuard(out, max_attempts)
+    g = CrashGuard(out / ATTEMPTS_DIR, max_attempts)
     g.load(partitions)
     return g
 
@@ -140,7 +141,7 @@ def test_with_max_attempts_1_one_crash_alone_is_enough_but_a_crash_in_company_is
     die(g)
     assert restart(tmp_path, max_attempts=1).verdict(*P0, 1) == "crash_loop"
     with pytest.raises(ValueError):
-        CrashGuard(tmp_path, 0)
+        CrashGuard(tmp_path / ATTEMPTS_DIR, 0)
 
 
 # --- partitions move, processes restart, processes stop on purpose ------------------------------
@@ -150,7 +151,7 @@ def test_markers_survive_restarts_and_move_with_their_partition(tmp_path):
     a = restart(tmp_path, (P0, P1))
     a.begin(1, {P0: [4, 5], P1: [40]})
     die(a)
-    b, c = CrashGuard(tmp_path), CrashGuard(tmp_path)
+    b, c = CrashGuard(tmp_path / ATTEMPTS_DIR), CrashGuard(tmp_path / ATTEMPTS_DIR)
     assert b.load([P0]) == {P0: {4: Suspect(1, 0), 5: Suspect(1, 0)}}
     assert c.load([P1]) == {P1: {40: Suspect(1, 0)}}
     assert marker(tmp_path, P0)["owner"] == b.owner and marker(tmp_path, P1)["owner"] == c.owner
@@ -222,7 +223,7 @@ def test_end_clears_the_suspects_its_batch_covered_and_resume_at_those_the_files
     g.end(2)
     assert [g.verdict(*P0, o) for o in (3, 4, 5, 6)] == ["ok", "ok", "ok", "isolate"]
     die(g)
-    g = CrashGuard(tmp_path)
+    g = CrashGuard(tmp_path / ATTEMPTS_DIR)
     g.load([P0], resume_at={P0: 7})  # the files hold everything below 7
     assert g.verdict(*P0, 6) == "ok" and marker(tmp_path)["suspects"] == {}
 
@@ -258,7 +259,7 @@ def test_a_partition_used_without_load_is_loaded_on_first_use(tmp_path):
     g = restart(tmp_path)
     g.begin(1, {P0: [1]})
     die(g)
-    g = CrashGuard(tmp_path)
+    g = CrashGuard(tmp_path / ATTEMPTS_DIR)
     assert g.verdict(*P0, 1) == "isolate"
 
 
@@ -294,7 +295,7 @@ class Stream:
         raise AssertionError("the stream never finished: a crash loop was not broken")
 
     def _run_once(self) -> None:
-        g = CrashGuard(self.out, self.max_attempts, fsync=False)
+        g = CrashGuard(self.out / ATTEMPTS_DIR, self.max_attempts, fsync=False)
         tps = [("events", p) for p in range(self.partitions)]
         g.load(tps, resume_at={tp: self.next[tp[1]] for tp in tps})
         in_flight: list[tuple[int, dict, list]] = []  # (batch id, offsets, the ones processed)

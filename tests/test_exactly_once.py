@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.ledger import OutputLedger
 from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION
-from pipeline.parquet import finalized_files
+from tests.output_files import finalized_files
 from tests.conftest import consume_until_idle, test_settings
 from tests.consumer_process import (
     ConsumerProcess,

@@ -22,7 +22,8 @@ from pipeline.errors import OutputWriteFailed, StorageOutage, StorageUnavailable
 from pipeline.events import ObjectEvent
 from pipeline.ledger import OutputLedger
 from pipeline.local_services import MOTO_CREDENTIALS
-from pipeline.parquet import INPROGRESS_SUFFIX, finalized_files, read_footer
+from pipeline.output.layout import INPROGRESS_SUFFIX
+from tests.output_files import finalized_files, inprogress_files, read_footer
 from pipeline.storage import classify_s3_error
 from tests.conftest import consume_until_idle, read_topic
 from tests.consumer_process import (
@@ -146,7 +147,7 @@ def assert_stopped_with_output_write_failed(consumer: Background) -> None:
 
 def assert_no_partial_files(output_dir) -> None:
     data = output_dir / "data"
-    assert not list(data.glob(f"*{INPROGRESS_SUFFIX}"))
+    assert not inprogress_files(output_dir)
     for p in data.glob("*.parquet"):
         if p.is_file():
             read_footer(p)  # every file that looks finalized is whole: footer readable
@@ -177,11 +178,11 @@ def test_a_failed_rename_commits_nothing_and_leaves_no_partial_parquet(s3, bucke
     consumer = Background(st, models)
     consumer.start()
     deadline = time.monotonic() + 30
-    while not (inprogress := list(data.glob(f"*{INPROGRESS_SUFFIX}"))):
+    while not (inprogress := inprogress_files(st.output_dir)):
         assert time.monotonic() < deadline and consumer.is_alive(), "no in-progress file appeared"
         time.sleep(0.01)
     final = data / (inprogress[0].name.removesuffix(INPROGRESS_SUFFIX) + ".parquet")
-    final.mkdir()  # the final name is taken by a directory: the rename must fail (even for root)
+    final.mkdir(parents=True)  # the final name is taken by a directory: the rename must fail (even for root)
     consumer.finish()
 
     assert_stopped_with_output_write_failed(consumer)
@@ -192,9 +193,9 @@ def test_a_failed_rename_commits_nothing_and_leaves_no_partial_parquet(s3, bucke
 
 @pytest.fixture
 def small_disk(settings_factory):
-    """The data directory on a 64 KiB tmpfs: room for a few files, then ENOSPC."""
+    """The output directory on a 64 KiB tmpfs: room for a few files, then ENOSPC."""
     st = settings_factory(batch_max_events=2, roll_max_rows=2, exit_when_idle=1.5)
-    data = st.output_dir / "data"
+    data = st.output_dir
     data.mkdir(parents=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(data)], capture_output=True)
     if mounted.returncode != 0:

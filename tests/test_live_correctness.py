@@ -20,10 +20,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumer.topics import DeadLetterTopicUnusable, _retention_ms
+from broker.errors import DeadLetterTopicUnusable
+from broker.topics import retention_ms
 from pipeline.events import ObjectEvent
-from pipeline.parquet import INPROGRESS_SUFFIX
-from pipeline.summary import load_summary
+from pipeline.ledger import load_summary
+from tests.output_files import inprogress_files
 from tests.conftest import consume_until_idle, read_topic
 from tests.consumer_process import (
     ConsumerProcess,
@@ -238,7 +239,7 @@ def test_a_consumer_paused_past_its_session_never_finalizes_what_the_new_owner_w
             while rows_applied(paused) < 12:  # every row is in its open (in-progress) file
                 assert time.monotonic() < deadline and paused.proc.poll() is None, "the first consumer never applied its rows"
                 time.sleep(0.1)
-            assert list((st.output_dir / "data").glob(f"*{INPROGRESS_SUFFIX}"))
+            assert inprogress_files(st.output_dir)
             paused.signal(signal.SIGSTOP)  # a VM pause, swapping, a long GC: no heartbeats
 
             # The new owner takes over after the session timeout and writes every row itself.
@@ -320,7 +321,7 @@ def test_a_missing_dead_letter_topic_is_created_with_the_events_retention_before
     stats = consume_until_idle(st, models)
 
     assert stats.rows == 1 and stats.dead_letters == 1
-    assert admin_call(st, lambda a: _retention_ms(a, [st.dlq_topic])) == {st.dlq_topic: 604800000}
+    assert admin_call(st, lambda a: retention_ms(a, [st.dlq_topic])) == {st.dlq_topic: 604800000}
     assert len(read_topic(st, st.dlq_topic, expected=1)) == 1
     assert_log_fully_handled(st, 2)
 

@@ -32,7 +32,7 @@ from pipeline.batch import BatchOutcome
 from pipeline.config import Settings
 from pipeline.errors import FatalError
 from pipeline.logs import JsonFormatter
-from pipeline.summary import SUMMARY_NAME
+from pipeline.output.layout import SUMMARY_NAME
 
 from .conftest import upload
 

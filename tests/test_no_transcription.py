@@ -14,7 +14,7 @@ import soundfile as sf
 
 from consumer.cli import build_parser
 from pipeline.config import Settings
-from pipeline.manifest import MANIFEST_NAME
+from pipeline.output.layout import MANIFEST_NAME
 from pipeline.records import SCHEMA
 from pipeline.summary import Aggregates
 

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 import consumer.committer
 import pipeline.parquet
-import pipeline.summary
+import pipeline.output.local
 from consumer.app import StreamConsumer
 from consumer.batcher import Batcher
 from consumer.committer import OutputCommitter
@@ -49,7 +49,9 @@ from pipeline.config import Settings
 from pipeline.errors import Fenced
 from pipeline.events import ObjectEvent
 from pipeline.ledger import OutputLedger, publish_summary
-from pipeline.parquet import INPROGRESS_SUFFIX, RollingParquetWriter, discard_orphaned_inprogress, finalized_files, read_footer
+from pipeline.output import LocalOutput
+from pipeline.parquet import RollingParquetWriter
+from tests.output_files import finalized_files, inprogress_files, read_footer
 from pipeline.records import TranscribedAudio
 from tests.consumer_process import assert_summary_matches_files, footer_offsets, output_rows
 
@@ -258,9 +260,9 @@ class Process:
         out = deployment.output_dir
         settings = Settings(output_dir=out, topic=TOPIC, from_beginning=deployment.from_beginning,
                             from_timestamp=deployment.from_timestamp, prefect_enabled=False)
-        discard_orphaned_inprogress(out)
+        LocalOutput(out).discard_orphans()
         self.app = StreamConsumer(settings, models=object())  # type: ignore[arg-type]
-        self.app.guard = CrashGuard(out, fsync=False)  # inert here: no batch is ever begun, every verdict is "ok"
+        self.app.guard = CrashGuard(out / "_attempts", fsync=False)  # inert here: no batch is ever begun, every verdict is "ok"
         self.app.ledger.refresh()
         if finalized_files(out):
             publish_summary(out)
@@ -467,7 +469,7 @@ class World:
         """Finalize `proc`'s open file: refused (Fenced, the file discarded, nothing committed) exactly
         when another writer's finalized file already holds one of its offsets."""
         open_file = proc.writer._open.path if proc.writer._open is not None else None
-        taken = finalized_by_others(proc.writer.data_dir.parent, proc.open_offsets(), proc.writer.writer_id)
+        taken = finalized_by_others(proc.writer.output.root, proc.open_offsets(), proc.writer.writer_id)
         committed = dict(self.group.committed)
         try:
             await proc.roll()
@@ -550,7 +552,7 @@ def simulate(spec: list[list[tuple[str, int]]], steps: list[tuple], roll_max_row
             await world.finish()
 
         with mock.patch.object(consumer.committer, "crash_point", world.crash_point), \
-                mock.patch.object(pipeline.summary, "crash_point", world.crash_point), \
+                mock.patch.object(pipeline.output.local, "crash_point", world.crash_point), \
                 mock.patch.object(pipeline.parquet, "delay_point", world.held.delay_point):
             asyncio.run(run())
         check(world)
@@ -565,7 +567,7 @@ def check(world: World) -> None:
         for p, spans in footer_offsets(d).items():
             for (_, last, a), (first, _, b) in zip(spans, spans[1:]):
                 assert last < first, f"{d.name}: footers of {a} and {b} overlap in partition {p}"
-        assert not list((d / "data").glob(f"*{INPROGRESS_SUFFIX}")), f"{d.name}: in-progress files left behind"
+        assert not inprogress_files(d), f"{d.name}: in-progress files left behind"
 
     out = world.deployment.output_dir
     expected_rows, poison = set(), set()

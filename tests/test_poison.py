@@ -21,7 +21,7 @@ from consumer.cli import pipeline_errors
 from pipeline.audio import DecodedAudio
 from pipeline.errors import DeadLetterFailed
 from pipeline.events import ObjectEvent
-from pipeline.summary import load_summary
+from pipeline.ledger import load_summary
 from pipeline.tokenizers import AudioTokenizer
 from tests.conftest import consume_until_idle, read_topic
 from tests.consumer_process import (

@@ -7,6 +7,10 @@ import asyncio
 import hashlib
 import http.client
 import math
+import os
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -16,7 +20,11 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from botocore.exceptions import EndpointConnectionError
+
+from pipeline.errors import BucketMissing, StorageOutage
 from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION
+from pipeline.storage import list_objects
 from producer.backfill import run_backfill
 from producer.cli import main
 from producer.errors import CheckpointMismatch
@@ -182,3 +190,107 @@ def test_dry_run_prints_the_counts_and_publishes_nothing(big_bucket, services, u
             await admin.close()
 
     assert topic not in asyncio.run(topics())  # not even created
+
+
+# --- storage failures: typed, retried like downloads, one line --------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`python -m producer ...` as an operator runs it: its own process, its own stderr."""
+    environ = {**os.environ, **{f"METAVOICE_{k}": v for k, v in env.items()}}
+    return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=120)
+
+
+async def list_topics(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+def test_a_backfill_of_a_missing_bucket_prints_one_line_and_exits_non_zero_before_any_topic_is_made(
+    services, unique
+):
+    missing, topic = f"missing-{unique}", f"missing-{unique}"
+    done = run_cli(["backfill", "--bucket", missing], KAFKA_BOOTSTRAP=services.kafka_bootstrap,
+                   S3_ENDPOINT_URL=services.s3_endpoint_url, S3_REGION=MOTO_REGION, TOPIC=topic)
+
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and lines[0].endswith(  # whatever the CLI puts between
+        f"bucket '{missing}' does not exist at {services.s3_endpoint_url}"
+    ), done.stderr
+    assert done.stdout == ""
+    assert topic not in asyncio.run(list_topics(services.kafka_bootstrap))  # nothing was made for it
+
+
+def test_an_unreachable_s3_endpoint_is_retried_as_set_then_fails_in_one_line(services, unique):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    done = run_cli(["backfill", "--bucket", f"b-{unique}"], KAFKA_BOOTSTRAP=services.kafka_bootstrap,
+                   S3_ENDPOINT_URL=endpoint, S3_REGION=MOTO_REGION, TOPIC=f"unreachable-{unique}",
+                   S3_RETRY_ATTEMPTS="3")
+    elapsed = time.monotonic() - t0
+
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    retries = [line for line in lines if "retrying (attempt" in line]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(retries) == 2 and lines[:2] == retries  # attempts 1 and 2 were retried; the 3rd failed
+    assert len(errors) == 1 and lines[-1] == errors[0] and len(lines) == 3, done.stderr
+    assert f"S3 at {endpoint} did not answer listing bucket 'b-{unique}' (3 attempts" in errors[0]
+    assert "EndpointConnectionError" in errors[0]
+    assert elapsed < 60
+
+
+async def test_a_missing_bucket_is_a_typed_error_in_a_dry_run_too(settings_factory, unique):
+    with pytest.raises(BucketMissing, match=f"bucket 'nope-{unique}' does not exist at http://"):
+        await run_backfill(settings_factory(), f"nope-{unique}", [], ".flac", dry_run=True)
+
+
+class FlakyListing:
+    """An S3 client whose ListObjectsV2 refuses connections `failures` times, then answers pages."""
+
+    class meta:
+        endpoint_url = "http://flaky.invalid:9000"
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, []
+
+    async def list_objects_v2(self, **request):
+        self.calls.append(request)
+        if self.failures:
+            self.failures -= 1
+            raise EndpointConnectionError(endpoint_url=self.meta.endpoint_url)
+        modified = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        if "ContinuationToken" not in request:
+            return {"Contents": [{"Key": "a.flac", "Size": 1, "ETag": '"e1"', "LastModified": modified}],
+                    "IsTruncated": True, "NextContinuationToken": "page-2"}
+        return {"Contents": [{"Key": "b.flac", "Size": 2, "ETag": '"e2"', "LastModified": modified}],
+                "IsTruncated": False}
+
+
+async def test_a_listing_page_is_retried_with_the_attempts_it_is_given_and_pagination_goes_on():
+    client = FlakyListing(failures=2)
+    listed = [o.key async for o in list_objects(client, "b", "", None, attempts=3)]
+    assert listed == ["a.flac", "b.flac"]
+    assert len(client.calls) == 4 and client.calls[-1]["ContinuationToken"] == "page-2"
+
+    client = FlakyListing(failures=3)
+    with pytest.raises(StorageOutage, match=r"S3 at http://flaky.invalid:9000 did not answer listing bucket 'b' \(3 attempts"):
+        [o async for o in list_objects(client, "b", "", None, attempts=3)]
+    assert len(client.calls) == 3
+

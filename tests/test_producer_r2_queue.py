@@ -21,7 +21,7 @@ from pydantic import SecretStr
 import producer.r2_queue as r2_queue
 from pipeline.local_services import free_port, start_broker
 from producer.cli import main
-from producer.kafka import ensure_topics
+from broker.topics import ensure_topics
 from producer.r2_queue import QueueConfig, run_r2_queue
 from tests.test_producer_support import cli_logging, read_topic, wait_until  # noqa: F401  (fixture)
 

@@ -91,8 +91,10 @@ def test_an_empty_output_directory_still_gets_a_report(tmp_path):
             img.verify()
 
 
-def test_a_missing_directory_is_exit_code_2(tmp_path):
+def test_a_missing_directory_is_exit_code_2_with_one_line_on_stderr(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'nope'} is not a directory"), err
 
 
 def test_codes_per_row_follow_offsets_of_sliced_arrays():

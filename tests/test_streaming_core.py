@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.ledger import rebuild_aggregates
 from pipeline.samples import word_overlap
-from pipeline.summary import load_summary
+from pipeline.ledger import load_summary
 
 from .conftest import backfill, consume_until_idle, read_topic, upload
 
@@ -187,7 +187,8 @@ def test_files_roll_by_age_even_when_no_new_event_arrives(services, s3, bucket, 
     import time
 
     from producer.backfill import event_for
-    from producer.kafka import ensure_topics, event_publisher
+    from broker.topics import ensure_topics
+    from producer.kafka import event_publisher
     from pipeline.storage import ListedObject
 
     upload(s3, bucket, speech_corpus[:2])

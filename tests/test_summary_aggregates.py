@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from pipeline.ledger import publish_summary
 from pipeline.parquet import OffsetRange, RollingParquetWriter
 from pipeline.records import to_table
-from pipeline.summary import SUMMARY_NAME, Aggregates
+from pipeline.output.layout import SUMMARY_NAME
+from pipeline.summary import Aggregates
 
 from .test_parquet_writer import agg, row
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from pipeline.cli import main
-from pipeline.summary import SUMMARY_NAME
+from pipeline.output.layout import SUMMARY_NAME
 
 from .datasets import write_dataset
 
@@ -70,9 +70,17 @@ def test_rebuild_exits_1_when_a_shown_total_was_edited(dataset):
     assert main(["summary", str(dataset), "--rebuild"]) == 1
 
 
-def test_a_directory_without_summary_is_exit_code_2(tmp_path, capsys):
+def test_a_directory_without_summary_is_exit_code_2_with_one_line_on_stderr(tmp_path, capsys):
     assert main(["summary", str(tmp_path)]) == 2
-    assert f"no {SUMMARY_NAME}" in capsys.readouterr().out
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f"no {SUMMARY_NAME} in {tmp_path}" in err[0], err
+
+
+def test_a_missing_directory_is_exit_code_2_with_one_line_on_stderr(tmp_path, capsys):
+    assert main(["summary", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'nope'} is not a directory (an output directory holds data/ and {SUMMARY_NAME})"
+    ]
 
 
 def test_summary_runs_as_a_module(dataset):

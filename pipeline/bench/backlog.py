@@ -36,7 +36,8 @@ async def publish_backlog(settings: Settings, clips: list[SampleClip], events: i
     decoded and transcribed (an etag would make all but the first per object a duplicate, dropped
     before any work), and all but the first row per object is dropped as a duplicate when applied.
     The consumer does the in-flight work of `events` objects while storing only the corpus."""
-    from producer.kafka import ensure_topics, event_publisher
+    from broker.topics import ensure_topics
+    from producer.kafka import event_publisher
 
     from ..events import ObjectEvent
 

@@ -74,7 +74,8 @@ def ceiling_models(base: Settings):
 
 async def publish_small_objects(settings: Settings, objects: list[StoredObject]) -> float:
     """One event per object (its real etag: If-Match holds), all before any consumer runs."""
-    from producer.kafka import ensure_topics, event_publisher
+    from broker.topics import ensure_topics
+    from producer.kafka import event_publisher
 
     from ..events import ObjectEvent
 

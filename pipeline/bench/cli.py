@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..cli import CliError, Parser, entry_point, settings_from
 from . import __doc__ as OVERVIEW
 from .backlog import backlog_worker
 from .report import print_report
@@ -18,9 +19,8 @@ from .stream import LATENCY_LOAD
 QUICK_CLIPS, QUICK_MAX_SEC, QUICK_LATENCY_EVENTS, QUICK_CEILING_EVENTS = 6, 10.0, 6, 96
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench", description=OVERVIEW,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "python -m pipeline.bench") -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=None, help=f"clips to speak (default 24; {QUICK_CLIPS} with --quick)")
     p.add_argument("--min-sec", type=float, default=2.0, help="shortest clip (default 2)")
     p.add_argument("--max-sec", type=float, default=None, help=f"longest clip (default 20; {QUICK_MAX_SEC:g} with --quick)")
@@ -54,8 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+@entry_point
+def main(argv: list[str] | None = None, prog: str = "python -m pipeline.bench") -> int:
+    parser = build_parser(prog)
+    a = parser.parse_args(argv)
+    # The METAVOICE_* settings every mode starts from, and the flags that override them: a bad value
+    # stops here, before any clip is spoken, service started or model loaded.
+    settings_from({"device": a.device, "whisper_batch_size": a.whisper_batch_size or None,
+                   "whisper_window": a.window, "batch_max_events": a.batch_max_events}, parser)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline.bench").setLevel(logging.INFO)
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     unknown = skip - set(MODES + PASSES)
     if unknown:
-        raise SystemExit(f"--skip: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES + PASSES)}")
+        raise CliError(f"--skip: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES + PASSES)}")
     if a.quick:
         skip.add("backlog")
     args = BenchArgs(
@@ -82,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         ceiling_clip_sec=a.ceiling_clip_sec, batch_max_events=a.batch_max_events,
     )
     if args.min_sec <= 0 or args.max_sec < args.min_sec:
-        raise SystemExit("--min-sec must be > 0 and <= --max-sec")
+        raise CliError(f"--min-sec: must be > 0 and <= --max-sec ({args.max_sec:g}), got {args.min_sec:g}")
     if args.ceiling_events < 1 or args.ceiling_clip_sec <= 0:
-        raise SystemExit("--ceiling-events must be >= 1 and --ceiling-clip-sec > 0")
+        raise CliError("--ceiling-events must be >= 1 and --ceiling-clip-sec > 0")
     report = run(args)
     if args.json_path:
         args.json_path.write_text(json.dumps(report, indent=2, default=str))

@@ -220,7 +220,7 @@ async def run_pipeline(base: Settings, models: Any, name: str, prefect: bool, wo
                        texts: dict[str, str]) -> ModeResult:
     """A consumer already in its group; wall = backfill start -> every event handled, finalized, committed."""
     from producer.backfill import run_backfill
-    from producer.kafka import ensure_topics
+    from broker.topics import ensure_topics
 
     topic = unique(name)
     out_dir = work / topic  # one per round
@@ -282,7 +282,8 @@ async def run_latency(base: Settings, models: Any, clips: list[SampleClip], rate
     """
     import pyarrow.parquet as pq
 
-    from producer.kafka import ensure_topics, event_publisher
+    from broker.topics import ensure_topics
+    from producer.kafka import event_publisher
 
     from ..events import ObjectEvent
 

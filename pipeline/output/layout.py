@@ -1,0 +1,78 @@
+"""Where everything lives under an output root (a directory or an s3:// prefix), and the dataset card.
+
+    <root>/README.md        dataset card: Hugging Face `configs:` pointing at data/*.parquet
+    <root>/summary.json     dataset statistics (pipeline/summary.py)
+    <root>/_manifest.json   the configuration the dataset was built with (pipeline/manifest.py)
+    <root>/data/            finalized Parquet files only: readers may glob it while the stream runs
+    <root>/_tmp/            in-progress files of a local output (hidden from readers: `_` prefix)
+    <root>/_claims/         object-store output: a finalize's claim on its offsets (pipeline/output/s3.py)
+    <root>/_attempts/       crash-loop markers of a local output (consumer/crash_guard.py)
+
+pyarrow, polars, duckdb and `datasets` skip names starting with `_` or `.`; `data/` never holds a
+partial file, so every reader sees whole files only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+DATA_DIR = "data"
+SPOOL_DIR = "_tmp"
+CLAIMS_DIR = "_claims"
+ATTEMPTS_DIR = "_attempts"
+SUMMARY_NAME = "summary.json"
+MANIFEST_NAME = "_manifest.json"
+CARD_NAME = "README.md"
+INPROGRESS_SUFFIX = ".parquet.inprogress"
+PARQUET_SUFFIX = ".parquet"
+
+
+def part_name(writer_id: str, seq: int, now: datetime | None = None) -> str:
+    """`part-<utc time>-<writer>-<seq>.parquet`: unique per writer, sortable by time."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S")
+    return f"part-{stamp}-{writer_id}-{seq:05d}{PARQUET_SUFFIX}"
+
+
+def writer_of(name: str) -> str:
+    """The writer id in a part name (in-progress or finalized); "" when it has none."""
+    parts = name.split("-")
+    return parts[2] if len(parts) >= 4 else ""
+
+
+def dataset_card(schema: pa.Schema, location: str) -> str:
+    """README.md for the output root: `datasets.load_dataset(<root>)` reads data/*.parquet through
+    its `configs:` (without it, the loader trips over summary.json), and people see the schema."""
+    rows = "\n".join(f"| `{f.name}` | `{f.type}` |" for f in schema)
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*.parquet
+tags:
+- audio
+- speech
+- metavoice-stream
+---
+# Speech dataset (Metavoice stream)
+
+Written by [Metavoice stream](https://github.com/metavoice-stream) from audio uploads: one row per
+audio object version, with its transcript, acoustic metadata and audio tokens. Files under `data/`
+are complete Parquet files; new ones appear while the stream runs. `summary.json` holds the
+dataset's statistics and `_manifest.json` the models it was built with.
+
+Created {datetime.now(timezone.utc).isoformat(timespec="seconds")} at `{location}`.
+
+```python
+import datasets
+ds = datasets.load_dataset("{location}")          # local path; for s3:// pass storage_options
+import duckdb
+duckdb.sql("select id, transcription from '{location}/data/*.parquet'").show()
+```
+
+| column | type |
+|---|---|
+{rows}
+"""

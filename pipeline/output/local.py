@@ -1,0 +1,113 @@
+"""A local (or NFS) output directory: rename is the publish step, an flock serializes writers.
+
+Several consumers may share the directory on one host, or across hosts where `flock` works
+(NFSv4); elsewhere, use an object-store output (pipeline/output/s3.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import Fenced, OutputWriteFailed
+from ..faults import crash_point
+from .footer import FileFooter, OffsetRange, parse_footer
+from .layout import ATTEMPTS_DIR, DATA_DIR, PARQUET_SUFFIX, SPOOL_DIR
+from .store import Fence, Output, discard, flock
+
+LOCK_NAME = ".summary.lock"  # the name older versions used: consumers of both versions still exclude each other
+
+
+class LocalOutput(Output):
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+        self.data_dir = self.root / DATA_DIR
+        self.spool = self.root / SPOOL_DIR
+        self.attempts_dir = self.root / ATTEMPTS_DIR
+
+    def lock(self):
+        """The directory's lock: summary/manifest updates, and a finalize's fencing check + rename."""
+        return flock(self.root / LOCK_NAME)
+
+    _doc_lock = lock
+
+    def finalized(self) -> list[str]:
+        if not self.data_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.data_dir.glob(f"*{PARQUET_SUFFIX}") if p.is_file())
+
+    def data_path(self, name: str) -> str:
+        return str(self.data_dir / name)
+
+    def read_footer(self, name: str) -> FileFooter:
+        return parse_footer(name, pq.read_metadata(self.data_dir / name))
+
+    def read_columns(self, name: str, columns: list[str]) -> pa.Table:
+        return pq.read_table(self.data_dir / name, columns=columns)
+
+    def publish(self, spooled: Path, name: str, offsets: list[OffsetRange], fence: Fence | None) -> None:
+        final = self.data_dir / name
+        with self.lock():
+            try:
+                conflicts = fence(offsets) if fence is not None else []
+            except OSError as exc:
+                discard(spooled)
+                raise OutputWriteFailed(f"reading the finalized files before publishing {name} failed: {exc}") from exc
+            if conflicts:
+                discard(spooled)
+                raise Fenced(_fenced_message(name, conflicts))
+            try:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(spooled, final)
+                fsync_dir(self.data_dir)
+            except OSError as exc:
+                discard(spooled)
+                raise OutputWriteFailed(f"publishing {final} failed: {exc}") from exc
+
+    def _read_doc(self, name: str) -> tuple[bytes | None, Any]:
+        try:
+            return (self.root / name).read_bytes(), None
+        except FileNotFoundError:
+            return None, None
+
+    def _write_doc(self, name: str, data: bytes, version: Any) -> bool:
+        try:
+            atomic_write_bytes(self.root / name, data)
+        except OSError as exc:
+            raise OutputWriteFailed(f"writing {self.root / name} failed: {exc}") from exc
+        return True  # under the directory lock: nobody wrote in between
+
+
+def _fenced_message(name: str, conflicts: list[str]) -> str:
+    return (
+        f"another consumer already finalized offsets of {name} ({'; '.join(conflicts[:3])}): "
+        "this consumer lost those partitions (paused past the session timeout?); its file is "
+        "discarded and nothing is committed - restart it to resume from the files"
+    )
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write beside, fsync, rename over, fsync the directory: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data[: len(data) // 2])
+        crash_point("mid_summary_write")
+        f.write(data[len(data) // 2 :])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,294 @@
+"""The dataset in object storage: the same promises as a local directory, against a real S3 server.
+
+Files appear under data/ whole or not at all (one PUT, or a multipart upload of equal parts);
+footers come back with ranged reads; summary.json and _manifest.json are compare-and-swap writes
+that no racing writer can undo; a finalize's offsets are claimed, so two writers never both
+publish the same offsets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from pipeline.errors import Fenced, OutputConfigMismatch
+from pipeline.ledger import OutputLedger, load_summary, publish_summary, rebuild_aggregates
+from pipeline.manifest import check_manifest
+from pipeline.output import LocalOutput, OffsetRange, open_output
+from pipeline.output.layout import CARD_NAME, MANIFEST_NAME, SUMMARY_NAME
+from pipeline.output.s3 import S3Output
+from pipeline.parquet import RollingParquetWriter
+from pipeline.records import Segment, TranscribedAudio, to_table
+from pipeline.summary import Aggregates
+from tests.consumer_process import TcpOutage
+
+pytestmark = pytest.mark.integration
+
+
+def row(i: int, frames: int = 10, noise: bool = False) -> TranscribedAudio:
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    tokens = (np.random.default_rng(i).integers(-32768, 32767, size=(8, frames)) if noise
+              else np.arange(8 * frames).reshape(8, frames)).astype(np.int16)
+    return TranscribedAudio(
+        id=f"k{i}.flac", bucket="b", etag=f"e{i}", size_bytes=100, event_time=now, duration_sec=frames / 75,
+        sampling_rate=16000, channels=1, transcription=f"text {i}", language="en",
+        segments=[Segment(0.0, 1.0, f"text {i}")], tokens=tokens, tokenizer="synthetic", token_frame_rate=75.0,
+        whisper_model="tiny.en", kafka_topic="t", kafka_partition=0, kafka_offset=i, processed_at=now,
+    )
+
+
+def aggregates(rows) -> Aggregates:
+    a = Aggregates()
+    for r in rows:
+        a.add_row(r)
+    return a
+
+
+@pytest.fixture
+def store(settings_factory, s3, unique, tmp_path):
+    """A fresh s3:// output (its own bucket and prefix) with a local spool."""
+    s3.create_bucket(Bucket=f"out-{unique}")
+    st = settings_factory(output_dir=f"s3://out-{unique}/datasets/speech", spool_dir=str(tmp_path / "spool"))
+    out = open_output(st.output_dir, st)
+    yield out
+    out.close()
+
+
+def write_file(out, first: int, count: int, partition: int = 0, noise: bool = False, frames: int = 10) -> str:
+    w = RollingParquetWriter(out, roll_max_rows=10**6, roll_max_seconds=3600)
+    rows = [row(i, frames=frames, noise=noise) for i in range(first, first + count)]
+    w.append(to_table(rows), [OffsetRange("t", partition, first, first + count - 1)], aggregates(rows))
+    footer = w.finalize()
+    w.close()
+    return footer.name
+
+
+def keys(s3, out: S3Output) -> list[str]:
+    found = s3.list_objects_v2(Bucket=out.bucket, Prefix=out.prefix).get("Contents", [])
+    return sorted(o["Key"][len(out.prefix) + 1:] for o in found)
+
+
+def test_a_finalized_file_is_uploaded_whole_under_data_and_read_back_from_its_footer(store, s3):
+    name = write_file(store, 0, 3)
+    assert isinstance(store, S3Output)
+    assert keys(s3, store) == [f"data/{name}"]  # no spool file, no claim left behind
+    footer = store.read_footer(name)
+    assert footer.rows == 3 and [(r.first, r.last) for r in footer.offsets] == [(0, 2)]
+    assert store.read_columns(name, ["id"]).column("id").to_pylist() == ["k0.flac", "k1.flac", "k2.flac"]
+    assert not list(store.spool.glob("*.inprogress"))
+
+
+def test_recovery_reads_footers_and_three_columns_never_whole_files(store, s3, services):
+    """The ledger learns offsets and object versions from an object store through a byte-counting
+    relay: ranged reads of footers and of three small columns, a fraction of the files' bytes."""
+    names = [write_file(store, 0, 50, noise=True, frames=3000), write_file(store, 50, 50, noise=True, frames=3000)]
+    total = sum(s3.head_object(Bucket=store.bucket, Key=store.key(f"data/{n}"))["ContentLength"] for n in names)
+    relay = TcpOutage(int(services.s3_endpoint_url.rsplit(":", 1)[1]))
+    try:
+        counted = S3Output(store.location, spool=store.spool, client_kwargs={**_client_kwargs(store), "endpoint_url": relay.url})
+        ledger = OutputLedger(counted)
+        ledger.refresh()
+        fetched = relay.bytes_from_server
+    finally:
+        relay.close()
+    assert ledger.next_offset("t", 0) == 100 and len(ledger.index) == 100
+    assert ledger.already_written("b", "k42.flac", "e42")
+    assert fetched < total / 10, f"recovery fetched {fetched} bytes of {total}: whole files, not footers and columns"
+
+
+def test_a_file_larger_than_a_part_is_a_multipart_upload_of_equal_parts(settings_factory, s3, unique, tmp_path):
+    s3.create_bucket(Bucket=f"out-{unique}")
+    st = settings_factory(output_dir=f"s3://out-{unique}", spool_dir=str(tmp_path / "spool"),
+                          output_part_bytes=5 * 1024 * 1024)
+    out = open_output(st.output_dir, st)
+    parts: list[int] = []
+
+    def part_size(params, **_):
+        body = params["body"]
+        if isinstance(body, bytes):
+            parts.append(len(body))
+        else:
+            at = body.tell()
+            parts.append(body.seek(0, 2) - at)
+            body.seek(at)
+
+    out.client.meta.events.register("before-call.s3.UploadPart", part_size)
+    name = write_file(out, 0, 60, noise=True, frames=7000)  # 60 x 8 x 7000 int16 of noise: ~6.7 MB, incompressible
+    size = s3.head_object(Bucket=out.bucket, Key=f"data/{name}")["ContentLength"]
+    assert size > 5 * 1024 * 1024
+    assert len(parts) >= 2 and len(set(parts[:-1])) == 1 and parts[0] == 5 * 1024 * 1024 and parts[-1] <= parts[0]
+    assert sum(parts) == size
+    assert out.read_footer(name).rows == 60
+    assert not s3.list_multipart_uploads(Bucket=out.bucket).get("Uploads")
+
+
+def test_two_summary_writers_racing_lose_no_update(store, monkeypatch):
+    """Each writer finalizes files and publishes the summary; reads are slowed so that the writers'
+    read-modify-write cycles overlap. Every file must be in the final summary exactly once."""
+    real_read = S3Output._read_doc  # noqa: SLF001
+    conflicts = []
+
+    def slow_read(self, name):
+        got = real_read(self, name)
+        time.sleep(0.05)  # another writer lands its write between our read and our write
+        return got
+
+    real_write = S3Output._write_doc  # noqa: SLF001
+
+    def counting_write(self, name, data, version):
+        ok = real_write(self, name, data, version)
+        if not ok:
+            conflicts.append(name)
+        return ok
+
+    monkeypatch.setattr(S3Output, "_read_doc", slow_read)
+    monkeypatch.setattr(S3Output, "_write_doc", counting_write)
+    settings = store  # the same prefix, a second client: as a consumer on another machine would be
+    other = S3Output(store.location, spool=store.spool.parent / "spool2",
+                     client_kwargs=_client_kwargs(store), part_bytes=store.part_bytes)
+    errors = []
+
+    def writer(out, base):
+        try:
+            for k in range(4):
+                write_file(out, base + 10 * k, 2, partition=base // 1000)
+                publish_summary(out)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(o, b)) for o, b in ((settings, 0), (other, 1000))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    summary, included = load_summary(store)
+    assert included == set(store.finalized()) and len(included) == 8
+    assert summary.files == 16
+    assert conflicts, "the writers never raced: the test proves nothing"
+    rebuilt, _ = rebuild_aggregates(store)
+    assert rebuilt.files == summary.files
+
+
+def test_compare_and_swap_updates_from_two_machines_lose_none(store, monkeypatch):
+    """Two clients increment one document 10 times each, reads slowed so that cycles overlap: 20."""
+    real_read = S3Output._read_doc  # noqa: SLF001
+
+    def slow_read(self, name):
+        got = real_read(self, name)
+        time.sleep(0.03)
+        return got
+
+    monkeypatch.setattr(S3Output, "_read_doc", slow_read)
+    other = S3Output(store.location, spool=store.spool, client_kwargs=_client_kwargs(store))
+
+    def increment(out):
+        for _ in range(10):
+            out.update_doc("counter.json", lambda cur: orjson.dumps({"n": (orjson.loads(cur)["n"] if cur else 0) + 1}))
+
+    threads = [threading.Thread(target=increment, args=(o,)) for o in (store, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert orjson.loads(store.read_doc("counter.json"))["n"] == 20
+
+
+def _client_kwargs(out: S3Output) -> dict:
+    from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION
+
+    return {"endpoint_url": out.client.meta.endpoint_url, "region_name": MOTO_REGION,
+            "aws_access_key_id": MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+
+
+def test_the_manifest_is_created_once_and_a_different_configuration_is_refused(store, s3):
+    ident = {"topic": "t", "group": "g", "whisper_model": "tiny.en", "tokenizer": "synthetic"}
+    results, errors = [], []
+
+    def start(identity):
+        try:
+            results.append(check_manifest(store, identity))
+        except OutputConfigMismatch as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(ident if i % 2 else {**ident, "whisper_model": "large-v3"},))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # whichever configuration created the manifest, the other one was refused: never both
+    assert len(results) == 2 and len(errors) == 2
+    assert len({r["whisper_model"] for r in results}) == 1
+    assert orjson.loads(store.read_doc(MANIFEST_NAME))["whisper_model"] == results[0]["whisper_model"]
+    card = store.read_doc(CARD_NAME).decode()
+    assert "configs:" in card and "data/*.parquet" in card
+
+
+def test_a_writer_whose_offsets_another_writer_published_is_fenced_and_publishes_nothing(store, s3):
+    stale = RollingParquetWriter(store, roll_max_rows=10**6, roll_max_seconds=3600)
+    rows = [row(i) for i in range(5)]
+    stale.append(to_table(rows), [OffsetRange("t", 0, 0, 4)], aggregates(rows))
+    owner = write_file(store, 0, 3)  # the partition's new owner finalizes offsets 0-2 first
+    ledger = OutputLedger(store)
+
+    def fence(offsets):
+        ledger.refresh()
+        return ledger.overlapping(offsets)
+
+    with pytest.raises(Fenced):
+        stale.finalize(fence)
+    assert store.finalized() == [owner]
+    assert not [k for k in keys(s3, store) if k.startswith("_claims/")], "a fenced writer releases its claims"
+    assert not list(store.spool.glob("*.inprogress"))
+
+
+def test_a_claim_held_by_a_live_writer_is_waited_for_and_a_dead_writers_claim_is_taken_over(settings_factory, s3, unique, tmp_path):
+    s3.create_bucket(Bucket=f"out-{unique}")
+    st = settings_factory(output_dir=f"s3://out-{unique}/p", spool_dir=str(tmp_path / "spool"), output_claim_ttl_s=10)
+    out = open_output(st.output_dir, st)
+    claim = out.key("_claims/t/0/00000000000000000000")
+    # a writer that died between its claim and its upload
+    s3.put_object(Bucket=out.bucket, Key=claim, Body=orjson.dumps({"file": "part-dead.parquet", "first": 0, "last": 9}))
+    t0 = time.monotonic()
+    name = write_file(out, 0, 3)
+    waited = time.monotonic() - t0
+    assert 9 <= waited < 20, f"a fresh claim must be waited for until its TTL (10 s), took {waited:.1f}s"
+    assert out.finalized() == [name]
+    assert not [k for k in keys(s3, out) if k.startswith("_claims/")]
+
+
+def test_an_object_store_output_leaves_a_dead_writers_spool_and_multipart_uploads_behind_no_more(store, s3, tmp_path):
+    store.spool.mkdir(parents=True, exist_ok=True)
+    orphan = store.spool / "part-20260101T000000-deadbeef-00001.parquet.inprogress"
+    orphan.write_bytes(b"half")
+    store.claim_ttl_s = 0.0  # every multipart upload is older than the TTL
+    up = s3.create_multipart_upload(Bucket=store.bucket, Key=store.key("data/part-x.parquet"))
+    removed = store.discard_orphans()
+    assert orphan.name in removed and not orphan.exists()
+    assert store.key("data/part-x.parquet") in removed
+    assert not s3.list_multipart_uploads(Bucket=store.bucket).get("Uploads"), up["UploadId"]
+
+
+def test_a_local_output_reads_like_a_dataset_while_a_file_is_open(tmp_path):
+    import datasets
+    import pyarrow.dataset as ds
+
+    out = LocalOutput(tmp_path / "out")
+    check_manifest(out, {"topic": "t", "group": "g", "whisper_model": "tiny.en", "tokenizer": "synthetic"})
+    write_file(out, 0, 3)
+    publish_summary(out)
+    w = RollingParquetWriter(out, roll_max_rows=10**6, roll_max_seconds=3600)  # a file being written
+    w.append(to_table([row(9)]), [OffsetRange("t", 0, 9, 9)], aggregates([row(9)]))
+    assert ds.dataset(out.data_dir, format="parquet").to_table().num_rows == 3
+    loaded = datasets.load_dataset(str(out.root), split="train")
+    assert loaded.num_rows == 3 and sorted(loaded["id"]) == ["k0.flac", "k1.flac", "k2.flac"]
+    w.abort()
+    w.close()
