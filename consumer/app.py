@@ -9,6 +9,11 @@ Three concurrent stages joined by bounded queues, in one task group:
 So while the model works on batch N, batch N+1 is downloading and decoding and batch N-1 is
 being written. Shutdown (SIGTERM/SIGINT, or idle with --exit-when-idle) stops fetching, drains
 what was fetched, finalizes the file and commits. A failure commits nothing.
+
+The decisions live elsewhere, pure or on the output side: start-up recovery in
+`pipeline.ledger.recover`, where each partition starts and which fetched records are new work in
+consumer/positions.py, the commit path in consumer/committer.py. What this module holds is the
+order of things and the clients' lifetimes (one `AsyncExitStack`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
@@ -28,12 +33,11 @@ from broker.clients import make_consumer, make_producer, start_when_broker_is_up
 from broker.topics import ensure_dead_letter_topic
 from pipeline.batch import BatchOutcome
 from pipeline.config import Settings
-from pipeline.errors import EnvironmentFault, FatalError, OutputWriteFailed
+from pipeline.errors import FatalError
 from pipeline.faults import adelay_point
 from pipeline.flows import consumer_flow, process_batch
-from pipeline.ledger import OutputLedger, publish_summary
+from pipeline.ledger import OutputLedger, recover
 from pipeline.output import open_output
-from pipeline.manifest import check_manifest
 from pipeline.models import Models
 from pipeline.parquet import RollingParquetWriter
 from pipeline.storage import s3_client
@@ -43,7 +47,7 @@ from .crash_guard import CrashGuard
 from .committer import CommitStats, OutputCommitter
 from .dead_letters import DeadLetterLimits, DeadLetterWriter
 from .environment import FaultWatch
-from .positions import FetchGate, StartPlan, offset_from_time_lookup, plan_starts
+from .positions import FetchGate, Rewind, StartPlan, plan_starts
 from .metrics import Operations, realtime_factor
 
 log = logging.getLogger(__name__)
@@ -79,19 +83,15 @@ class Rebalancer(ConsumerRebalanceListener):
         self.app = app
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.app._rebalancing = True
-        try:
-            await self.app.on_revoked(set(revoked))
-        except Exception as exc:
-            self.app.fail(exc)
-            raise
-        finally:
-            self.app._rebalancing = False
+        await self._handle(self.app.on_revoked, revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._handle(self.app.on_assigned, assigned)
+
+    async def _handle(self, callback: Callable[[set[TopicPartition]], Awaitable[None]], partitions: set) -> None:
         self.app._rebalancing = True
         try:
-            await self.app.on_assigned(set(assigned))
+            await callback(set(partitions))
         except Exception as exc:
             self.app.fail(exc)
             raise
@@ -113,7 +113,7 @@ class StreamConsumer:
         self._drained.set()
         self._fetch_lock = asyncio.Lock()
         self._first_assignment = True
-        self._rewind_points: dict[TopicPartition, int | None] = {}  # see _plan_starts
+        self.rewind: Rewind[TopicPartition] = Rewind.from_settings(settings)  # --from-beginning / --from-timestamp
         self._rebalancing = False  # a listener callback is running
         self._last_record_at = time.monotonic()
         # Which fetched records are new work (consumer/positions.py): set by on_assigned, cleared by
@@ -130,6 +130,24 @@ class StreamConsumer:
         self.s3: Any = None
         self.environment = FaultWatch(settings.fault_timeout_s)  # faults not about any object
         self.operations = Operations(self)  # metrics, /healthz, /readyz, status line
+        self.on_batch_done.append(self.operations.observe_batch)
+
+    # --- what operating it reads (consumer/metrics.py: ConsumerView) -----------------------
+    @property
+    def in_flight(self) -> int:
+        return self._pending
+
+    @property
+    def commit_stats(self) -> CommitStats | None:
+        return self.committer.stats if self.committer is not None else None
+
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        return self.stats.stage_seconds
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.stats.stop_reason if self.stop_event.is_set() else None
 
     # --- lifetime ------------------------------------------------------------------------
     async def run(self) -> RunStats:
@@ -141,62 +159,57 @@ class StreamConsumer:
                 self.models = await asyncio.to_thread(Models.load, st)
                 stack.callback(self.models.close)
             stack.callback(self.output.close)
-            await asyncio.to_thread(
-                check_manifest,
-                self.output,
-                {"topic": st.topic, "group": st.group, "whisper_model": self.models.transcriber.name,
-                 "tokenizer": self.models.tokenizer.name},
-                force=st.force,
-            )
+            identity = {"topic": st.topic, "group": st.group, "whisper_model": self.models.transcriber.name,
+                        "tokenizer": self.models.tokenizer.name}
+            await asyncio.to_thread(recover, self.ledger, identity, st.force)
             if st.allowed_bucket_set() is None:
                 log.warning("any bucket an event names will be read: set METAVOICE_ALLOWED_BUCKETS (or "
                             "METAVOICE_BUCKET) to the buckets this stream serves")
-            await asyncio.to_thread(self.output.discard_orphans)
             self.guard = CrashGuard(self.output.attempts_dir)
             stack.callback(self.guard.abandon)  # a stop Python sees blames no record; only a hard death does
-            await asyncio.to_thread(self.ledger.refresh)
-            try:  # a crash between a rename and the summary write left summary.json behind the files
-                if self.ledger.known_files:
-                    await asyncio.to_thread(publish_summary, self.output)
-            except OSError as exc:
-                raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
-            s3 = self.s3 = await stack.enter_async_context(s3_client(st))
-            dlq_producer = make_producer(st, max_request_size=max(1 << 20, st.dlq_max_record_bytes + 4096))
-            await start_when_broker_is_up(dlq_producer, st)
-            stack.push_async_callback(dlq_producer.stop)
-            await ensure_dead_letter_topic(st)  # before the first record: a dead letter must have a home
-            consumer = make_consumer(  # the group, its session timeout and heartbeats come from the settings
-                st,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",  # a new group starts from the first event: nothing lost
-                max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
-                max_partition_fetch_bytes=1 << 20,
-            )
-            self.consumer = consumer
-            writer = RollingParquetWriter(self.output, st.roll_max_rows, st.roll_max_seconds)
-            stack.callback(writer.close)
-            limits = DeadLetterLimits(max_record_bytes=st.dlq_max_record_bytes,
-                                      max_event_bytes=min(DeadLetterLimits().max_event_bytes, st.dlq_max_record_bytes // 4))
-            self.committer = OutputCommitter(consumer, writer, self.ledger, DeadLetterWriter(dlq_producer, st.dlq_topic, limits))
-            self.batcher = Batcher(self.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms,
-                                   allowed_buckets=st.allowed_bucket_set(), max_events_per_message=st.max_events_per_message,
-                                   backlog_max_events=st.batch_max_events_backlog)
-            consumer.subscribe([st.topic], listener=Rebalancer(self))
-            await start_when_broker_is_up(consumer, st)
-            stack.push_async_callback(consumer.stop)
-            self.operations.broker_up = True
+            s3 = await self._start_clients(stack)
             try:
                 if st.prefect_enabled:
                     await consumer_flow(lambda: self._run_stages(s3), st.group, st.topic, timeout_s=st.prefect_timeout_s)
                 else:
                     await self._run_stages(s3)
             except BaseException:
-                self.committer.abort()
+                self.committer.abort()  # type: ignore[union-attr]
                 raise
         self.stats.wall_seconds = time.perf_counter() - t0
         if self.models is not None:
             self.stats.model_busy_seconds = self.models.busy_seconds
         return self.stats
+
+    async def _start_clients(self, stack: contextlib.AsyncExitStack) -> Any:
+        """S3, the dead-letter producer, the group consumer, and what writes and commits; each one's
+        end in `stack`. Returns the S3 client once the consumer has joined its group."""
+        st = self.settings
+        s3 = self.s3 = await stack.enter_async_context(s3_client(st))
+        dlq_producer = make_producer(st, max_request_size=max(1 << 20, st.dlq_max_record_bytes + 4096))
+        await start_when_broker_is_up(dlq_producer, st)
+        stack.push_async_callback(dlq_producer.stop)
+        await ensure_dead_letter_topic(st)  # before the first record: a dead letter must have a home
+        consumer = self.consumer = make_consumer(  # the group, its session timeout and heartbeats come from the settings
+            st,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a new group starts from the first event: nothing lost
+            max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+            max_partition_fetch_bytes=1 << 20,
+        )
+        writer = RollingParquetWriter(self.output, st.roll_max_rows, st.roll_max_seconds)
+        stack.callback(writer.close)
+        limits = DeadLetterLimits(max_record_bytes=st.dlq_max_record_bytes,
+                                  max_event_bytes=min(DeadLetterLimits().max_event_bytes, st.dlq_max_record_bytes // 4))
+        self.committer = OutputCommitter(consumer, writer, self.ledger, DeadLetterWriter(dlq_producer, st.dlq_topic, limits))
+        self.batcher = Batcher(self.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms,
+                               allowed_buckets=st.allowed_bucket_set(), max_events_per_message=st.max_events_per_message,
+                               backlog_max_events=st.batch_max_events_backlog)
+        consumer.subscribe([st.topic], listener=Rebalancer(self))
+        await start_when_broker_is_up(consumer, st)
+        stack.push_async_callback(consumer.stop)
+        self.operations.broker_up = True
+        return s3
 
     async def _run_stages(self, s3: Any) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -343,18 +356,8 @@ class StreamConsumer:
         await asyncio.to_thread(self.guard.begin, batch.seq, batch.in_flight())  # type: ignore[union-attr]
         if not batch.items:
             return BatchOutcome()
-        while True:
-            try:
-                outcome = await process_batch(batch.micro_batch(), s3, self.models, self.settings)  # type: ignore[arg-type]
-            except EnvironmentFault as fault:
-                delay = self.environment.failed(fault)  # raises it past fault_timeout_s
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
-                if self.stop_event.is_set():
-                    raise
-                continue
-            self.environment.recovered()
-            return outcome
+        return await self.environment.patiently(
+            lambda: process_batch(batch.micro_batch(), s3, self.models, self.settings), self.stop_event)  # type: ignore[arg-type]
 
     async def _commit_loop(self) -> None:
         committer = self.committer
@@ -425,30 +428,22 @@ class StreamConsumer:
             self.guard.forget(revoked)  # type: ignore[union-attr]
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Position each partition (consumer/positions.py says where; this asks the broker and seeks)."""
         consumer = self.consumer
         assert consumer is not None
         async with self._fetch_lock:
             await adelay_point("on_assigned")  # tests: records fetched meanwhile must not win over the plan
             # other consumers may have finalized files meanwhile, or died leaving in-progress ones
-            await asyncio.to_thread(self.output.discard_orphans)
-            await asyncio.to_thread(self.ledger.refresh)
-            first, self._first_assignment = self._first_assignment, False
-            plan = await self._plan_starts(assigned, first)
+            await asyncio.to_thread(self.ledger.catch_up)
+            self._first_assignment = False
+            if self.rewind.unresolved:
+                await self._resolve_rewind(assigned)
+            committed = {tp: await consumer.committed(tp) for tp in assigned}
+            from_files = {tp: self.ledger.next_offset(tp.topic, tp.partition) for tp in assigned}
+            plan = plan_starts(assigned, committed, from_files, self.rewind.points(assigned))
             self._last_record_at = time.monotonic()  # --exit-when-idle counts from the assignment, not the join
-            for tp, offset in plan.seek.items():
-                consumer.seek(tp, offset)
-            if plan.to_end:
-                await consumer.seek_to_end(*plan.to_end)
-            if plan.to_beginning:
-                # auto_offset_reset's "earliest", made explicit: every offset there is new
-                await consumer.seek_to_beginning(*plan.to_beginning)
-            starts = dict(plan.seek)
-            for tp in (*plan.to_end, *plan.to_beginning):
-                starts[tp] = await consumer.position(tp)  # the offset that end/beginning resolved to
-            not_before = {}
-            if plan.to_end:
-                not_before = {tp: int(self.settings.from_timestamp_utc().timestamp() * 1000) for tp in plan.to_end}  # type: ignore[union-attr]
-            self.gate.assign(starts, not_before)
+            starts = plan.starts(await self._seek(plan))
+            self.gate.assign(starts, self.rewind.not_before(plan.to_end))
             await asyncio.to_thread(self.guard.load, assigned, starts)  # type: ignore[union-attr]
             log.info("partitions assigned: %s; starting at %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in sorted(starts.items())})
             if plan.lagging and self.committer is not None:
@@ -456,33 +451,32 @@ class StreamConsumer:
                          {f"{tp.partition}": o for tp, o in plan.lagging.items()})
                 await self.committer.commit_recovered(plan.lagging)
             if plan.rewound and self.committer is not None:
-                # a rewind is committed at once: a restart without the flag resumes from it, not
-                # from the group's old offsets (as kafka-consumer-groups --reset-offsets does)
-                await self.committer.commit_rewind({tp: starts[tp] for tp in plan.rewound})
+                await self.committer.commit_rewind(plan.rewind_commits(starts))
 
-    async def _plan_starts(self, assigned: set[TopicPartition], first: bool) -> StartPlan[TopicPartition]:
-        """Ask the broker and the files, then decide (consumer/positions.py).
-
-        A rewind (--from-beginning / --from-timestamp) is resolved for the partitions of the first
-        assignment and kept for them: a second rebalance before anything was committed (a slow
-        group join, another member arriving) must not fall back to the group's old offsets.
-        """
-        consumer, st = self.consumer, self.settings
+    async def _resolve_rewind(self, assigned: set[TopicPartition]) -> None:
+        """Ask the broker for the rewind points of every partition of the topic (`Rewind`): one
+        that reaches this process later is rewound too, not resumed from the group's old offsets."""
+        consumer, topic = self.consumer, self.settings.topic
         assert consumer is not None
-        # every partition of the topic: one that reaches this process later (a member leaves) is
-        # rewound too, not resumed from the group's old offsets
-        topic = assigned | {TopicPartition(st.topic, p) for p in (consumer.partitions_for_topic(st.topic) or ())}
-        if first and st.from_timestamp:
-            ts = int(st.from_timestamp_utc().timestamp() * 1000)  # type: ignore[union-attr]
-            found = await consumer.offsets_for_times({tp: ts for tp in topic})
-            self._rewind_points = {tp: offset_from_time_lookup(found.get(tp)) for tp in topic}
-        elif first and st.from_beginning:
-            self._rewind_points = dict(await consumer.beginning_offsets(list(topic)))
-        # Progress made since the rewind is in the files, and a start never goes before them.
-        rewind = {tp: self._rewind_points[tp] for tp in assigned & self._rewind_points.keys()} or None
-        committed = {tp: await consumer.committed(tp) for tp in assigned}
-        from_files = {tp: self.ledger.next_offset(tp.topic, tp.partition) for tp in assigned}
-        return plan_starts(assigned, committed, from_files, rewind)
+        partitions = assigned | {TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or ())}
+        if self.rewind.timestamp_ms is not None:
+            answers = await consumer.offsets_for_times({tp: self.rewind.timestamp_ms for tp in partitions})
+        else:
+            answers = await consumer.beginning_offsets(list(partitions))
+        self.rewind.resolve(partitions, answers)
+
+    async def _seek(self, plan: StartPlan[TopicPartition]) -> dict[TopicPartition, int]:
+        """Seek as `plan` says; returns where seeking to the end or the beginning put those partitions."""
+        consumer = self.consumer
+        assert consumer is not None
+        for tp, offset in plan.seek.items():
+            consumer.seek(tp, offset)
+        if plan.to_end:
+            await consumer.seek_to_end(*plan.to_end)
+        if plan.to_beginning:
+            # auto_offset_reset's "earliest", made explicit: every offset there is new
+            await consumer.seek_to_beginning(*plan.to_beginning)
+        return {tp: await consumer.position(tp) for tp in (*plan.to_end, *plan.to_beginning)}
 
     # --- reporting ---------------------------------------------------------------------------
     def _copy_stats(self) -> None:

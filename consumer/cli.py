@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from pipeline.cli import Parser, document_settings, entry_point, pipeline_errors, print_error, settings_from
+from pipeline.cli_support import Parser, document_settings, entry_point, pipeline_errors, print_error, settings_from
 from pipeline.config import TOKENIZERS
 from pipeline.errors import PipelineError
 from pipeline.logs import setup_logging

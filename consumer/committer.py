@@ -16,6 +16,10 @@ time (`_finalizing`): a revoke that arrives while the roll timer's finalize is r
 its commit, so the partitions reach their next owner with the files and the broker up to date.
 Step 1 refuses a file whose offsets another consumer's finalized file already holds (`Fenced`):
 a consumer that lost its partitions never finalizes or commits rows for them.
+
+Offsets reach the broker one way (`_send`), for three reasons: step 4 (`commit`), and at an
+assignment the offsets finalized files hold but the broker lacks (`commit_recovered`) and where a
+rewind starts (`commit_rewind`). A failed commit is logged, never raised: the files are the proof.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from pipeline.batch import BatchOutcome, Failure
-from pipeline.errors import FatalError, OutputWriteFailed
+from pipeline.errors import FatalError
 from pipeline.faults import crash_point
-from pipeline.ledger import OutputLedger, object_version_hash, publish_summary
+from pipeline.ledger import OutputLedger, object_version_hash, update_summary
 from pipeline.output import OffsetRange
 from pipeline.parquet import RollingParquetWriter
 from pipeline.records import to_table
@@ -143,10 +147,7 @@ class OutputCommitter:
         # 2. ledger
         self.ledger.record_finalized(finalized)
         # 3. summary
-        try:
-            await asyncio.to_thread(publish_summary, self.writer.output)
-        except OSError as exc:
-            raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
+        await asyncio.to_thread(update_summary, self.writer.output)
         crash_point("after_summary")
         # 4. commit
         await self.commit()
@@ -158,50 +159,46 @@ class OutputCommitter:
         return self.ledger.overlapping(offsets)
 
     async def commit(self) -> None:
+        """Step 4: the offsets the finalized file covers, for the partitions still assigned. A
+        commit never moves back (a paranoid check: it would be a bug), and a failed one is only
+        logged: the file's footer holds these offsets, recovery seeks past them."""
         self._refuse_after_abort()
-        offsets = {tp: off for tp, off in self._to_commit.items() if tp in self.consumer.assignment()}
-        if not offsets:
-            self._to_commit.clear()
-            return
+        offsets, self._to_commit = self._assigned(self._to_commit), {}
         for tp, off in offsets.items():
             prev = self._committed_check.get(tp, -1)
-            if off < prev:  # paranoid: a commit must never move backwards
+            if off < prev:
                 raise AssertionError(f"refusing to commit {tp} at {off} below {prev}")
-        try:
-            await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
+        if await self._send(offsets, "offset commit", "the finalized files still hold the positions"):
             self.stats.commits += 1
-            self._committed_check.update(offsets)
-        except KafkaError as exc:
-            # Safe: the finalized file's footer records these offsets; recovery seeks past them.
-            log.warning("offset commit failed (%s); the finalized files still hold the positions", exc)
-        self._to_commit.clear()
 
     async def commit_recovered(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit offsets that finalized files already hold but the broker lacks (a crash between
-        a rename and its commit). Only these: what is applied to the open file is not touched."""
-        offsets = {
-            tp: off for tp, off in offsets.items()
-            if tp in self.consumer.assignment() and off > self._committed_check.get(tp, -1)
-        }
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
-            self._committed_check.update(offsets)
-        except KafkaError as exc:  # harmless: the files hold these positions either way
-            log.warning("committing recovered offsets failed (%s); the finalized files still hold them", exc)
+        """Offsets that finalized files already hold but the broker lacks (a crash between a
+        publish and its commit), where they are ahead of what this process committed. Only these:
+        what is applied to the open file is not touched."""
+        ahead = {tp: off for tp, off in offsets.items() if off > self._committed_check.get(tp, -1)}
+        await self._send(self._assigned(ahead), "committing recovered offsets", "the finalized files still hold them")
 
     async def commit_rewind(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit where a rewind starts (it may be before the group's committed offset): from now on
+        """Where a rewind starts (it may be before the group's committed offset): from now on
         commits never go below it. A failure is logged: the next file's commit catches up."""
-        offsets = {tp: off for tp, off in offsets.items() if tp in self.consumer.assignment()}
+        await self._send(self._assigned(offsets), "committing the rewind positions", "they are committed with the next file")
+
+    def _assigned(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        assignment = self.consumer.assignment()
+        return {tp: off for tp, off in offsets.items() if tp in assignment}
+
+    async def _send(self, offsets: dict[TopicPartition, int], what: str, otherwise: str) -> bool:
+        """The one way offsets reach the broker; returns whether they did. A `KafkaError` (a
+        rebalance, the broker away) is logged, never raised: the files are the proof either way."""
         if not offsets:
-            return
+            return False
         try:
             await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
-            self._committed_check.update(offsets)
         except KafkaError as exc:
-            log.warning("committing the rewind positions failed (%s); they are committed with the next file", exc)
+            log.warning("%s failed (%s); %s", what, exc, otherwise)
+            return False
+        self._committed_check.update(offsets)
+        return True
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:

@@ -249,7 +249,10 @@ class CrashGuard:
                 self._parts[tp].in_flight.clear()
             self._batches.clear()
             self._alone = None
-            self._write(dirty)
+            try:
+                self._write(dirty)
+            except OSError as exc:  # a full disk must not mask why the process stops; stale markers
+                log.warning("could not clear the crash-loop markers (%s): their offsets will be isolated once", exc)
 
     # --- inside ------------------------------------------------------------------------------------
     def _verdict(self, part: _PartitionState, offset: int) -> Verdict:

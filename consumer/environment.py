@@ -1,8 +1,8 @@
 """Patience with faults that are not about any object: refused S3 credentials, S3 down, a broken GPU.
 
 Such a fault (`pipeline.errors.EnvironmentFault`) stops its micro-batch with no dead letter and
-no commit; the batch is tried again after a capped, jittered backoff, so a rotated key fixed in
-minutes, an S3 blip or a GPU reset loses nothing. While faulting, /readyz says not ready and
+no commit; the batch is tried again after a capped, jittered backoff (`FaultWatch.patiently`), so
+a rotated key fixed in minutes, an S3 blip or a GPU reset loses nothing. While faulting, /readyz says not ready and
 `metavoice_environment_faults_total{kind}` counts every failed attempt. When the fault outlasts
 `fault_timeout_s`, the fault is raised: the consumer exits non-zero without committing, so an
 orchestrator restarts it or pages someone.
@@ -10,14 +10,18 @@ orchestrator restarts it or pages someone.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import Counter
+from typing import Awaitable, Callable, TypeVar
 
 from pipeline.errors import EnvironmentFault
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -57,3 +61,19 @@ class FaultWatch:
         if self.current is not None:
             log.info("recovered from %s after %.0fs", type(self.current).__name__, time.monotonic() - (self.since or 0))
         self.current, self.since, self._attempt = None, None, 0
+
+    async def patiently(self, attempt: Callable[[], Awaitable[R]], stop: asyncio.Event) -> R:
+        """`attempt()` again after each EnvironmentFault, with the backoff `failed` says, until it
+        succeeds; the fault is raised past `timeout_s`, or when `stop` is set while waiting."""
+        while True:
+            try:
+                result = await attempt()
+            except EnvironmentFault as fault:
+                delay = self.failed(fault)  # raises it past timeout_s
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                if stop.is_set():
+                    raise
+                continue
+            self.recovered()
+            return result

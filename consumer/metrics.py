@@ -1,7 +1,8 @@
 """Operating the consumer: Prometheus metrics, health endpoints, the lag sampler, the status line.
 
-One `Operations` per `StreamConsumer`, with its own `CollectorRegistry` (several consumers may
-share a process: the tests run several). Numbers get in three ways:
+One `Operations` per consumer, with its own `CollectorRegistry` (several consumers may share a
+process: the tests run several). It reads the consumer through `ConsumerView` (what `StreamConsumer`
+shows of itself) and changes nothing in it. Numbers get in three ways:
 
     per batch   `observe_batch`, an `on_batch_done` observer: records, stage timings, real-time factor
     totals      `sync` turns the committer's running totals (`CommitStats`) into counter increments -
@@ -29,8 +30,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Protocol
 
 import orjson
 from aiohttp import web
@@ -56,9 +56,12 @@ from pipeline.errors import FatalError
 from .status import StatusLine, StatusSnapshot
 
 if TYPE_CHECKING:
-    from .app import StreamConsumer
+    from pipeline.config import Settings
+    from pipeline.models import Models
+
     from .batcher import PendingBatch
     from .committer import CommitStats
+    from .environment import FaultWatch
 
 log = logging.getLogger(__name__)
 
@@ -89,23 +92,39 @@ def realtime_factor(outcome: BatchOutcome) -> float | None:
     return device / outcome.audio_seconds
 
 
+class ConsumerView(Protocol):
+    """What operating a consumer reads of it, and never changes: `StreamConsumer` is one. Read at
+    each use (a scrape, a probe, a sample), so it follows the consumer as it starts and stops."""
+
+    @property
+    def settings(self) -> "Settings": ...
+
+    @property
+    def models(self) -> "Models | None": ...  # None while loading
+
+    @property
+    def consumer(self) -> Any: ...  # the AIOKafkaConsumer once created
+
+    @property
+    def s3(self) -> Any: ...  # the S3 client once open
+
+    @property
+    def environment(self) -> "FaultWatch": ...
+
+    @property
+    def commit_stats(self) -> "CommitStats | None": ...  # the committer's running totals, once it exists
+
+    @property
+    def stage_seconds(self) -> dict[str, float]: ...  # summed over the batches applied
+
+    @property
+    def in_flight(self) -> int: ...  # micro-batches fetched, not yet applied
+
+    @property
+    def stop_reason(self) -> str | None: ...  # None until a stop was asked for
+
+
 # --- metrics ---------------------------------------------------------------------------------
-@dataclass
-class _Seen:
-    """How much of the committer's running totals the counters already hold."""
-
-    rows: int = 0
-    skipped: int = 0
-    duplicates: int = 0
-    superseded: int = 0
-    files: int = 0
-    commits: int = 0
-    audio_seconds: float = 0.0
-    latencies: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    faults: dict[str, int] = field(default_factory=dict)
-
-
 class ConsumerMetrics:
     def __init__(self, group: str = "", topic: str = "") -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -145,7 +164,11 @@ class ConsumerMetrics:
                                           ["kind"], **kw)
         for stage in STAGES:  # series exist from the start: rate() works on the first batch
             self.stage_seconds.labels(stage)
-        self._seen = _Seen()
+        # how much of the running totals (CommitStats, FaultWatch.counts) the counters already hold
+        self._seen: dict[str, float] = {}
+        self._seen_errors: dict[str, float] = {}
+        self._seen_faults: dict[str, float] = {}
+        self._seen_latencies = 0
 
     # --- feeding ---------------------------------------------------------------------------
     def observe_batch(self, batch: "PendingBatch", outcome: BatchOutcome, stats: "CommitStats") -> None:
@@ -162,34 +185,32 @@ class ConsumerMetrics:
 
     def sync(self, stats: "CommitStats") -> None:
         """Bring the counters up to the committer's running totals (only ever forward)."""
-        seen = self._seen
         for counter, name in ((self.rows, "rows"), (self.skipped, "skipped"), (self.duplicates, "duplicates"),
                               (self.superseded, "superseded"),
                               (self.files, "files"), (self.commits, "commits"), (self.audio_seconds, "audio_seconds")):
-            now, before = getattr(stats, name), getattr(seen, name)
-            if now > before:
-                counter.inc(now - before)
-                setattr(seen, name, now)
+            _inc_to(self._seen, name, getattr(stats, name), counter.inc)
         for error_type, n in stats.errors_by_type.items():
-            before = seen.errors.get(error_type, 0)
-            if n > before:
-                self.dead_letters.labels(error_type).inc(n - before)
-                seen.errors[error_type] = n
-        for seconds in stats.latencies[seen.latencies:]:
+            _inc_to(self._seen_errors, error_type, n, self.dead_letters.labels(error_type).inc)
+        for seconds in stats.latencies[self._seen_latencies:]:
             self.latency.observe(max(0.0, seconds))
-        seen.latencies = len(stats.latencies)
+        self._seen_latencies = len(stats.latencies)
 
     def sync_faults(self, counts: dict[str, int]) -> None:
         for kind, n in counts.items():
-            before = self._seen.faults.get(kind, 0)
-            if n > before:
-                self.environment_faults.labels(kind).inc(n - before)
-                self._seen.faults[kind] = n
+            _inc_to(self._seen_faults, kind, n, self.environment_faults.labels(kind).inc)
 
     def set_lag(self, lags: dict[TopicPartition, int]) -> None:
         self.lag.clear()  # revoked partitions disappear rather than freeze at their last value
         for tp, n in lags.items():
             self.lag.labels(tp.topic, str(tp.partition)).set(n)
+
+
+def _inc_to(seen: dict[str, float], name: str, total: float, inc: Callable[[float], None]) -> None:
+    """Increment a counter by how far a running total got past what it already holds (`seen`)."""
+    before = seen.get(name, 0)
+    if total > before:
+        inc(total - before)
+        seen[name] = total
 
 
 class DeviceMemoryCollector:
@@ -363,13 +384,13 @@ class OperationsServer:
 
 # --- wiring into the consumer ----------------------------------------------------------------
 class Operations:
-    """Metrics, health and status for one `StreamConsumer`; `running()` lives in its exit stack."""
+    """Metrics, health and status for one consumer; `running()` lives in its exit stack."""
 
-    def __init__(self, app: "StreamConsumer", status_stream: Any = None) -> None:
+    def __init__(self, app: ConsumerView, status_stream: Any = None) -> None:
         self.app = app
         st = app.settings
         self.metrics = ConsumerMetrics(st.group, st.topic)
-        self.metrics.in_flight.set_function(lambda: max(0, app._pending))
+        self.metrics.in_flight.set_function(lambda: max(0, app.in_flight))
         self.metrics.registry.register(DeviceMemoryCollector(self._on_cuda))
         self.metrics.registry.register(PrefectCollector())
         self.readiness = Readiness({"broker": self._broker_ready, "s3": self._s3_ready, "models": self._models_ready,
@@ -380,7 +401,6 @@ class Operations:
         self.broker_up = False  # set once the consumer joined the cluster
         self.lags: dict[TopicPartition, int] = {}
         self._warned: set[str] = set()
-        app.on_batch_done.append(self.metrics.observe_batch)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -403,15 +423,19 @@ class Operations:
             if self.server is not None:
                 await self.server.stop()
 
+    def observe_batch(self, batch: "PendingBatch", outcome: BatchOutcome, stats: "CommitStats") -> None:
+        """An `on_batch_done` observer: the consumer subscribes it."""
+        self.metrics.observe_batch(batch, outcome, stats)
+
     def sync(self) -> None:
-        committer = self.app.committer
-        if committer is not None:
-            self.metrics.sync(committer.stats)
+        stats = self.app.commit_stats
+        if stats is not None:
+            self.metrics.sync(stats)
         self.metrics.sync_faults(self.app.environment.counts)
 
     async def sample(self) -> None:
         consumer = self.app.consumer
-        if consumer is not None and self.broker_up and not self.app.stop_event.is_set():
+        if consumer is not None and self.broker_up and self.app.stop_reason is None:
             self.lags = await partition_lag(consumer)
             self.metrics.set_lag(self.lags)
         self.sync()
@@ -419,8 +443,8 @@ class Operations:
 
     def snapshot(self) -> StatusSnapshot:
         app = self.app
-        c = app.committer.stats if app.committer is not None else None
-        device = sum(app.stats.stage_seconds.get(s, 0.0) for s in ("transcribe", "tokenize"))
+        c = app.commit_stats
+        device = sum(app.stage_seconds.get(s, 0.0) for s in ("transcribe", "tokenize"))
         audio = c.audio_seconds if c else 0.0
         return StatusSnapshot(
             rows=c.rows if c else 0,
@@ -428,7 +452,7 @@ class Operations:
             files=c.files if c else 0,
             lag=sum(self.lags.values()) if self.lags else None,
             rtf=device / audio if audio > 0 and device > 0 else None,
-            in_flight=max(0, app._pending),
+            in_flight=max(0, app.in_flight),
         )
 
     async def _sample_loop(self) -> None:
@@ -460,8 +484,8 @@ class Operations:
         consumer = self.app.consumer
         if consumer is None or not self.broker_up:
             return False, "connecting"
-        if self.app.stop_event.is_set():
-            return False, f"stopping ({self.app.stats.stop_reason})"
+        if self.app.stop_reason is not None:
+            return False, f"stopping ({self.app.stop_reason})"
         topics = await consumer.topics()  # a metadata request: the broker answers or not
         if self.app.settings.topic not in topics:
             return False, f"topic {self.app.settings.topic} not found"

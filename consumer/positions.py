@@ -7,12 +7,24 @@ file's rename and its commit leaves the broker behind the files; the files are t
 a partition resumes at the later of the two and never re-processes what a file already holds.
 A rewind (--from-beginning / --from-timestamp) replaces the committed offset on the first
 assignment, and still never goes back before what the files hold.
+
+An assignment, in order (consumer/app.py: on_assigned does the broker's part):
+
+    1. `Rewind.unresolved`: ask the broker for the rewind points once, then `Rewind.resolve`
+    2. `plan_starts`: the three-way decision per partition (`StartPlan`)
+    3. seek as the plan says; `StartPlan.starts`: the exact first offset of each partition
+    4. `FetchGate.assign(starts, Rewind.not_before(plan.to_end))`
+    5. commit `plan.lagging` (files ahead of the broker) and `StartPlan.rewind_commits`
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, TypeVar
+from typing import TYPE_CHECKING, Generic, Hashable, TypeVar
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 TP = TypeVar("TP", bound=Hashable)
 
@@ -62,6 +74,17 @@ class StartPlan(Generic[TP]):
     lagging: dict[TP, int] = field(default_factory=dict)  # commit these: the files are ahead of the broker
     rewound: list[TP] = field(default_factory=list)  # started by a rewind: commit the start (persist it)
 
+    def starts(self, positions: Mapping[TP, int]) -> dict[TP, int]:
+        """The exact first offset of every assigned partition: `seek`'s, and for the ones sought to
+        their end or beginning, where that put them (`positions`, the consumer's answer)."""
+        return {**self.seek, **{tp: positions[tp] for tp in (*self.to_end, *self.to_beginning)}}
+
+    def rewind_commits(self, starts: Mapping[TP, int]) -> dict[TP, int]:
+        """What to commit at once for the partitions a rewind started, as kafka-consumer-groups
+        --reset-offsets would: a restart without the flag resumes from there, not from the group's
+        old offsets."""
+        return {tp: starts[tp] for tp in self.rewound}
+
 
 def plan_starts(
     assigned: set[TP],
@@ -91,6 +114,53 @@ def plan_starts(
         else:
             plan.seek[tp] = start
     return plan
+
+
+class Rewind(Generic[TP]):
+    """--from-beginning / --from-timestamp, as the assignments apply it.
+
+    The rewind points are resolved once, at the first assignment, for every partition of the topic
+    (`resolve`), and kept: a second rebalance before anything was committed (a slow group join,
+    another member arriving) must not fall back to the group's old offsets, and a partition that
+    reaches this process later (a member leaves) is rewound too. A time rewind's point is the first
+    offset at/after the time, or None when there is no such record: that partition starts at its
+    end and refuses records older than the time (`not_before`). A time wins over
+    --from-beginning when both are given.
+    """
+
+    def __init__(self, from_beginning: bool = False, timestamp_ms: int | None = None) -> None:
+        self.timestamp_ms = timestamp_ms
+        self.from_beginning = from_beginning and timestamp_ms is None
+        self._points: dict[TP, int | None] | None = None if from_beginning or timestamp_ms is not None else {}
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "Rewind[TP]":
+        """From the settings' `from_beginning` and `from_timestamp`."""
+        since = settings.from_timestamp_utc()
+        return cls(settings.from_beginning, int(since.timestamp() * 1000) if since is not None else None)
+
+    @property
+    def unresolved(self) -> bool:
+        """A rewind was asked for and its points are not known yet: ask the broker (for every
+        partition of the topic: `offsets_for_times` at `timestamp_ms`, else `beginning_offsets`)."""
+        return self._points is None
+
+    def resolve(self, partitions: Iterable[TP], answers: Mapping[TP, object]) -> None:
+        """The broker's answers for `partitions`: offsets_for_times' (see `offset_from_time_lookup`;
+        a partition without an answer has no record at/after the time), or beginning_offsets'."""
+        if self.timestamp_ms is not None:
+            self._points = {tp: offset_from_time_lookup(answers.get(tp)) for tp in partitions}
+        else:
+            self._points = {tp: int(o) for tp, o in answers.items()}  # type: ignore[call-overload]
+
+    def points(self, assigned: Iterable[TP]) -> dict[TP, int | None] | None:
+        """The rewind points of the assigned partitions, for `plan_starts`; None without any."""
+        known = self._points or {}
+        return {tp: known[tp] for tp in assigned if tp in known} or None
+
+    def not_before(self, at_end: Iterable[TP]) -> dict[TP, int]:
+        """For the partitions a time rewind started at their end: the time (ms), for `FetchGate.assign`."""
+        return {tp: self.timestamp_ms for tp in at_end} if self.timestamp_ms is not None else {}
 
 
 class FetchGate(Generic[TP]):

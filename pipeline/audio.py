@@ -63,7 +63,7 @@ class DecodeSpec:
 
     The default serves callers that do not know the tokenizer (bench, tools, tests): Whisper's
     layout and the one every built-in tokenizer reads. The pipeline builds one from the loaded
-    tokenizer (`batch.decode_stage`).
+    models (`Models.layouts`, through `batch.decode_stage`).
     """
 
     layouts: tuple[AudioLayout, ...] = (WHISPER_LAYOUT, BUILTIN_TOKENIZER_LAYOUT)
@@ -140,15 +140,6 @@ def decode_audio(data: bytes, spec: DecodeSpec = DecodeSpec()) -> DecodedAudio:
     # Raised here, without the decoder's frames as traceback or context: they hold the partial views
     # (up to the duration limit), which a dead letter waiting in its batch must not keep alive.
     raise error
-
-
-def check_duration(audio: DecodedAudio, min_sec: float, max_sec: float) -> None:
-    """For audio decoded without limits (`decode_audio` checks its spec's range itself)."""
-    d = audio.duration_sec
-    if d < min_sec:
-        raise DurationOutOfRange(f"duration {d:.3f}s is shorter than the minimum {min_sec}s")
-    if d > max_sec:
-        raise DurationOutOfRange(f"duration {d:.3f}s is longer than the maximum {max_sec}s")
 
 
 # --- the streaming pass ------------------------------------------------------------------------

@@ -112,24 +112,6 @@ class BatchOutcome:
 
 
 # --- stages ---------------------------------------------------------------------------
-async def download_stage(s3: Any, items: list[WorkItem], settings: Settings) -> list[Slot[Downloaded]]:
-    """Every object of the batch, `download_concurrency` at a time, as bytes or the error that ends it.
-
-    Raises an `EnvironmentFault` instead of blaming objects for what is not about them: refused
-    credentials, a missing bucket we were told to serve, or objects that failed past their
-    retries while a probe of their bucket fails too (an outage).
-    """
-    sem = asyncio.Semaphore(settings.download_concurrency)
-
-    async def one(item: WorkItem) -> Slot[Downloaded]:
-        async with sem:
-            return await _download_one(s3, item, settings)
-
-    slots = _raise_fault(await asyncio.gather(*(one(i) for i in items), return_exceptions=True))
-    await _probe_unavailable(s3, slots)
-    return slots
-
-
 async def download_and_decode_stage(
     s3: Any, items: list[WorkItem], settings: Settings,
     decode: Callable[[list[Slot[Downloaded]]], Awaitable[list[Slot[DecodedAudio]]]],
@@ -198,15 +180,13 @@ async def _probe_unavailable(s3: Any, slots: list[Slot[Downloaded]]) -> None:
 
 
 def decode_stage(
-    slots: list[Slot[Downloaded]], settings: Settings, *, layouts: tuple[AudioLayout, ...] | None = None
+    slots: list[Slot[Downloaded]], settings: Settings, layouts: tuple[AudioLayout, ...] | None = None
 ) -> list[Slot[DecodedAudio]]:
-    """Each object decoded in one streaming pass into Whisper's view and the tokenizer's (`layouts`;
-    default: what the configured tokenizer reads), refused outside the settings' duration range."""
-    from .audio import WHISPER_LAYOUT, DecodeSpec
-    from .tokenizers import audio_layout
-
+    """Each object decoded in one streaming pass into `layouts`, the views the models read (the
+    pipeline passes `Models.layouts`; default: `DecodeSpec`'s, Whisper's and the built-in
+    tokenizers'), refused outside the settings' duration range."""
     spec = DecodeSpec(
-        layouts=(WHISPER_LAYOUT, *(layouts if layouts is not None else (audio_layout(settings),))),
+        layouts=layouts if layouts is not None else DecodeSpec().layouts,
         min_duration_sec=settings.min_duration_sec,
         max_duration_sec=settings.max_duration_sec,
     )

@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     batch_max_events: int = Field(32, ge=1)
     # Under a backlog (all pipeline_depth batches in flight) a micro-batch grows to this many events
     # (still within batch_max_bytes and the linger): fewer flow runs per event when it matters.
-    batch_max_events_backlog: int = Field(128, ge=1)
+    batch_max_events_backlog: int = Field(256, ge=1)
     batch_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     batch_linger_ms: int = Field(500, ge=0)
     roll_max_rows: int = Field(10_000, ge=1)
@@ -218,25 +218,26 @@ class Settings(BaseSettings):
 
     # --- derived views used by the clients --------------------------------------------
     def s3_client_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"region_name": self.s3_region}
-        if self.s3_endpoint_url:
-            kwargs["endpoint_url"] = self.s3_endpoint_url
-        if self.s3_access_key_id is not None and self.s3_secret_access_key is not None:
-            kwargs["aws_access_key_id"] = self.s3_access_key_id.get_secret_value()
-            kwargs["aws_secret_access_key"] = self.s3_secret_access_key.get_secret_value()
-        return kwargs
+        """The audio store's client (downloads, listings)."""
+        return _s3_kwargs(self.s3_endpoint_url, self.s3_region, self.s3_access_key_id, self.s3_secret_access_key)
 
     def output_s3_client_kwargs(self) -> dict[str, Any]:
         """The output store's client: its own endpoint/region/keys where set, else the audio store's."""
-        kwargs = self.s3_client_kwargs()
-        if self.output_s3_endpoint_url:
-            kwargs["endpoint_url"] = self.output_s3_endpoint_url
-        if self.output_s3_region:
-            kwargs["region_name"] = self.output_s3_region
-        if self.output_s3_access_key_id is not None and self.output_s3_secret_access_key is not None:
-            kwargs["aws_access_key_id"] = self.output_s3_access_key_id.get_secret_value()
-            kwargs["aws_secret_access_key"] = self.output_s3_secret_access_key.get_secret_value()
-        return kwargs
+        own_keys = self.output_s3_access_key_id is not None and self.output_s3_secret_access_key is not None
+        return _s3_kwargs(self.output_s3_endpoint_url or self.s3_endpoint_url, self.output_s3_region or self.s3_region,
+                          *((self.output_s3_access_key_id, self.output_s3_secret_access_key) if own_keys
+                            else (self.s3_access_key_id, self.s3_secret_access_key)))
 
     def resolved_cpu_threads(self) -> int:
         return self.cpu_threads or (os.cpu_count() or 1)
+
+
+def _s3_kwargs(endpoint: str | None, region: str, key: SecretStr | None, secret: SecretStr | None) -> dict[str, Any]:
+    """botocore client arguments; without explicit keys the standard AWS chain applies."""
+    kwargs: dict[str, Any] = {"region_name": region}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    if key is not None and secret is not None:
+        kwargs["aws_access_key_id"] = key.get_secret_value()
+        kwargs["aws_secret_access_key"] = secret.get_secret_value()
+    return kwargs

@@ -1,6 +1,6 @@
 """Every failure the pipeline names, as one tree.
 
-    PipelineError                      (root; `retriable` says whether trying again can help)
+    PipelineError                      (root)
     ├── Superseded                     not a failure: the object was overwritten before its event was
     │                                  read (412 on GetObject IfMatch); that version's own event makes its row
     ├── PermanentError                 the input is bad: dead-letter it, never retry
@@ -43,8 +43,6 @@ from __future__ import annotations
 
 
 class PipelineError(Exception):
-    retriable: bool = False
-
     @property
     def error_type(self) -> str:
         return type(self).__name__
@@ -116,7 +114,7 @@ class DownloadFailed(PermanentError):
 
 
 class TransientError(PipelineError):
-    retriable = True
+    """The world is briefly unwell: retried with backoff, never dead-lettered."""
 
 
 class StorageUnavailable(TransientError):

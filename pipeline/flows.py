@@ -4,12 +4,13 @@ A subflow costs eight API round trips (its parent task run, a lookup, the flow, 
 name, two state changes and a read): ~0.1 s and ~0.11 CPU-s of client and ephemeral server per
 batch on 2 quiet cores, twice that on busy ones. A task run costs no round trip (Prefect 3 reports
 task runs as events) but ~10 ms of client CPU. So a micro-batch records what adds information: its
-flow run, named after the events it holds, and a task run per model stage (`transcribe`, left out
-when transcription is off, and `tokenize`). Download and decode (`prepare`) start when the batch
-is dispatched, before its flow run exists: the round trips overlap I/O instead of preceding it,
-and a batch that Prefect fails runs bare on the same prepared work. Several micro-batches are in
-flight at once (`pipeline_depth`), so bookkeeping also overlaps other batches' model work; on the
-ephemeral API (SQLite) they take turns to create and end their runs (`Orchestration.api_gate`).
+flow run, named after the events it holds, and a task run per model stage (`STAGES`: `transcribe`,
+left out when transcription is off, and `tokenize`; the bare path runs the same list). Download
+and decode (`prepare`) start when the batch is dispatched, before its flow run exists: the round
+trips overlap I/O instead of preceding it, and a batch that Prefect fails runs bare on the same
+prepared work. Several micro-batches are in flight at once (`pipeline_depth`), so bookkeeping also
+overlaps other batches' model work; on the ephemeral API (SQLite) they take turns to create and
+end their runs (`Orchestration.api_gate`).
 Parameters stay tiny (a batch label); the data travels through a per-process registry so Prefect
 never serializes audio. With `prefect_enabled=False` the same stages run without Prefect.
 
@@ -426,7 +427,8 @@ async def prepare(batch: MicroBatch, s3: Any, models: Models, settings: Settings
     timer = StageTimer()
 
     async def decode(slots: list[Slot[Downloaded]]) -> list[Slot[DecodedAudio]]:
-        return await models.on_cpu("decode", timer.timings, decode_stage, slots, settings)
+        # the views the loaded models read: the tokenizer's, and Whisper's unless transcription is off
+        return await models.on_cpu("decode", timer.timings, decode_stage, slots, settings, models.layouts)
 
     # each object decoded as it arrives and its bytes dropped: the byte budget counts bytes read
     with timer.measure("download"):
@@ -476,11 +478,34 @@ class BatchContext:
         return await self.models.on_device("tokenize", self.timer.timings, tokenize_stage, self.models, p.decoded,
                                            priority=self.batch.seq)
 
-    def assemble(self, p: Prepared, transcripts: list[Slot[Transcript]], tokens: list[Slot[np.ndarray]]) -> BatchOutcome:
-        outcome = assemble_stage(self.models, p.downloaded, p.decoded, transcripts, tokens)
+    async def watched(self, stage: "Stage") -> list[Slot[Any]]:
+        """`stage` inside a flow run: our time, not Prefect's (`_Watch`), on the prepared work
+        (shielded: if Prefect abandons the run, the batch runs bare on the same prepared work)."""
+        with self.watch.ours():
+            return await stage.run(self, await asyncio.shield(self.prepared))
+
+    def assemble(self, p: Prepared, results: dict[str, list[Slot[Any]]]) -> BatchOutcome:
+        outcome = assemble_stage(self.models, p.downloaded, p.decoded, results["transcribe"], results["tokenize"])
         outcome.timings = {**p.timings, **self.timer.timings}
         return outcome
 
+
+@dataclass(frozen=True)
+class Stage:
+    """A model stage of a micro-batch: its name (the task run's, the timing's) and what it runs."""
+
+    name: str
+    run: Callable[[BatchContext, Prepared], Awaitable[list[Slot[Any]]]]
+    recorded: Callable[[Models], bool] = lambda models: True  # whether a task run records it
+
+
+#: The model stages of a micro-batch, in order: the one declaration both paths iterate - bare
+#: (`run_stages`) and under Prefect (`process_micro_batch`: a task run each, where it is recorded).
+#: Download and decode (`prepare`) run ahead of both, from dispatch.
+STAGES: tuple[Stage, ...] = (
+    Stage("transcribe", BatchContext.transcribe, recorded=lambda models: models.transcribes),  # off: nothing to record
+    Stage("tokenize", BatchContext.tokenize),
+)
 
 _REGISTRY: dict[str, BatchContext] = {}
 _LIFETIMES: dict[str, tuple[_Watch, Callable[[], Awaitable[Any]]]] = {}
@@ -490,9 +515,7 @@ _ids = itertools.count()
 async def run_stages(ctx: BatchContext) -> BatchOutcome:
     """The stages in order, without orchestration."""
     p = await ctx.prepared
-    transcripts = await ctx.transcribe(p)
-    tokens = await ctx.tokenize(p)
-    return ctx.assemble(p, transcripts, tokens)
+    return ctx.assemble(p, {stage.name: await stage.run(ctx, p) for stage in STAGES})
 
 
 # --- the Prefect shape of the same stages -------------------------------------------------
@@ -511,35 +534,31 @@ def _stage_run_name(stage: str):
     return name
 
 
-@task(name="transcribe", task_run_name=_stage_run_name("transcribe"), **_TASK)
-async def _transcribe(ref: str):
-    ctx = _REGISTRY[ref]
-    ORCHESTRATION.task_runs += 1
-    with ctx.watch.ours():
-        return await ctx.transcribe(await asyncio.shield(ctx.prepared))
+def _as_task(stage: Stage):
+    """`stage` as a Prefect task of its own name, run on the batch `ref` names."""
+
+    async def run(ref: str):
+        ctx = _REGISTRY[ref]
+        ORCHESTRATION.task_runs += 1
+        return await ctx.watched(stage)
+
+    run.__name__ = run.__qualname__ = f"_{stage.name}"  # Prefect's task key
+    return task(name=stage.name, task_run_name=_stage_run_name(stage.name), **_TASK)(run)
 
 
-@task(name="tokenize", task_run_name=_stage_run_name("tokenize"), **_TASK)
-async def _tokenize(ref: str):
-    ctx = _REGISTRY[ref]
-    ORCHESTRATION.task_runs += 1
-    with ctx.watch.ours():
-        return await ctx.tokenize(await asyncio.shield(ctx.prepared))
+_TASKS = {stage.name: _as_task(stage) for stage in STAGES}
 
 
 @flow(name="process-micro-batch", flow_run_name="{label}", validate_parameters=False, persist_result=False, log_prints=False)
 async def process_micro_batch(ref: str, label: str) -> BatchOutcome:
     ctx = _REGISTRY[ref]
     ctx.turn.release()  # the run exists and runs: the next batch's run may be created
-    if ctx.models.transcribes:
-        transcripts = await _transcribe(ref)
-    else:  # nothing for a task run to record
-        with ctx.watch.ours():
-            transcripts = await ctx.transcribe(await asyncio.shield(ctx.prepared))
-    tokens = await _tokenize(ref)
+    results = {}
+    for stage in STAGES:
+        results[stage.name] = await (_TASKS[stage.name](ref) if stage.recorded(ctx.models) else ctx.watched(stage))
     with ctx.watch.ours():
         # shielded: if Prefect abandons this run, the batch runs bare on the same prepared work
-        ctx.watch.finish(ctx.assemble(await asyncio.shield(ctx.prepared), transcripts, tokens))
+        ctx.watch.finish(ctx.assemble(await asyncio.shield(ctx.prepared), results))
     await ctx.turn.take()  # Prefect records the end next (Prefect's time, within its budget)
     return ctx.watch.result
 

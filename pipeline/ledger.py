@@ -5,6 +5,9 @@ Two questions recovery must answer from the files themselves, never from the bro
   in a crash after the rename, the file cannot)
 - was this object version `(bucket, key, etag)` already written? (3 columns read once at
   start-up, then kept as 8-byte hashes: a few MB for millions of rows)
+
+`recover` is a consumer's start-up on the output side; `OutputLedger.catch_up` what each
+assignment repeats of it (other consumers may have finalized files, or died, meanwhile).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from .errors import OutputWriteFailed
+from .manifest import check_manifest
 from .output import FileFooter, OffsetRange, Output, as_output
 from .output.layout import SUMMARY_NAME
 from .summary import Aggregates, parse_summary, render_summary
@@ -89,6 +94,12 @@ class OutputLedger:
             log.info("indexed %d finalized files (%d object versions)", len(new), len(self.index))
         return len(new)
 
+    def catch_up(self) -> int:
+        """Discard the in-progress files of dead writers (their events were never committed), then
+        `refresh`: what the output holds now, whoever wrote it. Returns how many files are new."""
+        self.output.discard_orphans()
+        return self.refresh()
+
     def record_finalized(self, footer: FileFooter) -> None:
         """Our own file was finalized: learn its offsets without reading it back (its object
         versions entered the index when their rows were appended)."""
@@ -136,6 +147,32 @@ class OutputLedger:
             key = (r.topic, r.partition)
             self._next_offsets[key] = max(self._next_offsets.get(key, 0), r.last + 1)
             self._spans.setdefault(key, []).append((r.first, r.last, footer.name))
+
+
+def recover(ledger: OutputLedger, identity: dict[str, str], force: bool = False) -> None:
+    """A consumer's start-up on the output side, before any record is fetched, in this order:
+
+        1. the manifest: create it, or refuse an output built with another      OutputConfigMismatch
+           configuration (`identity`: topic, group, models) unless `force`
+        2. discard dead writers' in-progress files, index the finalized ones
+           (`OutputLedger.catch_up`)
+        3. repair summary.json when the files are ahead of it (a crash between   OutputWriteFailed
+           a publish and the summary write, or in the middle of it)
+
+    Blocking (file and object-store I/O): run it in a thread.
+    """
+    check_manifest(ledger.output, identity, force=force)
+    ledger.catch_up()
+    if ledger.known_files:
+        update_summary(ledger.output)
+
+
+def update_summary(output: Output) -> None:
+    """`publish_summary` where a failure stops the consumer: `OutputWriteFailed`."""
+    try:
+        publish_summary(output)
+    except OSError as exc:
+        raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
 
 
 def load_summary(output: Output | str | Path) -> tuple[Aggregates, set[str]] | None:

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable, TypeVar
 
+from .audio import WHISPER_LAYOUT, AudioLayout
 from .config import Settings
 from .tokenizers import AudioTokenizer, load_tokenizer
 from .transcribe import WhisperTranscriber
@@ -107,6 +108,12 @@ class Models:
             time.perf_counter() - t, transcriber.name or "off (transcribe=false)", tokenizer.name, transcriber.device,
         )
         return cls(settings, transcriber, tokenizer)
+
+    @property
+    def layouts(self) -> tuple[AudioLayout, ...]:
+        """The views of each clip that decode makes in its one pass: what the loaded tokenizer reads,
+        and Whisper's 16 kHz mono unless transcription is off."""
+        return (WHISPER_LAYOUT, self.tokenizer.layout) if self.transcribes else (self.tokenizer.layout,)
 
     async def on_device(
         self, stage: str, timings: dict[str, float], fn: Callable[..., R], *args: Any, priority: int = 0

@@ -138,6 +138,21 @@ async def probe_bucket(client: Any, bucket: str) -> None:
         raise StorageOutage(f"S3 is failing for bucket {bucket} itself, not only for some objects: {exc}") from exc
 
 
+def retrying_unavailable(attempts: int, what: str) -> AsyncRetrying:
+    """The one retry policy for transient S3 failures (`StorageUnavailable`): capped exponential
+    backoff with jitter (0.2 s doubling to 10 s), `attempts` in all, the last failure re-raised."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(StorageUnavailable),
+        wait=wait_exponential_jitter(multiplier=0.2, max=10),
+        stop=stop_after_attempt(attempts),
+        reraise=True,
+        before_sleep=lambda rs: log.warning(
+            "%s, retrying (attempt %d of %d): %s", what, rs.attempt_number, attempts,
+            rs.outcome.exception() if rs.outcome else "",
+        ),
+    )
+
+
 async def download_object(
     client: Any, bucket: str, key: str, max_bytes: int, attempts: int = 8, *,
     if_match: str | None = None, version_id: str | None = None,
@@ -148,15 +163,7 @@ async def download_object(
     etag) makes S3 refuse other bytes: a key re-uploaded after the event raises `Superseded`,
     never returns the newer bytes under the older version's name.
     """
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(StorageUnavailable),
-        wait=wait_exponential_jitter(multiplier=0.2, max=10),
-        stop=stop_after_attempt(attempts),
-        reraise=True,
-        before_sleep=lambda rs: log.warning(
-            "S3 unavailable, retrying (attempt %d): %s", rs.attempt_number, rs.outcome.exception()
-        ),
-    ):
+    async for attempt in retrying_unavailable(attempts, "S3 unavailable"):
         with attempt:
             return await _download_once(client, bucket, key, max_bytes, if_match, version_id)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -232,16 +239,7 @@ async def list_page(client: Any, request: dict[str, Any], attempts: int = 8) -> 
     bucket = str(request["Bucket"])
     endpoint = _endpoint(client)
     try:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(StorageUnavailable),
-            wait=wait_exponential_jitter(multiplier=0.2, max=10),
-            stop=stop_after_attempt(attempts),
-            reraise=True,
-            before_sleep=lambda rs: log.warning(
-                "S3 unavailable listing bucket %r, retrying (attempt %d of %d): %s",
-                bucket, rs.attempt_number, attempts, rs.outcome.exception() if rs.outcome else "",
-            ),
-        ):
+        async for attempt in retrying_unavailable(attempts, f"S3 unavailable listing bucket {bucket!r}"):
             with attempt:
                 try:
                     return await client.list_objects_v2(**request)

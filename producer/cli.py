@@ -23,7 +23,7 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 from rich.filesize import decimal
 
-from pipeline.cli import CliError, Parser, document_settings, entry_point, print_error, settings_from
+from pipeline.cli_support import CliError, Parser, document_settings, entry_point, print_error, settings_from
 from pipeline.config import Settings
 from pipeline.logs import setup_logging
 from pipeline.timeutil import parse_iso_time

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
-exec "${PYTHON:-python3}" -m pipeline demo "$@"
+exec "${PYTHON:-python3}" -m metavoice demo "$@"

@@ -10,9 +10,9 @@ from typing import Callable, Iterator
 import boto3
 import pytest
 
+from metavoice.local_services import MOTO_CREDENTIALS, MOTO_REGION, LocalServices, local_services
+from metavoice.samples import SampleClip, make_corpus
 from pipeline.config import Settings
-from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION, LocalServices, local_services
-from pipeline.samples import SampleClip, make_corpus
 
 for _k, _v in MOTO_CREDENTIALS.items():
     os.environ.setdefault(_k, _v)

@@ -41,7 +41,7 @@ from pipeline.events import ObjectEvent
 from pipeline.models import Models
 from pipeline.records import Segment, Transcript
 from pipeline.ledger import rebuild_aggregates
-from pipeline.local_services import LocalServices
+from metavoice.local_services import LocalServices
 from pipeline.ledger import load_summary
 from pipeline.output import as_output
 from pipeline.output.layout import writer_of
@@ -229,7 +229,7 @@ class TcpOutage:
     """
 
     def __init__(self, target_port: int) -> None:
-        from pipeline.local_services import free_port
+        from metavoice.local_services import free_port
 
         self.target = target_port
         self.port = free_port()

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from pipeline.local_services import LOOPBACK, ManagedProcess, free_port
+from metavoice.local_services import LOOPBACK, ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

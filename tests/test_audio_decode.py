@@ -22,6 +22,7 @@ import soxr
 import pipeline.audio
 from pipeline.audio import (
     BLOCK_FRAMES,
+    BUILTIN_TOKENIZER_LAYOUT,
     WHISPER_LAYOUT,
     AudioLayout,
     DecodedAudio,
@@ -31,6 +32,7 @@ from pipeline.audio import (
 from pipeline.batch import Downloaded, Slot, WorkItem, decode_stage, whisper_inputs
 from pipeline.config import Settings
 from pipeline.errors import DurationOutOfRange, EmptyObject, NotAudio, PermanentError
+from pipeline.models import Models, NoTranscription
 from pipeline.tokenizers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,7 +260,7 @@ def slot(data: bytes) -> Slot[Downloaded]:
     return Slot(WorkItem(event=None, source=None), Downloaded(data, "etag"))  # type: ignore[arg-type]
 
 
-def test_decode_stage_makes_whisper_and_tokenizer_views_and_isolates_bad_files():
+def test_decode_stage_makes_the_loaded_models_views_and_isolates_bad_files():
     settings = Settings(tokenizer="synthetic", device="cpu", min_duration_sec=0.1, max_duration_sec=5.0)
     tokenizer = load_tokenizer(settings)
     good = flac(signal(2.0, 48_000, 2), 48_000)
@@ -268,22 +270,35 @@ def test_decode_stage_makes_whisper_and_tokenizer_views_and_isolates_bad_files()
     slots = [slot(good), slot(float_wav(nan, 16_000)), slot(streamed_flac(signal(8.0, 16_000, 1), 16_000)),
              slot(flac(signal(6.0, 16_000, 1), 16_000)), failed_upstream]  # fmt: skip
 
-    decoded = decode_stage(slots, settings)
+    models = Models(settings, Transcribing(), tokenizer)
+    try:
+        decoded = decode_stage(slots, settings, models.layouts)  # as flows.prepare calls it
 
-    assert [type(s.error).__name__ if s.error else "ok" for s in decoded] == [
-        "ok", "NotAudio", "DurationOutOfRange", "DurationOutOfRange", "EmptyObject"
-    ]
-    assert all(isinstance(s.error, PermanentError) for s in decoded[1:])
-    audio = decoded[0].value
-    assert set(audio.views) == {WHISPER_LAYOUT, tokenizer.layout}
-    (clip16k,) = whisper_inputs(decoded)
-    np.testing.assert_allclose(clip16k, whole_file_view(good, 16_000), rtol=0, atol=1e-6)
-    assert tokenizer.encode_batch([audio])[0].shape == (8, 150)  # 2 s at 75 Hz
+        assert [type(s.error).__name__ if s.error else "ok" for s in decoded] == [
+            "ok", "NotAudio", "DurationOutOfRange", "DurationOutOfRange", "EmptyObject"
+        ]
+        assert all(isinstance(s.error, PermanentError) for s in decoded[1:])
+        audio = decoded[0].value
+        assert set(audio.views) == {WHISPER_LAYOUT, tokenizer.layout}
+        (clip16k,) = whisper_inputs(decoded)
+        np.testing.assert_allclose(clip16k, whole_file_view(good, 16_000), rtol=0, atol=1e-6)
+        assert tokenizer.encode_batch([audio])[0].shape == (8, 150)  # 2 s at 75 Hz
+    finally:
+        models.close()
 
 
-def test_decode_stage_called_as_the_flow_calls_it_makes_the_view_a_loaded_codec_of_another_rate_reads(tmp_path):
-    """flows.py calls `decode_stage(slots, settings)`: the tokenizer's layout comes from what
-    `load_tokenizer` built for these settings, here a DAC checkpoint at 44.1 kHz."""
+class Transcribing:
+    """Stands in for a loaded Whisper: `Models` then decodes its 16 kHz view too."""
+
+    name = "stand-in"
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_flow_decodes_the_view_a_loaded_codec_of_another_rate_reads_and_no_16_khz_view_without_whisper(tmp_path):
+    """flows.prepare decodes into `Models.layouts`: what the loaded tokenizer said it reads (here a
+    DAC checkpoint at 44.1 kHz), and Whisper's 16 kHz mono only when transcription is on."""
     import transformers
 
     config = transformers.DacConfig(
@@ -291,20 +306,23 @@ def test_decode_stage_called_as_the_flow_calls_it_makes_the_view_a_loaded_codec_
         n_codebooks=4, codebook_size=64, codebook_dim=4, sampling_rate=44_100,
     )  # fmt: skip
     transformers.DacModel(config).save_pretrained(tmp_path / "dac44k")
-    settings = Settings(tokenizer="dac", tokenizer_weights=str(tmp_path / "dac44k"), device="cpu")
+    settings = Settings(tokenizer="dac", tokenizer_weights=str(tmp_path / "dac44k"), device="cpu", transcribe=False)
     codec = load_tokenizer(settings)
+    models = Models(settings, NoTranscription(), codec)
     try:
-        (decoded,) = decode_stage([slot(flac(signal(1.0, 48_000, 2), 48_000))], settings)
-        assert codec.layout == AudioLayout(44_100)
-        assert set(decoded.value.views) == {WHISPER_LAYOUT, AudioLayout(44_100)}
+        assert models.layouts == (AudioLayout(44_100),)
+        (decoded,) = decode_stage([slot(flac(signal(1.0, 48_000, 2), 48_000))], settings, models.layouts)
+        assert set(decoded.value.views) == {AudioLayout(44_100)}  # transcription off: no 16 kHz view is made
         assert codec.encode_batch([decoded.value])[0].shape == (4, 138)  # ceil(44100 / 320) frames
     finally:
-        codec.close()
+        models.close()
 
 
-def test_decode_stage_makes_the_layouts_it_is_given():
+def test_decode_stage_makes_the_layouts_it_is_given_and_by_default_whisper_s_and_the_built_in_tokenizers():
     decoded = decode_stage([slot(flac(signal(1.0, 44_100, 2), 44_100))], Settings(), layouts=(AudioLayout(22_050, 2),))
-    assert set(decoded[0].value.views) == {WHISPER_LAYOUT, AudioLayout(22_050, 2)}
+    assert set(decoded[0].value.views) == {AudioLayout(22_050, 2)}
+    decoded = decode_stage([slot(flac(signal(1.0, 44_100, 2), 44_100))], Settings())
+    assert set(decoded[0].value.views) == {WHISPER_LAYOUT, BUILTIN_TOKENIZER_LAYOUT}
 
 
 # --- memory -------------------------------------------------------------------------------------

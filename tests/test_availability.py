@@ -32,7 +32,7 @@ from pydantic import SecretStr
 from consumer.cli import pipeline_errors
 from pipeline.errors import DeviceFault
 from pipeline.events import ObjectEvent
-from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION, ManagedProcess, free_port
+from metavoice.local_services import MOTO_CREDENTIALS, MOTO_REGION, ManagedProcess, free_port
 from tests.conftest import consume_until_idle, read_topic
 from tests.consumer_process import (
     ConsumerProcess,

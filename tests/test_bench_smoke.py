@@ -1,6 +1,6 @@
 """The benchmark script runs end to end and reports every mode.
 
-Deliberately no timing assertions: performance figures come from `python -m pipeline.bench`
+Deliberately no timing assertions: performance figures come from `python -m benchmark`
 on a quiet machine (docs/benchmarks.md), never from a timed test on a shared runner. Nor does
 the bench itself depend on timing: a stream run ends when every event it published is handled
 (not on an idle timeout), and every wait it makes is bounded and names what it waited for.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import MODES, RATIOS
-from pipeline.bench.ceiling import CEILING_MODES
+from benchmark import MODES, RATIOS
+from benchmark.ceiling import CEILING_MODES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_quick_bench_reports_every_mode_with_positive_throughput_and_the_ratios(tmp_path: Path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "benchmark", "--quick", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=580,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -51,7 +51,7 @@ def test_quick_bench_reports_every_mode_with_positive_throughput_and_the_ratios(
 def test_quick_bench_measures_the_streams_ceiling_on_every_event_with_prefect_recording_runs(tmp_path: Path):
     out = tmp_path / "ceiling.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "--quick", "--clips", "2", "--max-sec", "3", "--json", str(out),
+        [sys.executable, "-m", "benchmark", "--quick", "--clips", "2", "--max-sec", "3", "--json", str(out),
          "--skip", "seed,bare,model,pipeline,pipeline-no-prefect,latency", "--ceiling-events", "40",
          "--batch-max-events", "8"],
         cwd=ROOT, capture_output=True, text=True, timeout=580,
@@ -69,13 +69,15 @@ def test_quick_bench_measures_the_streams_ceiling_on_every_event_with_prefect_re
     assert off["flow_runs_per_1000_events"] == 0
     assert report["ratios"]["stream-ceiling/io-floor"] > 0
     assert report["ratios"]["stream-ceiling/stream-ceiling-no-prefect"] > 0
+    assert report["ratios"]["stream-ceiling-s3-output/stream-ceiling"] > 0
+    assert ceiling["stream-ceiling-s3-output"]["details"]["output"].startswith("s3://")
     assert "stream-ceiling/io-floor =" in proc.stdout
 
 
 def test_backlog_pass_compares_a_full_backlog_with_the_in_flight_batches_alone(tmp_path: Path):
     out = tmp_path / "backlog.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "--clips", "4", "--max-sec", "4", "--json", str(out),
+        [sys.executable, "-m", "benchmark", "--clips", "4", "--max-sec", "4", "--json", str(out),
          "--skip", "seed,bare,model,pipeline,pipeline-no-prefect,latency," + ",".join(CEILING_MODES),
          "--backlog-events", "2000", "--backlog-seconds", "6"],
         cwd=ROOT, capture_output=True, text=True, timeout=580,

@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 from pydantic import ValidationError
 
-from pipeline.cli import CliError, entry_point, setting_problems, settings_from
+from pipeline.cli_support import CliError, entry_point, setting_problems, settings_from
 from pipeline.config import TOKENIZERS, Settings
 from pipeline.errors import BucketMissing, OutputConfigMismatch
 from pipeline.timeutil import parse_iso_time
@@ -116,13 +116,13 @@ def test_a_bad_flag_stops_the_consumer_in_one_line_naming_the_flag(env, flag, va
 
 
 @pytest.mark.parametrize("argv", [
-    ["-m", "pipeline", "consume"],
+    ["-m", "metavoice", "consume"],
     ["-m", "producer", "create-topic"],
-    ["-m", "pipeline", "produce", "backfill", "--bucket", "b"],
-    ["-m", "pipeline", "demo"],
-    ["-m", "pipeline", "bench", "--quick"],
-    ["-m", "pipeline.bench", "--quick"],
-    ["-m", "pipeline", "summary", "."],
+    ["-m", "metavoice", "produce", "backfill", "--bucket", "b"],
+    ["-m", "metavoice", "demo"],
+    ["-m", "metavoice", "bench", "--quick"],
+    ["-m", "benchmark", "--quick"],
+    ["-m", "metavoice", "summary", "."],
 ], ids=lambda argv: " ".join(argv[1:]))
 def test_every_command_refuses_a_bad_setting_the_same_way(argv, trap, tmp_path):
     done, took = run_cli(argv, trap, tmp_path, METAVOICE_DEVICE="gpu")
@@ -130,11 +130,11 @@ def test_every_command_refuses_a_bad_setting_the_same_way(argv, trap, tmp_path):
 
 
 def test_producer_and_metavoice_name_their_own_flags(trap, tmp_path):
-    done, took = run_cli(["-m", "pipeline", "produce", "--partitions", "0", "create-topic"], trap, tmp_path)
+    done, took = run_cli(["-m", "metavoice", "produce", "--partitions", "0", "create-topic"], trap, tmp_path)
     assert_refused_in_one_line(done, took, trap, "--partitions", "must be >= 1, got 0")
     done, took = run_cli(["-m", "producer", "webhook", "--max-body-bytes", "lots"], trap, tmp_path)
     assert_refused_in_one_line(done, took, trap, "--max-body-bytes", "input should be a valid integer, got 'lots'")
-    done, took = run_cli(["-m", "pipeline", "demo", "--tokenizer", "dacc"], trap, tmp_path)
+    done, took = run_cli(["-m", "metavoice", "demo", "--tokenizer", "dacc"], trap, tmp_path)
     assert_refused_in_one_line(done, took, trap, "--tokenizer", "unknown tokenizer", "got 'dacc'")
 
 
@@ -155,14 +155,14 @@ def test_an_unknown_flag_is_one_line_that_points_at_help(trap, tmp_path):
 
 
 def metavoice(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """What the `metavoice` console script runs: `sys.exit(pipeline.cli.main())` as `metavoice`."""
-    code = "import sys; sys.argv[0] = 'metavoice'; from pipeline.cli import main; sys.exit(main())"
+    """What the `metavoice` console script runs: `sys.exit(metavoice.cli.main())` as `metavoice`."""
+    code = "import sys; sys.argv[0] = 'metavoice'; from metavoice.cli import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_console_script_is_pipeline_cli_main():
+def test_the_console_script_is_metavoice_cli_main():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["metavoice"] == "pipeline.cli:main"
+    assert project["scripts"]["metavoice"] == "metavoice.cli:main"
 
 
 def test_metavoice_version_prints_the_installed_version():
@@ -179,13 +179,14 @@ def test_metavoice_help_lists_every_command():
 
 
 @pytest.mark.parametrize(("argv", "usage", "flag"), [
-    (["-m", "pipeline", "bench", "--help"], "usage: python -m pipeline bench", "--quick"),
-    (["-m", "pipeline.bench", "--help"], "usage: python -m pipeline.bench", "--quick"),
-    (["-m", "pipeline", "consume", "--help"], "usage: python -m pipeline consume", "--from-timestamp"),
+    (["-m", "metavoice", "bench", "--help"], "usage: python -m metavoice bench", "--quick"),
+    (["-m", "benchmark", "--help"], "usage: python -m benchmark", "--quick"),
+    (["-m", "metavoice", "consume", "--help"], "usage: python -m metavoice consume", "--from-timestamp"),
     (["-m", "consumer", "--help"], "usage: python -m consumer", "--from-timestamp"),
-    (["-m", "pipeline", "produce", "backfill", "--help"], "usage: python -m pipeline produce backfill", "--modified-since"),
+    (["-m", "metavoice", "produce", "backfill", "--help"], "usage: python -m metavoice produce backfill", "--modified-since"),
     (["-m", "producer", "--help"], "usage: python -m producer", "create-topic"),
-    (["-m", "pipeline", "tokens", "decode", "--help"], "usage: python -m pipeline tokens decode", "--parquet"),
+    (["-m", "metavoice", "tokens", "decode", "--help"], "usage: python -m metavoice tokens decode", "--parquet"),
+    (["-m", "metavoice", "demo", "--help"], "usage: python -m metavoice demo", "--clips"),
 ], ids=lambda v: " ".join(v[1:]) if isinstance(v, list) else None)
 def test_each_command_has_its_help(argv, usage, flag):
     done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -25,7 +25,7 @@ from pipeline.errors import ModelUnavailable, TokenizationFailed
 from pipeline.records import TranscribedAudio, to_table
 from pipeline.tokenizers import load_tokenizer
 from pipeline.tokenizers.codec import CodecTokenizer, TokenizerName
-from pipeline.tokens_cli import RowNotFound, add_tokens_parser, decode_row_to_wav, run_tokens_command
+from metavoice.tokens import RowNotFound, add_tokens_parser, decode_row_to_wav, run_tokens_command
 
 FAMILIES = ["encodec", "dac", "mimi"]
 RATE = 24_000

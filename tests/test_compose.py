@@ -387,9 +387,12 @@ def test_every_package_pyproject_installs_enters_the_build_context():
     patterns = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = [d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()
                 and any(re.fullmatch(p.replace("*", ".*"), d.name) for p in patterns)]
-    assert {"pipeline", "consumer", "producer"} <= set(packages)
+    assert {"pipeline", "broker", "consumer", "producer", "metavoice", "benchmark"} <= set(packages)
     for package in packages:
         assert in_build_context(f"{package}/__init__.py"), f"{package}/ is installed by pyproject.toml but dockerignored"
+    # ... and every top-level package of the repository is one pyproject.toml installs (tests/ aside).
+    top_level = {d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()} - {"tests"}
+    assert top_level == set(packages), f"top-level packages pyproject.toml does not install: {sorted(top_level - set(packages))}"
 
 
 def test_the_images_install_their_extras_with_the_pinned_constraints():

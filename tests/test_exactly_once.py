@@ -20,7 +20,7 @@ import boto3
 import pytest
 
 from pipeline.ledger import OutputLedger
-from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION
+from metavoice.local_services import MOTO_CREDENTIALS, MOTO_REGION
 from tests.output_files import finalized_files
 from tests.conftest import consume_until_idle, test_settings
 from tests.consumer_process import (

@@ -21,7 +21,7 @@ from consumer.cli import pipeline_errors
 from pipeline.errors import OutputWriteFailed, StorageOutage, StorageUnavailable
 from pipeline.events import ObjectEvent
 from pipeline.ledger import OutputLedger
-from pipeline.local_services import MOTO_CREDENTIALS
+from metavoice.local_services import MOTO_CREDENTIALS
 from pipeline.output.layout import INPROGRESS_SUFFIX
 from tests.output_files import finalized_files, inprogress_files, read_footer
 from pipeline.storage import classify_s3_error
@@ -225,7 +225,7 @@ def test_a_full_disk_mid_stream_commits_only_what_whole_files_hold_and_a_restart
     committed = committed_offsets(st)
     assert committed == {p: held.next_offset(st.topic, p) for p in committed}, "committed beyond the files"
 
-    subprocess.run(["mount", "-o", "remount,size=16m", str(st.output_dir / "data")], check=True)
+    subprocess.run(["mount", "-o", "remount,size=16m", str(st.output_dir)], check=True)
     consume_until_idle(st, models)
     assert_exactly_once(st.output_dir, versions(events))
     assert_summary_matches_files(st.output_dir)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
+import pytest
 from aiokafka.structs import ConsumerRecord
 
 from consumer.batcher import Batcher
-from pipeline.ledger import DedupeIndex, OutputLedger, object_version_hash
+from pipeline.errors import OutputConfigMismatch
+from pipeline.ledger import DedupeIndex, OutputLedger, object_version_hash, publish_summary, rebuild_aggregates, recover
+from pipeline.output import OffsetRange
+from pipeline.output.layout import MANIFEST_NAME, SUMMARY_NAME
+from pipeline.parquet import RollingParquetWriter
+from pipeline.records import to_table
 
+from .output_files import inprogress_files
+from .test_parquet_writer import agg, row
 from .test_summary_aggregates import write_file
 
 
@@ -34,6 +42,54 @@ def test_ledger_rebuilds_positions_and_object_versions_from_files(tmp_path):
     assert ledger.already_written("b", "k4.flac", "e4")
     assert not ledger.already_written("b", "k4.flac", "new-etag")
     assert ledger.refresh() == 0  # nothing new
+
+
+IDENTITY = {"topic": "t", "group": "g", "whisper_model": "tiny.en", "tokenizer": "synthetic"}
+
+
+def dead_writers_file(output_dir, first: int) -> None:
+    """An in-progress file whose writer died (SIGKILL: its liveness lock released, nothing finalized)."""
+    w = RollingParquetWriter(output_dir, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([row(first)]), [OffsetRange("t", 0, first, first)], agg([row(first)]))
+    w._liveness.close()  # noqa: SLF001  (what the kernel does to a dead process's flock)
+
+
+def test_start_up_recovery_drops_dead_writers_files_indexes_the_rest_and_repairs_a_summary_behind_them(tmp_path):
+    write_file(tmp_path, 0, 2)
+    publish_summary(tmp_path)
+    write_file(tmp_path, 2, 3)  # a crash between this file's publish and the summary write
+    dead_writers_file(tmp_path, 5)
+    assert orjson.loads((tmp_path / SUMMARY_NAME).read_bytes())["parquet_files"] == 1 and inprogress_files(tmp_path)
+
+    ledger = OutputLedger(tmp_path)
+    recover(ledger, IDENTITY)
+
+    assert not inprogress_files(tmp_path)
+    assert ledger.known_files == 2 and ledger.next_offset("t", 0) == 5 and ledger.already_written("b", "k4.flac", "e4")
+    summary = orjson.loads((tmp_path / SUMMARY_NAME).read_bytes())
+    assert summary["parquet_files"] == 2 and summary["total_files"] == rebuild_aggregates(tmp_path)[0].files == 5
+    assert orjson.loads((tmp_path / MANIFEST_NAME).read_bytes())["whisper_model"] == "tiny.en"
+
+
+def test_start_up_recovery_refuses_an_output_built_with_another_configuration_before_touching_it(tmp_path):
+    recover(OutputLedger(tmp_path), IDENTITY)
+    dead_writers_file(tmp_path, 0)
+    other = {**IDENTITY, "tokenizer": "encodec"}
+    with pytest.raises(OutputConfigMismatch, match="tokenizer"):
+        recover(OutputLedger(tmp_path), other)
+    assert inprogress_files(tmp_path)  # refused first: nothing else was done
+    recover(OutputLedger(tmp_path), other, force=True)
+    assert not inprogress_files(tmp_path)
+    assert not (tmp_path / SUMMARY_NAME).exists()  # no finalized file: nothing to summarize
+
+
+def test_an_assignment_catches_up_with_files_other_writers_finalized_or_left_behind(tmp_path):
+    ledger = OutputLedger(tmp_path)
+    assert ledger.catch_up() == 0
+    write_file(tmp_path, 0, 3)
+    dead_writers_file(tmp_path, 3)
+    assert ledger.catch_up() == 1 and ledger.next_offset("t", 0) == 3
+    assert not inprogress_files(tmp_path)
 
 
 def record(offset: int, value: bytes | None, partition: int = 0) -> ConsumerRecord:

@@ -7,8 +7,9 @@ publication of its object version, the group's committed offsets are at the end 
 summary.json equals the aggregates recomputed from the rows.
 
 Pure: no broker. The partitioned log, the group (generations, assignments, committed offsets) and
-the part of AIOKafkaConsumer the consumer uses live in memory. The real `StreamConsumer` positions
-the partitions - `on_assigned` and `on_revoked` (so `plan_starts` and `FetchGate.assign`/`revoke`),
+the part of AIOKafkaConsumer the consumer uses live in memory. Each process starts with the real
+start-up recovery (`pipeline.ledger.recover`); the real `StreamConsumer` positions the partitions -
+`on_assigned` and `on_revoked` (so `Rewind`, `plan_starts` and `FetchGate.assign`/`revoke`),
 `_admit` for every getmany result (`FetchGate.stale`/`resume_points`/`accept`) - and the real
 Batcher, OutputCommitter, RollingParquetWriter, OutputLedger and summary code write to a temporary
 directory. As aiokafka does, a getmany is fetched in one gate generation and may return after an
@@ -48,8 +49,7 @@ from pipeline.batch import BatchOutcome
 from pipeline.config import Settings
 from pipeline.errors import Fenced
 from pipeline.events import ObjectEvent
-from pipeline.ledger import OutputLedger, publish_summary
-from pipeline.output import LocalOutput
+from pipeline.ledger import OutputLedger, recover
 from pipeline.parquet import RollingParquetWriter
 from tests.output_files import finalized_files, inprogress_files, read_footer
 from pipeline.records import TranscribedAudio
@@ -59,6 +59,7 @@ TOPIC = "events"
 BASE_MS = 1_700_000_000_000  # offset k of every partition is published at BASE_MS + 1000 * k
 FETCH = 3  # records per partition of a getmany the steps do not size
 CRASH_POINTS = [None, "before_finalize", "after_rename", "mid_summary_write", "after_summary", "after_commit"]
+IDENTITY = {"topic": TOPIC, "group": "metavoice-consumer", "whisper_model": "fake", "tokenizer": "synthetic"}
 
 
 class Crash(Exception):
@@ -260,12 +261,9 @@ class Process:
         out = deployment.output_dir
         settings = Settings(output_dir=out, topic=TOPIC, from_beginning=deployment.from_beginning,
                             from_timestamp=deployment.from_timestamp, prefect_enabled=False)
-        LocalOutput(out).discard_orphans()
         self.app = StreamConsumer(settings, models=object())  # type: ignore[arg-type]
+        recover(self.app.ledger, IDENTITY)  # what run() does first: manifest, dead writers' files, ledger, summary
         self.app.guard = CrashGuard(out / "_attempts", fsync=False)  # inert here: no batch is ever begun, every verdict is "ok"
-        self.app.ledger.refresh()
-        if finalized_files(out):
-            publish_summary(out)
         self.group = group
         self.consumer = Consumer(group)
         self.writer = RollingParquetWriter(out, roll_max_rows, roll_max_seconds=3600)

@@ -201,7 +201,7 @@ def test_compare_and_swap_updates_from_two_machines_lose_none(store, monkeypatch
 
 
 def _client_kwargs(out: S3Output) -> dict:
-    from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION
+    from metavoice.local_services import MOTO_CREDENTIALS, MOTO_REGION
 
     return {"endpoint_url": out.client.meta.endpoint_url, "region_name": MOTO_REGION,
             "aws_access_key_id": MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -292,3 +292,15 @@ def test_a_local_output_reads_like_a_dataset_while_a_file_is_open(tmp_path):
     assert loaded.num_rows == 3 and sorted(loaded["id"]) == ["k0.flac", "k1.flac", "k2.flac"]
     w.abort()
     w.close()
+
+
+def test_the_output_store_takes_the_audio_stores_endpoint_and_keys_unless_given_its_own():
+    from pipeline.config import Settings
+
+    audio = Settings(s3_endpoint_url="http://audio", s3_region="auto", s3_access_key_id="ak", s3_secret_access_key="as")
+    assert audio.output_s3_client_kwargs() == audio.s3_client_kwargs()
+    other = audio.with_overrides(output_s3_endpoint_url="http://data", output_s3_region="eu-west-1",
+                                 output_s3_access_key_id="dk", output_s3_secret_access_key="ds")
+    assert other.output_s3_client_kwargs() == {"endpoint_url": "http://data", "region_name": "eu-west-1",
+                                               "aws_access_key_id": "dk", "aws_secret_access_key": "ds"}
+    assert other.s3_client_kwargs()["aws_access_key_id"] == "ak"  # downloads keep the audio's keys

@@ -129,7 +129,7 @@ def test_the_installed_distribution_carries_its_name_version_license_and_command
     meta = json.loads(out.stdout)
     assert meta["version"] == PYPROJECT["project"]["version"]
     assert meta["license"] == "Apache-2.0" and any(f.endswith("LICENSE") for f in meta["license_files"])
-    assert meta["scripts"] == {"metavoice": "pipeline.cli:main"}
+    assert meta["scripts"] == {"metavoice": "metavoice.cli:main"}
     assert (producers_venv.parent / "metavoice").is_file()
 
 

@@ -35,7 +35,7 @@ from pipeline.config import Settings
 from pipeline.errors import FatalError
 from pipeline.events import ObjectEvent
 from pipeline.ledger import OutputLedger
-from pipeline.local_services import MOTO_CREDENTIALS, free_port
+from metavoice.local_services import MOTO_CREDENTIALS, free_port
 from tests.conftest import consume_until_idle, read_topic
 from tests.consumer_process import (
     ConsumerProcess,

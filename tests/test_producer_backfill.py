@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from botocore.exceptions import EndpointConnectionError
 
 from pipeline.errors import BucketMissing, StorageOutage
-from pipeline.local_services import MOTO_CREDENTIALS, MOTO_REGION
+from metavoice.local_services import MOTO_CREDENTIALS, MOTO_REGION
 from pipeline.storage import list_objects
 from producer.backfill import run_backfill
 from producer.cli import main

@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 import producer.r2_queue as r2_queue
-from pipeline.local_services import free_port, start_broker
+from metavoice.local_services import free_port, start_broker
 from producer.cli import main
 from broker.topics import ensure_topics
 from producer.r2_queue import QueueConfig, run_r2_queue

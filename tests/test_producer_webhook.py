@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from pipeline.local_services import free_port
+from metavoice.local_services import free_port
 from producer.errors import WebhookMisconfigured
 from producer.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, build_app, signature_headers
 from tests.test_producer_support import read_topic

@@ -27,3 +27,56 @@ def test_the_two_commands_exist():
     for script in ("scripts/demo.sh", "scripts/test.sh"):
         assert script in README and (root / script).exists()
     assert "scripts/test.sh" in (root / ".ci" / "run").read_text()
+
+
+# --- the layout table matches the tree ------------------------------------------------------------
+
+ROOT = Path(__file__).parent.parent
+PACKAGES = ("pipeline", "consumer", "producer", "broker", "metavoice", "benchmark")
+
+
+def layout_entries() -> list[tuple[str, str]]:
+    """(path, description) for each line of the "Layout" section's block; nesting by two spaces."""
+    section = README.split("## Layout: where things happen", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```\n", 1)[1].split("```", 1)[0]
+    entries, parents = [], []
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        assert indent % 2 == 0, f"layout line not indented by twos: {line!r}"
+        name, _, description = line.strip().partition(" ")
+        assert name.endswith(("/", ".py")), f"a layout line names one package or one module first: {line!r}"
+        assert description.strip() and not description.strip().split()[0].endswith(".py"), \
+            f"one module per line, with what it does: {line!r}"
+        depth = indent // 2
+        assert depth <= len(parents), f"layout line nested under nothing: {line!r}"
+        parents = parents[:depth]
+        path = "".join(parents) + name
+        entries.append((path, description.strip()))
+        if name.endswith("/"):
+            parents.append(name)
+    return entries
+
+
+def test_every_module_is_in_the_layout_table():
+    listed = {path for path, _ in layout_entries()}
+    modules = sorted(
+        p.relative_to(ROOT).as_posix()
+        for package in PACKAGES for p in (ROOT / package).rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    )
+    packages = sorted(
+        p.parent.relative_to(ROOT).as_posix() + "/"
+        for package in PACKAGES for p in (ROOT / package).rglob("__init__.py")
+    )
+    missing = [m for m in packages + modules if m not in listed]
+    assert not missing, f"not in README.md's layout table: {missing}"
+
+
+def test_everything_the_layout_table_names_exists():
+    entries = layout_entries()
+    gone = [path for path, _ in entries if not (ROOT / path.rstrip("/")).exists()]
+    assert not gone, f"README.md's layout table names what is not there: {gone}"
+    paths = [path for path, _ in entries]
+    assert len(paths) == len(set(paths)), f"listed twice: {sorted({p for p in paths if paths.count(p) > 1})}"

@@ -1,4 +1,4 @@
-"""`python -m pipeline report`: an HTML page with six real figures about an output directory."""
+"""`metavoice report` (metavoice/report.py): an HTML page with six real figures about an output directory."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.report import FIGURES, _codes_per_row, collect
+from metavoice.cli import main
+from metavoice.report import FIGURES, _codes_per_row, collect
 
 from .datasets import CODEBOOKS, FRAME_RATE, write_dataset
 

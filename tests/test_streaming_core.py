@@ -15,7 +15,7 @@ import soundfile as sf
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.ledger import rebuild_aggregates
-from pipeline.samples import word_overlap
+from metavoice.samples import word_overlap
 from pipeline.ledger import load_summary
 
 from .conftest import backfill, consume_until_idle, read_topic, upload
@@ -30,7 +30,7 @@ def streamed(services, speech_corpus, models, tmp_path_factory):
 
     import boto3
 
-    from pipeline.local_services import MOTO_REGION
+    from metavoice.local_services import MOTO_REGION
 
     from .conftest import test_settings
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline summary DIR [--rebuild]`: the dataset at a glance, and a check of it."""
+"""`metavoice summary DIR [--rebuild]` (metavoice/summary.py): the dataset at a glance, and a check of it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.cli import main
+from metavoice.cli import main
 from pipeline.output.layout import SUMMARY_NAME
 
 from .datasets import write_dataset
@@ -85,7 +85,7 @@ def test_a_missing_directory_is_exit_code_2_with_one_line_on_stderr(tmp_path, ca
 
 def test_summary_runs_as_a_module(dataset):
     env = {**os.environ, "COLUMNS": "200"}
-    done = subprocess.run([sys.executable, "-m", "pipeline", "summary", str(dataset), "--rebuild"],
+    done = subprocess.run([sys.executable, "-m", "metavoice", "summary", str(dataset), "--rebuild"],
                           capture_output=True, text=True, timeout=60, env=env, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert "total_files" in done.stdout and "matches the 2 Parquet files" in done.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.audio import WHISPER_SAMPLE_RATE, decode_audio
-from pipeline.samples import word_overlap
+from metavoice.samples import word_overlap
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def score(corpus, transcripts):
 @pytest.fixture(scope="module")
 def quality_corpus(tmp_path_factory):
     """48 clips of 1-12 s (the benchmark's generator): enough words that one clip's luck does not decide."""
-    from pipeline.bench.corpus import make_bench_corpus
+    from benchmark.corpus import make_bench_corpus
 
     clips = make_bench_corpus(tmp_path_factory.mktemp("quality"), 48, 1.0, 12.0)
     return clips, [decode_audio(c.path.read_bytes()).at_rate(WHISPER_SAMPLE_RATE) for c in clips]

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..audio import BUILTIN_TOKENIZER_LAYOUT, AudioLayout
 from ..config import Settings
 from .base import AudioTokenizer
 
 _FACTORIES: dict[str, Callable[[Settings], AudioTokenizer]] = {}
-# The layout each tokenizer built here reads, by (tokenizer, weights): a checkpoint's rate is only
-# known once its config is loaded, and decode must make that view without holding native samples.
-_LOADED_LAYOUTS: dict[tuple[str, str | None], AudioLayout] = {}
 
 
 def register(name: str) -> Callable[[Callable[[Settings], AudioTokenizer]], Callable[[Settings], AudioTokenizer]]:
@@ -32,7 +28,9 @@ def available() -> list[str]:
 
 
 def load_tokenizer(settings: Settings) -> AudioTokenizer:
-    """Build the configured tokenizer; fails at start-up, never mid-stream."""
+    """Build the configured tokenizer; fails at start-up, never mid-stream. What it reads (a
+    checkpoint's rate is only known once its config is loaded) is its `layout`: decode makes that
+    view (`Models.layouts`)."""
     _load_builtin()
     family = settings.tokenizer.split(":", 1)[0]
     try:
@@ -41,18 +39,7 @@ def load_tokenizer(settings: Settings) -> AudioTokenizer:
         raise ValueError(
             f"unknown tokenizer {settings.tokenizer!r}; choose one of {', '.join(sorted(_FACTORIES))}"
         ) from None
-    tokenizer = factory(settings)
-    _LOADED_LAYOUTS[(settings.tokenizer, settings.tokenizer_weights)] = tokenizer.layout
-    return tokenizer
-
-
-def audio_layout(settings: Settings) -> AudioLayout:
-    """The view of each clip the configured tokenizer reads, for decode to make in its one pass.
-
-    What the tokenizer said when `load_tokenizer` built it in this process (a checkpoint of any rate
-    or channel count); before that, what every built-in tokenizer's default checkpoint reads.
-    """
-    return _LOADED_LAYOUTS.get((settings.tokenizer, settings.tokenizer_weights), BUILTIN_TOKENIZER_LAYOUT)
+    return factory(settings)
 
 
 def _load_builtin() -> None:
@@ -64,4 +51,4 @@ def _load_builtin() -> None:
         pass
 
 
-__all__ = ["AudioTokenizer", "audio_layout", "available", "load_tokenizer", "register"]
+__all__ = ["AudioTokenizer", "available", "load_tokenizer", "register"]

@@ -133,7 +133,7 @@ def _load_model(
         import transformers
     except ImportError as exc:
         raise ModelUnavailable(
-            f"the {family} codec needs transformers: pip install 'metavoice-stream[codec]' ({exc})"
+            f"the {family} codec needs transformers: pip install 'metavoice-stream[consumer,codec]' ({exc})"
         ) from exc
     if _is_local(source) and not Path(source).expanduser().is_dir():
         raise _unavailable(family, source, download_id, "no such directory")

@@ -1,4 +1,4 @@
-"""`python -m pipeline summary DIR [--rebuild]`: the dataset at a glance, and a check of it."""
+"""`python -m metavoice summary DIR [--rebuild]`: the dataset at a glance, and a check of it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from .cli import print_error
-from .ledger import load_summary, rebuild_aggregates
-from .output import as_output, is_object_store
-from .output.layout import SUMMARY_NAME
+from pipeline.cli_support import print_error
+from pipeline.ledger import load_summary, rebuild_aggregates
+from pipeline.output import as_output, is_object_store
+from pipeline.output.layout import SUMMARY_NAME
 
 CHECKED = ("files", "total_duration_sec", "sampling_rates", "languages", "transcription_lengths", "token_frames",
            "errors", "skipped", "duplicates", "superseded", "untranscribed")

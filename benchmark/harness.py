@@ -1,16 +1,15 @@
-"""The stream modes: the production consumer (`consumer.app.StreamConsumer`) on the embedded broker and S3.
-
-    pipeline             backfill -> Kafka -> consumer (Prefect on) -> Parquet + summary.json
-    pipeline-no-prefect  the same with prefect_enabled=False
-    latency              events published at a steady rate, files rolled every second:
-                         publish -> row in a finalized file, per event
+"""What every stream mode shares: the production consumer (`consumer.app.StreamConsumer`) on the
+embedded broker and S3, started, probed, and stopped once every event is accounted for.
 
 The consumer is started first, with the model loaded, and has joined its group when the clock
 starts, as a long-running consumer has (its start-up is reported, not timed: the embedded Tansu
 broker holds a first JoinGroup for about half the session timeout). A run ends when the consumer
 has accounted for every event published - as a row, a dead letter, a skip, a duplicate or a
 superseded version - and is then stopped (drain, finalize, commit); it never ends on an idle
-timeout, which raced a slow start. Every wait is bounded and names what it waited for.
+timeout, which raced a slow start. Every wait is bounded and names what it waited for. Prefect's
+ephemeral API is started and warmed up here before anything is timed.
+
+Used by stream.py (pipeline, pipeline-no-prefect), latency.py, ceiling.py and backlog.py.
 """
 
 from __future__ import annotations
@@ -20,15 +19,12 @@ import contextlib
 import os
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import Settings
-from ..samples import SampleClip
-from .corpus import BUCKET, CORPUS_PREFIX, copy_clips
-from .measure import BenchWaitTimeout, ModeResult, bounded, log, measured, percentile, rounded, wait_for
-from .model_modes import mean_overlap
+from pipeline.config import Settings
+
+from .measure import BenchWaitTimeout, bounded, wait_for
 
 # Bounds of the waits (generous: they are there to fail with a message, never to pace a run).
 ASSIGN_TIMEOUT_S = 180.0  # a consumer's group join (Tansu: ~half the session timeout)
@@ -38,10 +34,6 @@ HANDLED_TIMEOUT_S = 1800.0  # every published event handled by the consumer
 # The benchmark's consumers use a short session: the broker then holds a first JoinGroup ~3 s
 # instead of ~15 s. Only the (untimed) join changes; heartbeats go every 2 s instead of 10 s.
 BENCH_SESSION_TIMEOUT_MS = 6000
-# Latency pass: a short linger and 1 s rolls, so latency is the stream's, not the file's.
-LATENCY_LINGER_MS = 100
-LATENCY_ROLL_SECONDS = 1.0
-LATENCY_LOAD = 0.5  # publish at this share of the measured pipeline capacity
 
 
 def unique(tag: str) -> str:
@@ -65,7 +57,7 @@ def prefect_env(work: Path) -> dict[str, Any]:
 
 def start_prefect_api() -> None:
     """Start the ephemeral API in the background now (while the corpus is made and models load)."""
-    from ..flows import ORCHESTRATION
+    from pipeline.flows import ORCHESTRATION
 
     ORCHESTRATION.start_api_soon()
 
@@ -75,7 +67,7 @@ async def warm_up_prefect() -> float:
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
 
-    from ..flows import ORCHESTRATION
+    from pipeline.flows import ORCHESTRATION
 
     @task(cache_policy=NO_CACHE, persist_result=False)
     async def noop(x: int) -> int:
@@ -103,7 +95,7 @@ async def warm_up_prefect() -> float:
 
 def prefect_counts() -> dict[str, float]:
     """The process's Prefect counters (pipeline/flows.py), to take differences around a run."""
-    from ..flows import ORCHESTRATION as o
+    from pipeline.flows import ORCHESTRATION as o
 
     return {"flow_runs": o.flow_runs, "task_runs": o.task_runs, "bare_batches": o.bare_batches,
             "failures": o.failures, "bookkeeping_seconds": o.bookkeeping_seconds}
@@ -213,116 +205,3 @@ def summarize_batches(records: list[dict[str, float]], prefect: dict[str, float]
         "prefect_bookkeeping_per_flow_run_s": prefect["bookkeeping_seconds"] / recorded if recorded > 0 else None,
     })
     return out
-
-
-# --- pipeline, pipeline-no-prefect ----------------------------------------------------------------
-async def run_pipeline(base: Settings, models: Any, name: str, prefect: bool, work: Path,
-                       texts: dict[str, str]) -> ModeResult:
-    """A consumer already in its group; wall = backfill start -> every event handled, finalized, committed."""
-    from producer.backfill import run_backfill
-    from broker.topics import ensure_topics
-
-    topic = unique(name)
-    out_dir = work / topic  # one per round
-    st = base.with_overrides(topic=topic, group=topic, output_dir=out_dir, prefect_enabled=prefect)
-    await bounded(f"topic {topic} to be created", ensure_topics(st), PUBLISH_TIMEOUT_S)  # set-up: not timed
-    app = bench_consumer(st, models, expected=len(texts))
-    t_start = time.perf_counter()
-    async with running(app, name) as consumer:
-        busy0, prefect0 = models.busy_seconds, prefect_counts()
-        with measured(name) as info, batch_probe() as batches:
-            t0 = time.perf_counter()
-            backfill = await bounded(f"the backfill of s3://{BUCKET}/{CORPUS_PREFIX} into {topic}",
-                                     run_backfill(st, BUCKET, [CORPUS_PREFIX], ".flac"), PUBLISH_TIMEOUT_S)
-            if backfill.published != len(texts):
-                raise RuntimeError(f"the backfill published {backfill.published} events for {len(texts)} clips")
-            t_published = time.perf_counter()
-            stats = await until_handled(app, consumer)
-            wall = time.perf_counter() - t0
-        prefect_used = prefect_delta(prefect0)
-    busy = models.busy_seconds - busy0
-    if stats.rows != len(texts):
-        log.warning("%s wrote %d rows for %d clips (dead letters %d): throughput covers those rows only",
-                    name, stats.rows, len(texts), stats.dead_letters)
-    return ModeResult(
-        name, stats.rows, stats.audio_seconds, wall, **info, word_overlap=mean_overlap(read_transcripts(out_dir), texts),
-        details={
-            "published": backfill.published,
-            "dead_letters": stats.dead_letters,
-            "batches": stats.batches,
-            "files_written": stats.files,
-            # not in the wall time: a long-running consumer joined its group long ago
-            "start_to_assignment_s": (app.assigned_at or t0) - t_start,
-            "backfill_seconds": t_published - t0,
-            "stage_seconds": dict(stats.stage_seconds),
-            "model_busy_seconds": busy,
-            "device_utilisation": busy / wall if wall > 0 else None,
-            "per_batch": summarize_batches(batches, prefect_used),
-        },
-    )
-
-
-def read_transcripts(output_dir: Path) -> dict[str, str]:
-    import pyarrow.parquet as pq
-
-    out: dict[str, str] = {}
-    for path in sorted((output_dir / "data").glob("*.parquet")):
-        t = pq.read_table(path, columns=["id", "transcription"]).to_pydict()
-        out.update(zip(t["id"], t["transcription"]))
-    return out
-
-
-# --- latency --------------------------------------------------------------------------------------
-async def run_latency(base: Settings, models: Any, clips: list[SampleClip], rate: float, events: int,
-                      work: Path) -> dict[str, Any]:
-    """A steady trickle of events (Prefect on, 1 s rolls); latency = finalized file's mtime - publish.
-
-    Each event names a copy of a corpus clip of its own (a distinct object version, with its real
-    etag): an event for an object version already written would be a duplicate, not a row.
-    """
-    import pyarrow.parquet as pq
-
-    from broker.topics import ensure_topics
-    from producer.kafka import event_publisher
-
-    from ..events import ObjectEvent
-
-    topic = unique("latency")
-    copies = await asyncio.to_thread(copy_clips, base, clips, events, topic)  # set-up: not timed
-    st = base.with_overrides(topic=topic, group=topic, output_dir=work / "latency", prefect_enabled=True,
-                             batch_linger_ms=LATENCY_LINGER_MS, roll_max_seconds=LATENCY_ROLL_SECONDS)
-    await bounded(f"topic {topic} to be created", ensure_topics(st), PUBLISH_TIMEOUT_S)
-    app = bench_consumer(st, models, expected=events)
-    published: dict[tuple[str, str], float] = {}
-    async with running(app, "latency") as consumer:
-        async with event_publisher(st) as pub:
-            futures = []
-            start = time.perf_counter()
-            for i, obj in enumerate(copies):
-                delay = start + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                ev = ObjectEvent(bucket=BUCKET, key=obj.key, etag=obj.etag, size=obj.size,
-                                 event_time=datetime.now(timezone.utc))
-                published[(obj.key, obj.etag)] = time.time()
-                futures.append(await pub.send(ev))
-            await bounded(f"the broker to acknowledge {events} latency events", asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
-        stats = await until_handled(app, consumer)
-    latencies = []
-    for path in sorted((work / "latency" / "data").glob("*.parquet")):
-        finalized = path.stat().st_mtime
-        t = pq.read_table(path, columns=["id", "etag"]).to_pydict()
-        latencies += [finalized - published[k] for k in zip(t["id"], t["etag"]) if k in published]
-    return rounded({
-        "events": events,
-        "rate_per_s": rate,
-        "rows": len(latencies),
-        "p50_s": percentile(latencies, 50),
-        "p95_s": percentile(latencies, 95),
-        "max_s": max(latencies) if latencies else None,
-        "files": stats.files,
-        "batch_linger_ms": LATENCY_LINGER_MS,
-        "roll_max_seconds": LATENCY_ROLL_SECONDS,
-        # the consumer's own figure: per finalized file, newest record's broker timestamp -> finalize
-        "consumer_reported_p50_s": percentile(stats.latencies, 50),
-    })

@@ -1,6 +1,6 @@
-"""`python -m pipeline tokens decode`: listen to a row's audio tokens.
+"""`python -m metavoice tokens decode`: listen to a row's audio tokens.
 
-    python -m pipeline tokens decode --parquet output/part-0001.parquet --id speech/clip-01.flac --out clip.wav
+    python -m metavoice tokens decode --parquet output/part-0001.parquet --id speech/clip-01.flac --out clip.wav
 
 The row's `tokenizer` column names the codec, its checkpoint and its bandwidth or codebooks
 (`encodec:facebook/encodec_24khz@6kbps`); the same codec is rebuilt from it and decodes the row's
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import TOKENIZERS, Settings
-from .errors import ModelUnavailable
+from pipeline.config import TOKENIZERS, Settings
+from pipeline.errors import ModelUnavailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,7 +52,7 @@ def read_row_tokens(parquet_path: str | Path, row_id: str) -> tuple[np.ndarray, 
     """
     import pyarrow.dataset as ds
 
-    from .records import tokens_from_column
+    from pipeline.records import tokens_from_column
 
     dataset = ds.dataset([str(f) for f in parquet_files(parquet_path)], format="parquet")
     rows = dataset.to_table(columns=["id", "tokenizer", "tokens"], filter=ds.field("id") == row_id)
@@ -67,7 +67,7 @@ def decode_row_to_wav(parquet_path: str | Path, row_id: str, out_path: str | Pat
     import numpy as np
     import soundfile as sf
 
-    from .tokenizers import load_tokenizer
+    from pipeline.tokenizers import load_tokenizer
 
     tokens, tokenizer = read_row_tokens(parquet_path, row_id)
     family = tokenizer.split(":", 1)[0]

@@ -1,4 +1,4 @@
-"""`python -m pipeline demo`: the whole system on embedded defaults, on this machine.
+"""`metavoice demo` (`python -m metavoice demo`): the whole system on embedded defaults, on this machine.
 
 Starts a Kafka-protocol broker (Tansu) and an S3 server (moto) on free loopback ports, fills a
 bucket with spoken sample clips (several sampling rates, one stereo, one broken file to show the
@@ -24,12 +24,12 @@ from typing import Any
 import orjson
 from rich.console import Console
 
+from pipeline.config import Settings
+from pipeline.output.layout import SUMMARY_NAME
 from producer.backfill import progress_wanted, run_backfill
 
-from .config import Settings
 from .local_services import MOTO_CREDENTIALS, MOTO_REGION, local_services
 from .samples import make_corpus
-from .output.layout import SUMMARY_NAME
 
 log = logging.getLogger(__name__)
 DEMO_BUCKET = "metavoice-demo"
@@ -91,12 +91,12 @@ def _start_prefect_then_load_models(settings: Settings):
     if settings.prefect_enabled:
         from prefect.settings import PREFECT_API_URL
 
-        from .flows import ORCHESTRATION
+        from pipeline.flows import ORCHESTRATION
 
         if not PREFECT_API_URL.value():
             import prefect.server.api.server  # noqa: F401  (heavy: imported here, so the API is spawned at once)
         ORCHESTRATION.start_api_soon()
-    from .models import Models
+    from pipeline.models import Models
 
     return Models.load(settings)
 
@@ -156,7 +156,7 @@ def _demo_consumer(settings: Settings):
 
 
 async def _fill_bucket(settings: Settings, corpus) -> None:
-    from .storage import s3_client
+    from pipeline.storage import s3_client
 
     async with s3_client(settings) as s3:
         await s3.create_bucket(Bucket=DEMO_BUCKET)

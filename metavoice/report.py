@@ -1,4 +1,4 @@
-"""`python -m pipeline report DIR [--out report.html] [--embed]`: one HTML page about a dataset.
+"""`python -m metavoice report DIR [--out report.html] [--embed]`: one HTML page about a dataset.
 
 Reads the finalized Parquet files of an output directory (only the columns it plots, one record
 batch at a time, so memory stays flat on large datasets) and their footers (errors, skips and
@@ -27,8 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from matplotlib.ticker import MaxNLocator
 
-from .output import open_output
-from .summary import Aggregates
+from pipeline.output import open_output
+from pipeline.summary import Aggregates
 
 COLUMNS = ["duration_sec", "sampling_rate", "language", "transcription", "tokens", "token_codebooks",
            "tokenizer", "whisper_model", "processed_at"]

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Settings
-from ..samples import SampleClip
+from metavoice.samples import SampleClip
+from pipeline.config import Settings
+
 from .corpus import BUCKET
+from .harness import ASSIGN_TIMEOUT_S, PUBLISH_TIMEOUT_S, bench_consumer, unique, warm_up_prefect
 from .measure import MB, BenchWaitTimeout, RssSampler, bounded, log, psutil_module, rounded, wait_for
-from .stream import ASSIGN_TIMEOUT_S, PUBLISH_TIMEOUT_S, bench_consumer, unique, warm_up_prefect
 
 RSS_TARGET_MB = 200
 CHILD_START_S = 300  # a child loads the model and starts Prefect before its window begins
@@ -37,9 +38,8 @@ async def publish_backlog(settings: Settings, clips: list[SampleClip], events: i
     before any work), and all but the first row per object is dropped as a duplicate when applied.
     The consumer does the in-flight work of `events` objects while storing only the corpus."""
     from broker.topics import ensure_topics
+    from pipeline.events import ObjectEvent
     from producer.kafka import event_publisher
-
-    from ..events import ObjectEvent
 
     await bounded(f"topic {settings.topic} to be created", ensure_topics(settings), PUBLISH_TIMEOUT_S)
     t0 = time.perf_counter()
@@ -83,10 +83,11 @@ def run_backlog(base: Settings, clips: list[SampleClip], events: int, seconds: f
     publish_s = asyncio.run(publish_backlog(st, clips, events))
     result_path = work / f"{name}-result.json"
     env = {**os.environ, **_settings_env(st)}
-    argv = [sys.executable, "-m", "pipeline.bench", "--backlog-worker", "--backlog-seconds", str(seconds),
+    argv = [sys.executable, "-m", "benchmark", "--backlog-worker", "--backlog-seconds", str(seconds),
             "--json", str(result_path)]
     log.info("backlog: %d events published in %.1fs; consumer child runs for %gs", events, publish_s, seconds)
-    child = subprocess.Popen(argv, env=env, start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+    root = Path(__file__).resolve().parents[1]  # the repository root, where `-m benchmark` finds its packages
+    child = subprocess.Popen(argv, env=env, start_new_session=True, cwd=root)
     limit = seconds + CHILD_START_S
     deadline = time.monotonic() + limit
     try:
@@ -129,7 +130,7 @@ def backlog_worker(seconds: float, result_path: Path) -> int:
     rss_start = rss()
     from consumer.app import StreamConsumer  # noqa: F401  (imports Prefect, aiokafka, ...)
 
-    from ..models import Models
+    from pipeline.models import Models
 
     asyncio.run(warm_up_prefect())  # the Prefect client and API are part of the baseline
     models = Models.load(st)

@@ -1,35 +1,30 @@
-"""`metavoice` (also `python -m pipeline`): every command of the system behind one name.
+"""What every command line shares: one-line settings errors, the boundary of a command.
 
-    consume   run the streaming consumer: Kafka -> micro-batches -> Parquet    (python -m consumer)
-    produce   event sources -> Kafka: backfill, webhook, r2-queue, create-topic (python -m producer)
-    demo      the whole system on embedded defaults (broker, S3, sample speech)
-    bench     throughput, ceiling, latency and memory                         (python -m pipeline.bench)
-    report    an HTML report with figures about an output directory
-    summary   an output directory's summary.json; --rebuild checks it against the data
-    tokens    listen to a row's audio tokens (tokens decode)
+    Parser             argparse that reports a bad flag in one line, exit status 2
+    settings_from      the METAVOICE_* settings with a command's flags over them, every value
+                       checked; a refused value is a CliError naming the flag or the variable
+    entry_point        a command's boundary: a bad setting, a typed pipeline error or a missing
+                       optional dependency ends it with one line on stderr, never a traceback
+    document_settings  `(METAVOICE_X)` and the allowed values in each flag's help
 
-Every command reads the METAVOICE_* settings (pipeline/config.py) and its flags before it
-connects to anything or loads any model; a value that is not allowed stops it with one line
-naming the variable or flag and what is allowed (exit status 2). Typed pipeline errors end a
-command with one line too (exit status 1), never a traceback.
-
-This module also holds what every command line shares: `Parser`, `settings_from`, `entry_point`.
-It imports nothing heavy: the producers' base install (no torch, no NumPy) runs it.
+`python -m consumer`, `python -m producer`, `metavoice` (metavoice/cli.py) and `python -m
+benchmark` all build on these. This module is part of the core and sits below all of them: it
+imports only pipeline.config, pipeline.errors, pydantic (what the settings are made of) and the
+standard library (tests/test_layout.py checks), so the producers' base install (no torch, no
+NumPy) runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import SecretStr, ValidationError
 
-from .config import TOKENIZERS, Settings
+from .config import Settings
 from .errors import PipelineError
 
 DISTRIBUTION = "metavoice-stream"  # pyproject.toml [project] name
@@ -42,9 +37,6 @@ EXTRAS = {
     "transformers": "codec",
     "matplotlib": "report",
 }
-
-
-# --- what every command line shares -------------------------------------------------------------
 
 
 class CliError(Exception):
@@ -188,114 +180,3 @@ def document_settings(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         if action.nargs != 0 and choices and action.metavar is None:
             action.metavar = "{" + ",".join(choices) + "}"
     return parser
-
-
-def version() -> str:
-    """The installed distribution's version; from a source tree that is not installed, pyproject.toml's."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed_version
-
-    try:
-        return installed_version(DISTRIBUTION)
-    except PackageNotFoundError:
-        pass
-    try:
-        import tomllib
-
-        project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-        return f"{project['version']} (source tree, not installed)"
-    except (OSError, KeyError, ValueError):
-        return "unknown (not installed)"
-
-
-# --- the `metavoice` command ---------------------------------------------------------------------
-
-# Commands with a command line of their own: everything after the name is theirs (--help too).
-DELEGATED = {
-    "consume": ("consumer.cli", "run the streaming consumer: Kafka -> micro-batches -> Parquet (python -m consumer)"),
-    "produce": ("producer.cli", "event sources -> Kafka: backfill, webhook, r2-queue, create-topic (python -m producer)"),
-    "bench": ("pipeline.bench.cli", "measure throughput, ceiling, latency and memory (python -m pipeline.bench)"),
-}
-
-
-def build_parser(prog: str = "metavoice") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=f"`{prog} COMMAND --help` for each command's flags.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    delegated = {name: help_ for name, (_, help_) in DELEGATED.items()}
-
-    sub.add_parser("consume", help=delegated["consume"], add_help=False)
-    sub.add_parser("produce", help=delegated["produce"], add_help=False)
-
-    d = sub.add_parser("demo", help="run the whole system on embedded defaults (broker, S3, sample speech)")
-    d.add_argument("--output", type=Path, default=Path("demo-output"), help="output directory (default ./demo-output)")
-    d.add_argument("--clips", type=int, default=12, help="how many sample clips to speak")
-    d.add_argument("--no-prefect", dest="prefect_enabled", action="store_false", default=None,
-                   help="run the stages without Prefect")
-    d.add_argument("--tokenizer", help=f"{', '.join(TOKENIZERS)} (default synthetic)")
-    document_settings(d)
-
-    sub.add_parser("bench", help=delegated["bench"], add_help=False)
-
-    r = sub.add_parser("report", help="write an HTML report with figures about an output directory")
-    r.add_argument("output", help="output directory (or s3://bucket/prefix)")
-    r.add_argument("--out", type=Path, help="HTML file to write (default DIR/report.html; figures beside it in *_files/)")
-    r.add_argument("--embed", action="store_true", help="inline the figures into the HTML (one self-contained file)")
-
-    s = sub.add_parser("summary", help="print an output directory's summary; --rebuild checks it against the data")
-    s.add_argument("output", help="output directory (or s3://bucket/prefix)")
-    s.add_argument("--rebuild", action="store_true", help="recompute from the Parquet files and report mismatches")
-
-    from .tokens_cli import add_tokens_parser
-
-    add_tokens_parser(sub)
-    return p
-
-
-@entry_point
-def main(argv: list[str] | None = None, prog: str = "metavoice") -> int:
-    """The `metavoice` console script (pyproject.toml [project.scripts]); `python -m pipeline`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog)
-    if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return module.main(argv[1:], prog=f"{prog} {argv[0]}")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        settings = settings_from({"prefect_enabled": args.prefect_enabled, "tokenizer": args.tokenizer}, parser)
-        if args.clips < 1:
-            raise CliError(f"--clips: must be >= 1, got {args.clips}")
-        _setup_logging(settings)
-        from .demo import run_demo
-
-        return run_demo(args.output, args.clips, settings)
-    tokens_flags = {"device": getattr(args, "device", None), "tokenizer_weights": getattr(args, "weights", None)}
-    settings = settings_from(tokens_flags if args.command == "tokens" else {}, parser)
-    _setup_logging(settings)
-    if args.command == "summary":
-        from .summary_cli import run_summary
-
-        return run_summary(_output_location(args.output), rebuild=args.rebuild)
-    if args.command == "report":
-        location = _output_location(args.output)
-        if isinstance(location, Path) and not location.is_dir():
-            raise CliError(f"{location} is not a directory (an output directory holds data/ and summary.json)")
-        from .report import run_report
-
-        return run_report(location, args.out, embed=args.embed)  # type: ignore[arg-type]
-    if args.command == "tokens":
-        from .tokens_cli import run_tokens_command
-
-        return run_tokens_command(args, settings)
-    raise AssertionError(args.command)
-
-
-def _output_location(text: str) -> Path | str:
-    """A local output directory as a Path; an object-store one (s3://bucket/prefix) as it is."""
-    return text if text.startswith("s3://") else Path(text)
-
-
-def _setup_logging(settings: Settings) -> None:
-    from .logs import setup_logging
-
-    setup_logging(settings)

@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench` command line."""
+"""`python -m benchmark` (`metavoice bench`): the command line."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import logging
 import os
 from pathlib import Path
 
-from ..cli import CliError, Parser, entry_point, settings_from
+from pipeline.cli_support import CliError, Parser, entry_point, settings_from
+
 from . import __doc__ as OVERVIEW
 from .backlog import backlog_worker
 from .report import print_report
 from .run import MODES, PASSES, BenchArgs, run
-from .stream import LATENCY_LOAD
+from .latency import LATENCY_LOAD
 
 # --quick: a smoke test of every mode in a few minutes (tests/test_bench_smoke.py)
 QUICK_CLIPS, QUICK_MAX_SEC, QUICK_LATENCY_EVENTS, QUICK_CEILING_EVENTS = 6, 10.0, 6, 96
 
 
-def build_parser(prog: str = "python -m pipeline.bench") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m benchmark") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=None, help=f"clips to speak (default 24; {QUICK_CLIPS} with --quick)")
     p.add_argument("--min-sec", type=float, default=2.0, help="shortest clip (default 2)")
@@ -55,7 +56,7 @@ def build_parser(prog: str = "python -m pipeline.bench") -> argparse.ArgumentPar
 
 
 @entry_point
-def main(argv: list[str] | None = None, prog: str = "python -m pipeline.bench") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m benchmark") -> int:
     parser = build_parser(prog)
     a = parser.parse_args(argv)
     # The METAVOICE_* settings every mode starts from, and the flags that override them: a bad value
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline.bench") 
                    "whisper_window": a.window, "batch_max_events": a.batch_max_events}, parser)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline.bench").setLevel(logging.INFO)
+    logging.getLogger("benchmark").setLevel(logging.INFO)
     for noisy in ("aiokafka", "botocore", "aiobotocore", "urllib3", "httpx", "faster_whisper"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if a.verbose else "WARNING")

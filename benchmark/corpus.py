@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Settings
-from ..samples import RATES, SENTENCES, SampleClip, speak_to_flac
+from metavoice.samples import RATES, SENTENCES, SampleClip, speak_to_flac, word_overlap
+from pipeline.config import Settings
 
 BUCKET = "metavoice-bench"
 CORPUS_PREFIX = "clips/"  # the spoken corpus
@@ -119,3 +119,9 @@ def copy_clips(settings: Settings, clips: list[SampleClip], count: int, tag: str
         res = s3.copy_object(Bucket=BUCKET, Key=key, CopySource={"Bucket": BUCKET, "Key": clip.key})
         out.append(StoredObject(key, res["CopyObjectResult"]["ETag"].strip('"'), clip.path.stat().st_size))
     return out
+
+
+def mean_overlap(transcripts: dict[str, str], texts: dict[str, str]) -> float | None:
+    """The mean word overlap of transcripts with the texts their clips were spoken from (None: no clip)."""
+    scores = [word_overlap(texts[k], v) for k, v in transcripts.items() if k in texts]
+    return float(np.mean(scores)) if scores else None

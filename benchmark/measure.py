@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import numpy as np
 
-log = logging.getLogger("pipeline.bench")
+log = logging.getLogger("benchmark")
 
 SAMPLE_EVERY_S = 0.1
 MB = 1024 * 1024

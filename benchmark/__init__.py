@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench`: the stream's throughput, ceiling, latency and memory, against the seed and bare faster-whisper.
+"""`python -m benchmark`: the stream's throughput, ceiling, latency and memory, against the seed and bare faster-whisper.
 
 One run, one machine, one loaded model and the same decoding settings (model, beam size,
 language, tokenizer) for every speech mode. Speech figures are audio-seconds per wall-second;
@@ -18,13 +18,16 @@ the ceiling's are events per second.
                                nothing) on the same objects waiting in the topic: what the stream
                                itself costs per event once the models are fast (a GPU)
     stream-ceiling-no-prefect  the same with prefect_enabled=False
+    stream-ceiling-s3-output   stream-ceiling writing its dataset to an s3:// prefix (spool, uploads,
+                               compare-and-swap summary) instead of a local directory
     latency                    events published at a steady rate, files rolled every second:
                                publish -> row in a finalized file, per event
     backlog                    `--backlog-events` waiting in the topic; the consumer runs for a
                                bounded time in a child process whose RSS is sampled
 
 Ratios: pipeline/seed, pipeline/bare, pipeline/model, stream-ceiling/io-floor and
-stream-ceiling/stream-ceiling-no-prefect (Prefect on/off), with issue 13's targets.
+stream-ceiling/stream-ceiling-no-prefect (Prefect on/off), with issue 13's targets, and
+stream-ceiling-s3-output/stream-ceiling (what the object-store output costs).
 
 A stream run's consumer is started first and has joined its group when its clock starts (its
 start-up is reported, not timed); the run ends when every event published is accounted for
@@ -34,15 +37,26 @@ bounded and fails with a message naming what it waited for.
 Performance claims come from this script, never from a timed test: tests/test_bench_smoke.py
 only checks that it runs and reports every mode. See docs/benchmarks.md.
 
-    measure.py      RSS, CPU by process, a mode's result, bounded waits
-    corpus.py       spoken clips, small objects, copies
-    model_modes.py  seed, bare, model
-    stream.py       pipeline, pipeline-no-prefect, latency; Prefect's warm-up
-    ceiling.py      io-floor, stream-ceiling, stream-ceiling-no-prefect
+One module per mode, and what they share:
+
+    seed.py         seed
+    bare.py         bare
+    model.py        model
+    stream.py       pipeline, pipeline-no-prefect
+    io_floor.py     io-floor
+    ceiling.py      stream-ceiling, stream-ceiling-no-prefect, stream-ceiling-s3-output (and the ceiling modes in turn)
+    latency.py      latency
     backlog.py      backlog memory (child processes)
+    harness.py      the production consumer in a run: Prefect's warm-up, start, probe, bounded stop
+    measure.py      RSS, CPU by process, a mode's result, bounded waits
+    corpus.py       spoken clips, small objects, copies, word overlap
     run.py          one run: services, corpora, every mode, ratios, targets
     report.py       the printed report
-    cli.py          the command line
+    cli.py          the command line (`python -m benchmark`, `metavoice bench`)
+
+The benchmark sits on top of everything: it drives consumer/, producer/ and broker/ and uses
+metavoice/'s embedded services and spoken clips; nothing imports it but `metavoice bench`, lazily
+(tests/test_layout.py).
 """
 
 from .run import MODES, PASSES, RATIOS

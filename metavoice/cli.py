@@ -1,0 +1,164 @@
+"""`metavoice` (also `python -m metavoice`): every command of the system behind one name.
+
+    consume   run the streaming consumer: Kafka -> micro-batches -> Parquet    (python -m consumer)
+    produce   event sources -> Kafka: backfill, webhook, r2-queue, create-topic (python -m producer)
+    demo      the whole system on embedded defaults (broker, S3, sample speech)
+    bench     throughput, ceiling, latency and memory                         (python -m benchmark)
+    report    an HTML report with figures about an output directory
+    summary   an output directory's summary.json; --rebuild checks it against the data
+    tokens    listen to a row's audio tokens (tokens decode)
+
+Every command reads the METAVOICE_* settings (pipeline/config.py) and its flags before it
+connects to anything or loads any model; a value that is not allowed stops it with one line
+naming the variable or flag and what is allowed (exit status 2). Typed pipeline errors end a
+command with one line too (exit status 1), never a traceback. What every command line shares
+(`Parser`, `settings_from`, `entry_point`) is pipeline/cli_support.py, below consumer/ and
+producer/.
+
+metavoice/ sits above consumer/, producer/ and broker/ and may import them; it never imports
+the benchmark at module level: `metavoice bench` loads `benchmark.cli` when it is called, the one
+import of benchmark/ from here (tests/test_layout.py). Nothing heavy is imported before a command
+runs: the producers' base install (no torch, no NumPy) runs `metavoice --version` and
+`metavoice produce ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.cli_support import DISTRIBUTION, CliError, Parser, document_settings, entry_point, settings_from
+from pipeline.config import TOKENIZERS, Settings
+
+
+def version() -> str:
+    """The installed distribution's version; from a source tree that is not installed, pyproject.toml's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version(DISTRIBUTION)
+    except PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+        return f"{project['version']} (source tree, not installed)"
+    except (OSError, KeyError, ValueError):
+        return "unknown (not installed)"
+
+
+# --- the `metavoice` command ---------------------------------------------------------------------
+
+
+def _consume() -> Callable[..., int]:
+    from consumer.cli import main
+
+    return main
+
+
+def _produce() -> Callable[..., int]:
+    from producer.cli import main
+
+    return main
+
+
+def _bench() -> Callable[..., int]:
+    from benchmark.cli import main  # the only import of benchmark/ from metavoice/: lazy, for `metavoice bench`
+
+    return main
+
+
+# Commands with a command line of their own: everything after the name is theirs (--help too).
+# Each is imported only when it is called.
+DELEGATED: dict[str, tuple[Callable[[], Callable[..., int]], str]] = {
+    "consume": (_consume, "run the streaming consumer: Kafka -> micro-batches -> Parquet (python -m consumer)"),
+    "produce": (_produce, "event sources -> Kafka: backfill, webhook, r2-queue, create-topic (python -m producer)"),
+    "bench": (_bench, "measure throughput, ceiling, latency and memory (python -m benchmark)"),
+}
+
+
+def build_parser(prog: str = "metavoice") -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=f"`{prog} COMMAND --help` for each command's flags.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    delegated = {name: help_ for name, (_, help_) in DELEGATED.items()}
+
+    sub.add_parser("consume", help=delegated["consume"], add_help=False)
+    sub.add_parser("produce", help=delegated["produce"], add_help=False)
+
+    d = sub.add_parser("demo", help="run the whole system on embedded defaults (broker, S3, sample speech)")
+    d.add_argument("--output", type=Path, default=Path("demo-output"), help="output directory (default ./demo-output)")
+    d.add_argument("--clips", type=int, default=12, help="how many sample clips to speak")
+    d.add_argument("--no-prefect", dest="prefect_enabled", action="store_false", default=None,
+                   help="run the stages without Prefect")
+    d.add_argument("--tokenizer", help=f"{', '.join(TOKENIZERS)} (default synthetic)")
+    document_settings(d)
+
+    sub.add_parser("bench", help=delegated["bench"], add_help=False)
+
+    r = sub.add_parser("report", help="write an HTML report with figures about an output directory")
+    r.add_argument("output", help="output directory (or s3://bucket/prefix)")
+    r.add_argument("--out", type=Path, help="HTML file to write (default DIR/report.html; figures beside it in *_files/)")
+    r.add_argument("--embed", action="store_true", help="inline the figures into the HTML (one self-contained file)")
+
+    s = sub.add_parser("summary", help="print an output directory's summary; --rebuild checks it against the data")
+    s.add_argument("output", help="output directory (or s3://bucket/prefix)")
+    s.add_argument("--rebuild", action="store_true", help="recompute from the Parquet files and report mismatches")
+
+    from .tokens import add_tokens_parser
+
+    add_tokens_parser(sub)
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None, prog: str = "metavoice") -> int:
+    """The `metavoice` console script (pyproject.toml [project.scripts]); `python -m metavoice`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    if argv and argv[0] in DELEGATED:
+        command_main = DELEGATED[argv[0]][0]()
+        return command_main(argv[1:], prog=f"{prog} {argv[0]}")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        settings = settings_from({"prefect_enabled": args.prefect_enabled, "tokenizer": args.tokenizer}, parser)
+        if args.clips < 1:
+            raise CliError(f"--clips: must be >= 1, got {args.clips}")
+        _setup_logging(settings)
+        from .demo import run_demo
+
+        return run_demo(args.output, args.clips, settings)
+    tokens_flags = {"device": getattr(args, "device", None), "tokenizer_weights": getattr(args, "weights", None)}
+    settings = settings_from(tokens_flags if args.command == "tokens" else {}, parser)
+    _setup_logging(settings)
+    if args.command == "summary":
+        from .summary import run_summary
+
+        return run_summary(_output_location(args.output), rebuild=args.rebuild)
+    if args.command == "report":
+        location = _output_location(args.output)
+        if isinstance(location, Path) and not location.is_dir():
+            raise CliError(f"{location} is not a directory (an output directory holds data/ and summary.json)")
+        from .report import run_report
+
+        return run_report(location, args.out, embed=args.embed)  # type: ignore[arg-type]
+    if args.command == "tokens":
+        from .tokens import run_tokens_command
+
+        return run_tokens_command(args, settings)
+    raise AssertionError(args.command)
+
+
+def _output_location(text: str) -> Path | str:
+    """A local output directory as a Path; an object-store one (s3://bucket/prefix) as it is."""
+    return text if text.startswith("s3://") else Path(text)
+
+
+def _setup_logging(settings: Settings) -> None:
+    from pipeline.logs import setup_logging
+
+    setup_logging(settings)
