@@ -69,7 +69,7 @@ from typing import Literal
 import orjson
 
 from pipeline.errors import CrashLoop
-from pipeline.output.local import fsync_dir
+from pipeline.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from urllib.parse import unquote_plus
 import orjson
 
 from .errors import MalformedEvent
+from .timeutil import parse_iso_time
 
 MAX_SIZE = 2**63 - 1  # int64: Kafka JSON readers, pyarrow's size_bytes column
 # Earliest and latest accepted eventTime (UTC): outside, a time is a sender's bug, and a year
@@ -305,18 +306,13 @@ def _parse_time(v: Any) -> datetime | None:
     if not isinstance(v, str):
         raise MalformedEvent("eventTime must be an ISO-8601 string")
     try:
-        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        raise MalformedEvent(f"eventTime is not ISO-8601: {_clip(v)}") from None
-    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-    try:
-        utc = t.astimezone(timezone.utc)  # year 9999 at -05:00 is past datetime.max in UTC
-    except (OverflowError, ValueError):
-        raise MalformedEvent(f"eventTime is out of range: {_clip(v)}") from None
+        utc = parse_iso_time(v)  # no zone: UTC; year 9999 at -05:00 is past datetime.max: out of range
+    except ValueError as exc:
+        raise MalformedEvent(f"eventTime is {exc}: {_clip(v)}") from None
     if not MIN_EVENT_TIME <= utc < MAX_EVENT_TIME:
         raise MalformedEvent(f"eventTime is out of range (years 1970..2200): {_clip(v)}")
     # Milliseconds, as the topic and Parquet hold it: a republished event equals the original.
-    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+    return utc.replace(microsecond=utc.microsecond // 1000 * 1000)
 
 
 def _clip(v: Any) -> str:

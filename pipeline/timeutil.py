@@ -17,10 +17,10 @@ def parse_iso_time(text: str) -> datetime:
     try:
         t = datetime.fromisoformat(s)
     except ValueError:
-        raise ValueError("not an ISO-8601 time (e.g. 2024-05-01 or 2024-05-01T12:00:00Z)") from None
+        raise ValueError("not ISO-8601 (e.g. 2024-05-01 or 2024-05-01T12:00:00Z)") from None
     if t.tzinfo is None:
         return t.replace(tzinfo=timezone.utc)
     try:
         return t.astimezone(timezone.utc)
     except (OverflowError, ValueError):  # year 9999 at -05:00 is past datetime.max in UTC
-        raise ValueError("an ISO-8601 time out of range") from None
+        raise ValueError("out of range") from None

@@ -12,14 +12,13 @@ would silently skip objects, so it is refused (`CheckpointMismatch`).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from pipeline.durable import atomic_write_bytes
 
 from .errors import CheckpointMismatch
 
@@ -75,25 +74,4 @@ class BackfillCheckpoint:
         }
 
     def save(self) -> None:
-        write_atomically(self.path, orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2))
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
+        atomic_write_bytes(self.path, orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2))

@@ -96,7 +96,7 @@ BAD_SETTINGS = [
     ("METAVOICE_BATCH_MAX_EVENTS", "--batch-max-events", "0", ["must be >= 1", "got 0"]),
     ("METAVOICE_DEVICE", "--device", "gpu", ["must be 'auto', 'cpu' or 'cuda'", "got 'gpu'"]),
     ("METAVOICE_LOG_LEVEL", "--log-level", "verbose", ["'DEBUG'", "'INFO'", "'CRITICAL'", "got 'verbose'"]),
-    ("METAVOICE_FROM_TIMESTAMP", "--from-timestamp", "yesterday", ["not an ISO-8601 time", "got 'yesterday'"]),
+    ("METAVOICE_FROM_TIMESTAMP", "--from-timestamp", "yesterday", ["not ISO-8601", "got 'yesterday'"]),
     ("METAVOICE_TOKENIZER", "--tokenizer", "encodek", ["unknown tokenizer", "encodec", "got 'encodek'"]),
 ]
 
@@ -140,7 +140,7 @@ def test_producer_and_metavoice_name_their_own_flags(trap, tmp_path):
 
 def test_a_bad_time_for_a_backfill_filter_is_one_line_too(trap, tmp_path):
     done, took = run_cli(["-m", "producer", "backfill", "--bucket", "b", "--modified-since", "last week"], trap, tmp_path)
-    assert_refused_in_one_line(done, took, trap, "argument --modified-since", "not an ISO-8601 time", "'last week'")
+    assert_refused_in_one_line(done, took, trap, "argument --modified-since", "not ISO-8601", "'last week'")
 
 
 def test_an_unknown_flag_is_one_line_that_points_at_help(trap, tmp_path):

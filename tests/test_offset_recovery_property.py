@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 import consumer.committer
 import pipeline.parquet
-import pipeline.output.local
+import pipeline.durable
 from consumer.app import StreamConsumer
 from consumer.batcher import Batcher
 from consumer.committer import OutputCommitter
@@ -550,7 +550,7 @@ def simulate(spec: list[list[tuple[str, int]]], steps: list[tuple], roll_max_row
             await world.finish()
 
         with mock.patch.object(consumer.committer, "crash_point", world.crash_point), \
-                mock.patch.object(pipeline.output.local, "crash_point", world.crash_point), \
+                mock.patch.object(pipeline.durable, "crash_point", world.crash_point), \
                 mock.patch.object(pipeline.parquet, "delay_point", world.held.delay_point):
             asyncio.run(run())
         check(world)

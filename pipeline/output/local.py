@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import Fenced, OutputWriteFailed
-from ..faults import crash_point
+from ..durable import atomic_write_bytes, fsync_dir
 from .footer import FileFooter, OffsetRange, parse_footer
 from .layout import ATTEMPTS_DIR, DATA_DIR, PARQUET_SUFFIX, SPOOL_DIR
 from .store import Fence, Output, discard, flock
@@ -89,25 +89,3 @@ def _fenced_message(name: str, conflicts: list[str]) -> str:
         "this consumer lost those partitions (paused past the session timeout?); its file is "
         "discarded and nothing is committed - restart it to resume from the files"
     )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write beside, fsync, rename over, fsync the directory: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data[: len(data) // 2])
-        crash_point("mid_summary_write")
-        f.write(data[len(data) // 2 :])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
