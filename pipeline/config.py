@@ -81,8 +81,9 @@ class Settings(BaseSettings):
     # is taken over after this long (and a writer gives up its upload before its claim gets this old).
     output_claim_ttl_s: float = Field(120.0, ge=10)
     batch_max_events: int = Field(32, ge=1)
-    # Under a backlog (all pipeline_depth batches in flight) a micro-batch grows to this many events
-    # (still within batch_max_bytes and the linger): fewer flow runs per event when it matters.
+    # Under a backlog (all pipeline_depth batches in flight, or a fetch came back full) a micro-batch
+    # grows to this many events (still within batch_max_bytes and the linger): fewer flow runs per
+    # event when it matters, for more audio in flight (docs/benchmarks.md: backlog memory).
     batch_max_events_backlog: int = Field(256, ge=1)
     batch_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     batch_linger_ms: int = Field(500, ge=0)
