@@ -80,7 +80,7 @@ def run_demo(output_dir: Path, clips: int, settings: Settings) -> int:
         f"[bold green]{stats.rows} rows[/] in {len(files)} Parquet file(s) under {output_dir / 'data'}; "
         f"{stats.dead_letters} dead letter(s) on {st.dlq_topic}; {stats.audio_seconds:.1f}s of audio in {stats.wall_seconds:.1f}s"
     )
-    query = f"select id, transcription from '{output_dir}/**/*.parquet'"
+    query = f"select id, transcription from '{output_dir}/data/*.parquet'"
     console.print(f"summary: {output_dir / SUMMARY_NAME}\nquery:   python -c \"import duckdb; duckdb.sql(\\\"{query}\\\").show()\"")
     return 0
 
