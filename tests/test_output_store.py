@@ -304,3 +304,15 @@ def test_the_output_store_takes_the_audio_stores_endpoint_and_keys_unless_given_
     assert other.output_s3_client_kwargs() == {"endpoint_url": "http://data", "region_name": "eu-west-1",
                                                "aws_access_key_id": "dk", "aws_secret_access_key": "ds"}
     assert other.s3_client_kwargs()["aws_access_key_id"] == "ak"  # downloads keep the audio's keys
+
+
+def test_a_claim_whose_file_is_already_published_fences_at_once(store, s3):
+    """A paused former owner meets the new owner's claim while its file is already in data/."""
+    owner = write_file(store, 0, 3)
+    claim = store.key("_claims/t/0/00000000000000000000")
+    s3.put_object(Bucket=store.bucket, Key=claim, Body=orjson.dumps({"file": owner, "first": 0, "last": 2}))
+    t0 = time.monotonic()
+    with pytest.raises(Fenced):
+        write_file(store, 0, 5)
+    assert time.monotonic() - t0 < 5, "a published holder needs no waiting"
+    assert store.finalized() == [owner]

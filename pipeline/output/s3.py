@@ -171,7 +171,7 @@ class S3Output(Output):
                     continue  # released meanwhile: try again
                 raise
             holder = orjson.loads(held["Body"].read())
-            if holder.get("file") in self.finalized():
+            if self._published(str(holder.get("file", ""))):
                 raise Fenced(
                     f"{self.data_path(holder['file'])} already holds {r.topic}[{r.partition}] from offset {r.first}: "
                     f"this consumer lost the partition; {name} is discarded and nothing is committed"
@@ -187,6 +187,18 @@ class S3Output(Output):
                         raise
                     continue  # someone else took it over first
             time.sleep(0.5)
+
+    def _published(self, name: str) -> bool:
+        """Whether data/`name` exists (one HeadObject, not a listing of data/)."""
+        if not name:
+            return False
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(f"{DATA_DIR}/{name}"))
+            return True
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise
 
     def _release(self, claims: list[str]) -> None:
         for key in claims:
