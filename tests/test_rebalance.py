@@ -139,3 +139,49 @@ def test_sigterm_to_both_members_process_groups_at_once_exits_0_within_the_shutd
     assert_exactly_once(st.output_dir, versions(events))
     assert_summary_matches_files(st.output_dir)
     assert committed_offsets(st) == partition_ends(st, expected=len(events))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during", ["on_revoked", "on_assigned"])
+def test_sigterm_during_a_revoke_or_an_assignment_exits_0_within_the_shutdown_timeout_and_loses_nothing(
+    services, s3, bucket, settings_factory, speech_corpus, tmp_path, during
+):
+    """A second member joins; the first gets SIGTERM (to its process group) while the rebalance
+    callback is running (held open by METAVOICE_DELAY_AT). It finishes the revoke, takes no new
+    assignment, exits 0 within shutdown_timeout; the second ends up with every event once."""
+    from tests.consumer_process import Trickle, assert_summary_matches_files
+
+    st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None, shutdown_timeout=15.0)
+    create_topics(st)
+    trickle = Trickle(st, upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 60), interval=0.2)
+    first = ConsumerProcess(services, st, tmp_path / "first.log", METAVOICE_DELAY_AT=f"{during}:5").start()
+    second = ConsumerProcess(services, st, tmp_path / "second.log")
+    try:
+        with logs_on_failure(first, second):
+            wait_until(lambda: assignments(first) >= 1 and "partitions assigned: " + st.topic in first.log(), 90,
+                       "the first member's assignment", first)
+            trickle.start()
+            wait_until(lambda: len(writer_ids(st.output_dir)) >= 1, 60, "a first file", first)
+            revokes = first.log().count("partitions revoked")
+            second.start()
+            if during == "on_revoked":
+                wait_until(lambda: first.log().count("partitions revoked") > revokes, 60, "the revoke began", first, second)
+            else:
+                wait_until(lambda: assignments(second) >= 1, 90, "the new assignment was handed out", first, second)
+            time.sleep(1.0)  # inside the callback's 5 s
+            t0 = time.monotonic()
+            signal_group(first, signal.SIGTERM)
+            rc = first.wait(timeout=st.shutdown_timeout + 30)
+            took = time.monotonic() - t0
+            assert rc == 0 and took < st.shutdown_timeout + 2, f"exit {rc} after {took:.1f}s"
+            assert_stopped_with_what_the_files_hold(st)
+            events = trickle.finish(timeout=60)
+            wait_for_rows(st.output_dir, len(events), timeout=120)
+            signal_group(second, signal.SIGTERM)
+            assert second.wait(timeout=st.shutdown_timeout + 30) == 0
+            assert_exactly_once(st.output_dir, versions(events))
+            assert_summary_matches_files(st.output_dir)
+            assert committed_offsets(st) == partition_ends(st, expected=len(events))
+    finally:
+        first.kill()
+        second.kill()
