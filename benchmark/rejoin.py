@@ -28,7 +28,8 @@ ASSIGN_LIMIT_S = 180.0  # a join that takes longer is reported as such, not wait
 
 async def _first_assignment(settings: Settings, instance_id: str | None, rebalance_ms: int | None) -> tuple[float, object]:
     """Start one member and return (seconds to its first non-empty assignment, the member)."""
-    opts: dict = {"group_instance_id": instance_id} if instance_id else {}
+    settings = settings.with_overrides(kafka_group_instance_id=instance_id)
+    opts: dict = {}
     if rebalance_ms:
         opts["rebalance_timeout_ms"] = rebalance_ms
     c = make_consumer(settings, settings.topic, enable_auto_commit=False, auto_offset_reset="earliest", **opts)

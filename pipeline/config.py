@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = None
     # Well under aiokafka's max_poll_interval_ms (300 s): a slow batch must never look dead.
     kafka_session_timeout_ms: int = 30_000
+    # Static membership (KIP-345): a restarted member with the same id gets its partitions back
+    # without a rebalance (on Tansu, without waiting for the departed member; docs in README).
+    kafka_group_instance_id: str | None = None
     # How long producers and the consumer wait for the broker to answer at start-up (compose
     # starts everything at once), before they exit naming the address they tried.
     kafka_connect_timeout_s: float = Field(300.0, gt=0)
