@@ -16,7 +16,7 @@ and task runs per 1,000 events are what Prefect records. The clock of a ceiling 
 its consumer has its partitions (the events wait in the topic: a backlog) and stops when every
 event is in a finalized, committed file.
 
-Its yardstick, io-floor, is io_floor.py; `run_ceiling_modes` runs the three in turn.
+Its yardsticks, io-floor and plain-floor, are io_floor.py; `run_ceiling_modes` runs the three in turn.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ from .harness import (
     unique,
     until_handled,
 )
-from .io_floor import run_io_floor
+from .io_floor import run_io_floor, run_plain_floor
 from .measure import ModeResult, bounded, measured, per_thousand
 
-CEILING_MODES = ("io-floor", "stream-ceiling", "stream-ceiling-no-prefect", "stream-ceiling-s3-output")
-STREAM_MODES = CEILING_MODES[1:]
+CEILING_MODES = ("io-floor", "plain-floor", "stream-ceiling", "stream-ceiling-no-prefect", "stream-ceiling-s3-output")
+STREAM_MODES = CEILING_MODES[2:]
 OUTPUT_BUCKET = "bench-dataset"
 
 
@@ -134,10 +134,12 @@ async def run_stream_ceiling(base: Settings, models: Any, name: str, prefect: bo
 
 
 def run_ceiling_modes(base: Settings, objects: list[StoredObject], work: Path, skip: set[str]) -> dict[str, ModeResult]:
-    """io-floor, then the two consumers on one topic holding an event per object (untimed set-up)."""
+    """io-floor and plain-floor, then the consumers on one topic holding an event per object (untimed set-up)."""
     out: dict[str, ModeResult] = {}
     if "io-floor" not in skip:
         out["io-floor"] = asyncio.run(run_io_floor(base, objects))
+    if "plain-floor" not in skip:
+        out["plain-floor"] = asyncio.run(run_plain_floor(base, objects))
     stream = [m for m in STREAM_MODES if m not in skip]
     if not stream:
         return out
