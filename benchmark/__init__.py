@@ -13,7 +13,10 @@ the ceiling's are events per second.
     pipeline                   backfill -> Kafka -> consumer (Prefect on) -> Parquet + summary.json
     pipeline-no-prefect        the same with prefect_enabled=False
     io-floor                   list, download `download_concurrency` at a time and decode
-                               `--ceiling-events` small objects: the I/O no stream can avoid
+                               `--ceiling-events` small objects with the pipeline's decode_stage
+                               (Whisper's 16 kHz view and the tokenizer's): the I/O and our decode
+    plain-floor                the floor a user would write: aiobotocore list, 8 GETs at a time,
+                               soundfile at the native rate - none of our costs
     stream-ceiling             the consumer (Prefect on, transcription off, a tokenizer that costs
                                nothing) on the same objects waiting in the topic: what the stream
                                itself costs per event once the models are fast (a GPU)
@@ -25,8 +28,8 @@ the ceiling's are events per second.
     backlog                    `--backlog-events` waiting in the topic; the consumer runs for a
                                bounded time in a child process whose RSS is sampled
 
-Ratios: pipeline/seed, pipeline/bare, pipeline/model, stream-ceiling/io-floor and
-stream-ceiling/stream-ceiling-no-prefect (Prefect on/off), with issue 13's targets, and
+Ratios: pipeline/seed, pipeline/bare, pipeline/model, stream-ceiling/io-floor,
+stream-ceiling/plain-floor and stream-ceiling/stream-ceiling-no-prefect (Prefect on/off), with issue 13's targets, and
 stream-ceiling-s3-output/stream-ceiling (what the object-store output costs).
 
 A stream run's consumer is started first and has joined its group when its clock starts (its

@@ -5,6 +5,9 @@
                                off (no Whisper loaded) and a tokenizer that costs nothing, on
                                `--ceiling-events` small objects already waiting in the topic
     stream-ceiling-no-prefect  the same with prefect_enabled=False
+    stream-ceiling-backfill    stream-ceiling with the backfill timed: the consumer in its group on an
+                               empty topic, the clock from the backfill's listing (producer/backfill.py)
+                               to the last row committed - what a user measures end to end
     stream-ceiling-s3-output   stream-ceiling writing its dataset to an s3:// prefix on the same S3
                                server (spool, upload at each roll, compare-and-swap summary) instead
                                of a local directory: what the object-store output costs
@@ -16,7 +19,7 @@ and task runs per 1,000 events are what Prefect records. The clock of a ceiling 
 its consumer has its partitions (the events wait in the topic: a backlog) and stops when every
 event is in a finalized, committed file.
 
-Its yardstick, io-floor, is io_floor.py; `run_ceiling_modes` runs the three in turn.
+Its yardsticks, io-floor and plain-floor, are io_floor.py; `run_ceiling_modes` runs the three in turn.
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ from .harness import (
     unique,
     until_handled,
 )
-from .io_floor import run_io_floor
+from .io_floor import run_io_floor, run_plain_floor
 from .measure import ModeResult, bounded, measured, per_thousand
 
-CEILING_MODES = ("io-floor", "stream-ceiling", "stream-ceiling-no-prefect", "stream-ceiling-s3-output")
-STREAM_MODES = CEILING_MODES[1:]
+CEILING_MODES = ("io-floor", "plain-floor", "stream-ceiling", "stream-ceiling-no-prefect", "stream-ceiling-s3-output",
+                 "stream-ceiling-backfill")
+STREAM_MODES = CEILING_MODES[2:5]  # on the pre-published topic; stream-ceiling-backfill publishes its own
 OUTPUT_BUCKET = "bench-dataset"
 
 
@@ -133,12 +137,54 @@ async def run_stream_ceiling(base: Settings, models: Any, name: str, prefect: bo
     })
 
 
+async def run_stream_ceiling_backfill(base: Settings, models: Any, events: int, work: Path) -> ModeResult:
+    """The consumer (Prefect on, transcription off, the settings as given) already in its group on a
+    topic of its own; wall = the backfill's start (list SMALL_PREFIX, publish) -> every row committed."""
+    from broker.topics import ensure_topics
+    from producer.backfill import run_backfill
+
+    from .corpus import SMALL_PREFIX
+
+    name = "stream-ceiling-backfill"
+    group = unique(name)
+    st = base.with_overrides(topic=group, group=group, output_dir=work / group, prefect_enabled=True, transcribe=False)
+    await bounded(f"topic {group} to be created", ensure_topics(st), PUBLISH_TIMEOUT_S)  # set-up: not timed
+    app = bench_consumer(st, models, expected=events)
+    async with running(app, name) as consumer:
+        prefect0 = prefect_counts()
+        with measured(name) as info, batch_probe() as batches:
+            t0 = time.perf_counter()
+            backfill = await bounded(f"the backfill of s3://{BUCKET}/{SMALL_PREFIX}", run_backfill(
+                st, BUCKET, [SMALL_PREFIX], ".flac"), PUBLISH_TIMEOUT_S)
+            t_published = time.perf_counter()
+            stats = await until_handled(app, consumer)
+            wall = time.perf_counter() - t0
+        used = prefect_delta(prefect0)
+    if backfill.published != events or stats.rows != events:
+        raise RuntimeError(f"{name}: published {backfill.published}, {stats.rows} rows for {events} objects")
+    return ModeResult(name, stats.rows, stats.audio_seconds, wall, **info, details={
+        "events_per_second": stats.rows / wall, "batches": stats.batches,
+        "events_per_batch": stats.rows / stats.batches if stats.batches else None,
+        "files_written": stats.files, "backfill_seconds": t_published - t0,
+        "flow_runs_per_1000_events": per_thousand(used["flow_runs"], events),
+        "stage_seconds": dict(stats.stage_seconds), "per_batch": summarize_batches(batches, used),
+    })
+
+
 def run_ceiling_modes(base: Settings, objects: list[StoredObject], work: Path, skip: set[str]) -> dict[str, ModeResult]:
-    """io-floor, then the two consumers on one topic holding an event per object (untimed set-up)."""
+    """io-floor and plain-floor, then the consumers on one topic holding an event per object (untimed set-up)."""
     out: dict[str, ModeResult] = {}
     if "io-floor" not in skip:
         out["io-floor"] = asyncio.run(run_io_floor(base, objects))
+    if "plain-floor" not in skip:
+        out["plain-floor"] = asyncio.run(run_plain_floor(base, objects))
     stream = [m for m in STREAM_MODES if m not in skip]
+    if "stream-ceiling-backfill" not in skip:
+        models = ceiling_models(base)
+        try:
+            out["stream-ceiling-backfill"] = asyncio.run(run_stream_ceiling_backfill(base, models, len(objects), work))
+        finally:
+            models.close()
     if not stream:
         return out
     topic = unique("ceiling")

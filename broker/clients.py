@@ -63,13 +63,16 @@ def make_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
 
 
 def make_consumer(settings: Settings, *topics: str, **options: Any) -> AIOKafkaConsumer:
-    """A consumer of the settings' group, heartbeating every third of its session timeout;
-    `options` are further aiokafka consumer options (commits, offsets reset, fetch sizes)."""
+    """A consumer of the settings' group, heartbeating every third of its session timeout, a static
+    member when `kafka_group_instance_id` is set; `options` are further aiokafka consumer options
+    (commits, offsets reset, fetch sizes)."""
     defaults: dict[str, Any] = {
         "group_id": settings.group,
         "session_timeout_ms": settings.kafka_session_timeout_ms,
         "heartbeat_interval_ms": max(100, settings.kafka_session_timeout_ms // 3),
     }
+    if settings.kafka_group_instance_id:
+        defaults["group_instance_id"] = settings.kafka_group_instance_id
     return AIOKafkaConsumer(*topics, **client_kwargs(settings), **{**defaults, **options})
 
 

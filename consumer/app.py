@@ -44,7 +44,7 @@ from pipeline.storage import s3_client
 
 from .batcher import Batcher, PendingBatch
 from .crash_guard import CrashGuard
-from .committer import CommitStats, OutputCommitter
+from .committer import AppliedCounts, CommitStats, OutputCommitter
 from .dead_letters import DeadLetterLimits, DeadLetterWriter
 from .environment import Abandoned, FaultWatch
 from .positions import FetchGate, Rewind, StartPlan, plan_starts
@@ -202,7 +202,7 @@ class StreamConsumer:
             max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
             max_partition_fetch_bytes=1 << 20,
         )
-        writer = RollingParquetWriter(self.output, st.roll_max_rows, st.roll_max_seconds)
+        writer = RollingParquetWriter(self.output, st.roll_max_rows, st.roll_max_seconds, roll_max_bytes=st.roll_max_bytes)
         stack.callback(writer.close)
         limits = DeadLetterLimits(max_record_bytes=st.dlq_max_record_bytes,
                                   max_event_bytes=min(DeadLetterLimits().max_event_bytes, st.dlq_max_record_bytes // 4))
@@ -398,13 +398,13 @@ class StreamConsumer:
                     self._settled()
                     continue
                 t_write = time.perf_counter()
-                await committer.apply(batch, outcome)
+                applied = await committer.apply(batch, outcome)
                 await asyncio.to_thread(self.guard.end, batch.seq)  # type: ignore[union-attr]
                 outcome.timings["write"] = time.perf_counter() - t_write
                 self.stats.batches += 1
                 for k, v in outcome.timings.items():
                     self.stats.stage_seconds[k] = self.stats.stage_seconds.get(k, 0.0) + v
-                self._log_batch(batch, outcome)
+                self._log_batch(batch, outcome, applied)
                 for observer in self.on_batch_done:
                     observer(batch, outcome, committer.stats)
                 self._settled()
@@ -519,20 +519,22 @@ class StreamConsumer:
         for name in CommitStats.__dataclass_fields__:
             setattr(self.stats, name, getattr(c, name))
 
-    def _log_batch(self, batch: PendingBatch, outcome: BatchOutcome) -> None:
-        """One line per batch. With --log-format json the fields below are keys of the line;
+    def _log_batch(self, batch: PendingBatch, outcome: BatchOutcome, applied: AppliedCounts) -> None:
+        """One line per batch, with the counts the committer applied (a row already written is a
+        duplicate, not a row). With --log-format json the fields below are keys of the line;
         they name counts, timings and offsets only - never settings, so never a credential."""
         rtf = realtime_factor(outcome)
         failed = len(outcome.failures) + len(batch.early_failures)
         timings = {k: round(v, 4) for k, v in outcome.timings.items()}
         log.info(
             "batch %d: %d records, %d rows, %d failed, %d skipped, %d duplicate, %.1fs audio, RTF %s, stages %s",
-            batch.seq, batch.records, len(outcome.rows), failed, batch.skipped, batch.duplicates,
+            batch.seq, batch.records, applied.rows, failed, batch.skipped, applied.duplicates,
             outcome.audio_seconds, f"{rtf:.3f}" if rtf is not None else "-", timings,
             extra={"fields": {
                 "batch": batch.seq, "label": batch.micro_batch().label, "records": batch.records,
+                "objects": len(batch.items),  # what batch_max_events bounds
                 "events": len(batch.items) + batch.skipped + batch.duplicates + len(batch.early_failures),
-                "rows": len(outcome.rows), "failed": failed, "skipped": batch.skipped, "duplicates": batch.duplicates,
+                "rows": applied.rows, "failed": failed, "skipped": batch.skipped, "duplicates": applied.duplicates,
                 "audio_seconds": round(outcome.audio_seconds, 3), "rtf": round(rtf, 4) if rtf is not None else None,
                 "timings": timings,
                 "offsets": {f"{tp.partition}": r for tp, r in batch.ranges.items()},  # [first, last] handled

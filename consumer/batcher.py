@@ -17,6 +17,9 @@ from pipeline.batch import Failure, MicroBatch, SourceRef, WorkItem
 from pipeline.errors import BucketNotAllowed, CrashLoop, MalformedEvent, PermanentError
 from pipeline.events import parse_event_payload
 from pipeline.ledger import OutputLedger
+from pipeline.output import OffsetRange
+from pipeline.parquet import SourceOutcome
+from pipeline.records import TranscribedAudio
 
 
 @dataclass
@@ -24,16 +27,58 @@ class PendingBatch:
     seq: int
     items: list[WorkItem] = field(default_factory=list)
     early_failures: list[Failure] = field(default_factory=list)
-    skipped: int = 0
-    duplicates: int = 0
+    # where each skip (not a creation) and each duplicate (that version is already written) came from
+    skipped_at: list[SourceRef] = field(default_factory=list)
+    duplicate_at: list[SourceRef] = field(default_factory=list)
     ranges: dict[TopicPartition, list[int]] = field(default_factory=dict)  # tp -> [first, last]
     bytes: int = 0
     records: int = 0
     opened_at: float = field(default_factory=time.monotonic)
     newest_record_ms: int = 0  # broker timestamp of the newest record (latency metrics)
 
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_at)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.duplicate_at)
+
     def micro_batch(self) -> MicroBatch:
         return MicroBatch(self.seq, self.items)
+
+    def offset_ranges(self) -> list[OffsetRange]:
+        return [OffsetRange(tp.topic, tp.partition, a, b) for tp, (a, b) in sorted(self.ranges.items())]
+
+    def by_source(self, rows: list[TranscribedAudio], dropped: list[TranscribedAudio], failures: list[Failure],
+                  superseded: list[WorkItem]) -> list[SourceOutcome]:
+        """What each record of the batch became, by its offset: the rows to write, and the counts
+        of dead letters (`failures`), skips, duplicates (the batcher's, and `dropped` rows already
+        written) and superseded versions. A file holds a record's counts with its offset, so a
+        batch split across files keeps summary.json exact after a crash between two of them."""
+        out: dict[tuple[str, int, int], SourceOutcome] = {}
+
+        def at(topic: str, partition: int, offset: int) -> SourceOutcome:
+            o = out.get((topic, partition, offset))
+            if o is None:
+                o = out[(topic, partition, offset)] = SourceOutcome(topic, partition, offset)
+            return o
+
+        for r in rows:
+            o = at(r.kafka_topic, r.kafka_partition, r.kafka_offset)
+            o.rows.append(r)
+            o.aggregates.add_row(r)
+        for r in dropped:
+            at(r.kafka_topic, r.kafka_partition, r.kafka_offset).aggregates.duplicates += 1
+        for f in failures:
+            at(f.item.source.topic, f.item.source.partition, f.item.source.offset).aggregates.add_error(f.error.error_type)
+        for it in superseded:
+            at(it.source.topic, it.source.partition, it.source.offset).aggregates.superseded += 1
+        for ref in self.skipped_at:
+            at(ref.topic, ref.partition, ref.offset).aggregates.skipped += 1
+        for ref in self.duplicate_at:
+            at(ref.topic, ref.partition, ref.offset).aggregates.duplicates += 1
+        return list(out.values())
 
     def in_flight(self) -> dict[tuple[str, int], list[int]]:
         """Offsets whose processing could kill the process (the crash-loop breaker's markers)."""
@@ -80,15 +125,15 @@ class Batcher:
             b.early_failures.append(Failure(WorkItem(_unknown_event(), source, record.value), exc))
             return
         if not events:
-            b.skipped += 1
+            b.skipped_at.append(source)
         for ev in events:
             if not ev.is_create:
-                b.skipped += 1
+                b.skipped_at.append(source)
             elif self.allowed_buckets is not None and ev.bucket not in self.allowed_buckets:
                 b.early_failures.append(Failure(WorkItem(ev, source, record.value), BucketNotAllowed(
                     f"bucket {ev.bucket!r} is not in METAVOICE_ALLOWED_BUCKETS; nothing was downloaded")))
             elif ev.etag and self.ledger.already_written(ev.bucket, ev.key, ev.etag):
-                b.duplicates += 1
+                b.duplicate_at.append(source)
             else:
                 b.items.append(WorkItem(ev, source, record.value))
                 b.bytes += ev.size or 0

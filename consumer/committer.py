@@ -40,9 +40,7 @@ from pipeline.errors import FatalError
 from pipeline.faults import crash_point
 from pipeline.ledger import OutputLedger, object_version_hash, update_summary
 from pipeline.output import OffsetRange
-from pipeline.parquet import RollingParquetWriter
-from pipeline.records import to_table
-from pipeline.summary import Aggregates
+from pipeline.parquet import BatchAppend, RollingParquetWriter
 
 from .batcher import PendingBatch
 from .dead_letters import DeadLetterWriter
@@ -80,6 +78,14 @@ class Latencies:
         return iter(self._recent)
 
 
+@dataclass(frozen=True)
+class AppliedCounts:
+    """What one applied batch added: rows written, and duplicates (of the batcher and of `apply`)."""
+
+    rows: int
+    duplicates: int
+
+
 @dataclass
 class CommitStats:
     rows: int = 0
@@ -113,24 +119,26 @@ class OutputCommitter:
         self._aborted = False
         self._finalizing = asyncio.Lock()
 
-    async def apply(self, batch: PendingBatch, outcome: BatchOutcome) -> None:
+    async def apply(self, batch: PendingBatch, outcome: BatchOutcome) -> AppliedCounts:
+        """Write the batch's dead letters and rows; returns what it really added (rows already
+        written count as duplicates, not rows)."""
         self._refuse_after_abort()
-        rows, dups = self._drop_written(outcome)
+        rows, dropped = self._drop_written(outcome)
+        dups = len(dropped)
         failures: list[Failure] = batch.early_failures + outcome.failures
         await self.dead_letters.send(failures)
-        agg = Aggregates(skipped=batch.skipped, duplicates=batch.duplicates + dups, superseded=len(outcome.superseded))
-        for r in rows:
-            agg.add_row(r)
         for f in failures:
-            agg.add_error(f.error.error_type)
             self.stats.errors_by_type[f.error.error_type] = self.stats.errors_by_type.get(f.error.error_type, 0) + 1
-        ranges = [OffsetRange(tp.topic, tp.partition, a, b) for tp, (a, b) in sorted(batch.ranges.items())]
+        # --- issue 22: the batch is split across files at roll_max_rows / roll_max_bytes, by record
+        # (pipeline/parquet.py append_batch); each full file is finalized and committed on the way.
         # Arrow/Parquet encoding is CPU work: keep it off the event loop.
-        await asyncio.to_thread(self._append, rows, ranges, agg)
-        for r in rows:
+        part = await asyncio.to_thread(
+            BatchAppend, batch.by_source(rows, dropped, failures, outcome.superseded), batch.offset_ranges())
+        for r in rows:  # before a finalize on the way: a later batch's copy of these is a duplicate
             self.ledger.index.add(object_version_hash(r.bucket, r.id, r.etag))
-        for tp, (_, last) in batch.ranges.items():
-            self._to_commit[tp] = max(self._to_commit.get(tp, 0), last + 1)
+        while not await asyncio.to_thread(self.writer.append_batch, part):
+            await self.finalize_and_commit()
+        # --- end issue 22
         if batch.newest_record_ms:
             self._open_record_ms.append(batch.newest_record_ms)
         self.stats.rows += len(rows)
@@ -141,20 +149,19 @@ class OutputCommitter:
         self.stats.audio_seconds += outcome.audio_seconds
         if self.writer.due_to_roll():
             await self.finalize_and_commit()
-
-    def _append(self, rows, ranges, agg) -> None:
-        self.writer.append(to_table(rows), ranges, agg)
+        return AppliedCounts(rows=len(rows), duplicates=batch.duplicates + dups)
 
     def _drop_written(self, outcome: BatchOutcome):
-        rows, seen, dups = [], set(), 0
+        """(rows to write, rows dropped: their object version is already written or earlier in the batch)."""
+        rows, seen, dropped = [], set(), []
         for r in outcome.rows:
             h = object_version_hash(r.bucket, r.id, r.etag)
             if h in self.ledger.index or h in seen:
-                dups += 1
+                dropped.append(r)
                 continue
             seen.add(h)
             rows.append(r)
-        return rows, dups
+        return rows, dropped
 
     async def finalize_and_commit(self) -> None:
         if self._finalizing.locked():
@@ -181,7 +188,10 @@ class OutputCommitter:
         # 3. summary
         await asyncio.to_thread(update_summary, self.writer.output)
         crash_point("after_summary")
-        # 4. commit
+        # 4. commit what this file's footer holds (issue 22: a split batch commits file by file)
+        for r in finalized.offsets:
+            tp = TopicPartition(r.topic, r.partition)
+            self._to_commit[tp] = max(self._to_commit.get(tp, 0), r.last + 1)
         await self.commit()
         crash_point("after_commit")
 

@@ -159,6 +159,10 @@ class ConsumerMetrics:
         self.lag = Gauge("consumer_lag", "records the broker holds beyond this consumer's fetch position "
                          "(fetch highwater - position)", ["topic", "partition"], **kw)
         self.in_flight = Gauge("batches_in_flight", "micro-batches fetched but not yet applied", **kw)
+        self.ready = Gauge("ready", "1 when every /readyz check passed at the last scrape, else 0 (the checks "
+                           "are cached for READY_CACHE_S: a scrape costs at most one probe per period)", **kw)
+        self.ready_checks = Gauge("ready_check", "1 when this /readyz check passed at the last scrape, else 0",
+                                  ["check"], **kw)
         self.environment_faults = Counter("environment_faults", "batch attempts stopped by a fault that is not about "
                                           "any object (refused credentials, S3 down, a broken device), by kind",
                                           ["kind"], **kw)
@@ -240,6 +244,34 @@ class DeviceMemoryCollector:
             except Exception as exc:  # a scrape must not fail because the driver hiccuped
                 log.debug("cuda memory query failed: %s", exc)
         yield g
+
+
+class EnvironmentCollector:
+    """How close the current environment fault is to stopping the consumer, read at scrape time
+    (an alert fires before `fault_timeout_s` is reached, not after the exit):
+
+    metavoice_environment_fault_seconds          how long the current fault has lasted; 0 without one
+    metavoice_environment_fault_timeout_seconds  the limit past which the consumer exits (fault_timeout_s)
+    """
+
+    def __init__(self, watch: Callable[[], "FaultWatch"]) -> None:
+        self.watch = watch
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return self._families(None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        return self._families(self.watch())
+
+    @staticmethod
+    def _families(w: "FaultWatch | None") -> Iterator[GaugeMetricFamily]:
+        lasted = None
+        if w is not None:
+            lasted = 0.0 if w.since is None else max(0.0, time.monotonic() - w.since)
+        yield GaugeMetricFamily(f"{NAMESPACE}_environment_fault_seconds", "how long the current environment fault "
+                                "has lasted (0 without one)", value=lasted)
+        yield GaugeMetricFamily(f"{NAMESPACE}_environment_fault_timeout_seconds", "fault_timeout_s: an environment "
+                                "fault lasting this long stops the consumer", value=w.timeout_s if w else None)
 
 
 class PrefectCollector:
@@ -335,8 +367,10 @@ class Readiness:
 
 # --- the HTTP server -------------------------------------------------------------------------
 class OperationsServer:
-    def __init__(self, registry: CollectorRegistry, readiness: Readiness, before_scrape: Callable[[], None]) -> None:
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness, before_scrape: Callable[[], None],
+                 on_readiness: Callable[[bool, dict[str, dict[str, Any]]], None] | None = None) -> None:
         self.registry = registry
+        self.on_readiness = on_readiness
         self.readiness = readiness
         self.before_scrape = before_scrape
         self.port: int | None = None
@@ -371,6 +405,9 @@ class OperationsServer:
             self.before_scrape()
         except Exception as exc:  # stale numbers beat no numbers
             log.warning("metrics sync before scrape failed: %s", exc)
+        if self.on_readiness is not None:  # Prometheus cannot read /readyz: a scrape carries its answer
+            ok, report = await self.readiness.evaluate()
+            self.on_readiness(ok, report)
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -393,6 +430,7 @@ class Operations:
         self.metrics.in_flight.set_function(lambda: max(0, app.in_flight))
         self.metrics.registry.register(DeviceMemoryCollector(self._on_cuda))
         self.metrics.registry.register(PrefectCollector())
+        self.metrics.registry.register(EnvironmentCollector(lambda: app.environment))
         self.readiness = Readiness({"broker": self._broker_ready, "s3": self._s3_ready, "models": self._models_ready,
                                     "environment": self._environment_ready})
         self.server: OperationsServer | None = None
@@ -410,7 +448,7 @@ class Operations:
     async def running(self):
         port = self.app.settings.metrics_port
         if port is not None:
-            self.server = OperationsServer(self.registry, self.readiness, self.sync)
+            self.server = OperationsServer(self.registry, self.readiness, self.sync, self._set_ready)
             await self.server.start(port)
         sampler = asyncio.create_task(self._sample_loop(), name="operations-sampler")
         try:
@@ -422,6 +460,11 @@ class Operations:
             self.sync()
             if self.server is not None:
                 await self.server.stop()
+
+    def _set_ready(self, ok: bool, report: dict[str, dict[str, Any]]) -> None:
+        self.metrics.ready.set(1.0 if ok else 0.0)
+        for name, answer in report.items():
+            self.metrics.ready_checks.labels(name).set(1.0 if answer["ok"] else 0.0)
 
     def observe_batch(self, batch: "PendingBatch", outcome: BatchOutcome, stats: "CommitStats") -> None:
         """An `on_batch_done` observer: the consumer subscribes it."""

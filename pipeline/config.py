@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .timeutil import parse_iso_time
@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = None
     # Well under aiokafka's max_poll_interval_ms (300 s): a slow batch must never look dead.
     kafka_session_timeout_ms: int = 30_000
+    # Static membership (KIP-345): a restarted member with the same id gets its partitions back
+    # without a rebalance (on Tansu, without waiting for the departed member; docs in README).
+    kafka_group_instance_id: str | None = None
     # How long producers and the consumer wait for the broker to answer at start-up (compose
     # starts everything at once), before they exit naming the address they tried.
     kafka_connect_timeout_s: float = Field(300.0, gt=0)
@@ -83,11 +86,17 @@ class Settings(BaseSettings):
     batch_max_events: int = Field(32, ge=1)
     # Under a backlog (all pipeline_depth batches in flight, or a fetch came back full) a micro-batch
     # grows to this many events (still within batch_max_bytes and the linger): fewer flow runs per
-    # event when it matters, for more audio in flight (docs/benchmarks.md: backlog memory).
+    # event when it matters, for more audio in flight (docs/benchmarks.md: backlog memory). A
+    # batch_max_events the user set is a bound (GPU memory, latency): unless this is set too, it
+    # takes batch_max_events's value (`_derive_defaults`).
     batch_max_events_backlog: int = Field(256, ge=1)
     batch_max_bytes: int = Field(256 * 1024 * 1024, ge=1)
     batch_linger_ms: int = Field(500, ge=0)
+    # A file never holds more than roll_max_rows rows nor roll_max_bytes bytes of rows (a micro-batch
+    # is split across files; one event's rows always stay in one file - see pipeline/parquet.py).
     roll_max_rows: int = Field(10_000, ge=1)
+    # Measured as the rows' Arrow size (uncompressed): the Parquet file is smaller, plus its footer.
+    roll_max_bytes: int = Field(512 * 1024 * 1024, ge=1)
     roll_max_seconds: float = Field(300.0, gt=0)
     exit_when_idle: float | None = None
     shutdown_timeout: float = Field(120.0, gt=0)
@@ -187,11 +196,25 @@ class Settings(BaseSettings):
     def _level_any_case(cls, v: Any) -> Any:
         return v.strip().upper() if isinstance(v, str) and v.strip().upper() in get_args(LogLevel) else v
 
+    # Fields `_derive_defaults` filled in from others (not given by the user): `explicit()` leaves them out.
+    _derived: frozenset[str] = PrivateAttr(default=frozenset())
+
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":
+        given = set(self.model_fields_set)  # passed in code, or found in the environment / .env
+        derived = set()
         if not self.dlq_topic:
             self.dlq_topic = f"{self.topic}.dlq"
+            derived.add("dlq_topic")
+        if "batch_max_events" in given and "batch_max_events_backlog" not in given:
+            self.batch_max_events_backlog = self.batch_max_events
+            derived.add("batch_max_events_backlog")
+        self._derived = frozenset(derived)
         return self
+
+    def explicit(self) -> frozenset[str]:
+        """The settings the user chose (code, environment, .env, flags); the rest are defaults or derived."""
+        return frozenset(self.model_fields_set - self._derived)
 
     def allowed_bucket_set(self) -> frozenset[str] | None:
         """Buckets events may name; None: any."""
@@ -211,11 +234,13 @@ class Settings(BaseSettings):
         given = {k: v for k, v in overrides.items() if v is not None}
         if not given:
             return self
-        data = self.model_dump()
+        # Only what was chosen is carried over: defaults and derived values derive again from the
+        # new choices (an explicit batch size caps the backlog size unless that was chosen too).
+        data = {k: getattr(self, k) for k in self.explicit()}
         data.update(given)
         if "topic" in given and "dlq_topic" not in given and self.dlq_topic == f"{self.topic}.dlq":
-            data["dlq_topic"] = ""
-        return type(self).model_validate(data)
+            data.pop("dlq_topic", None)
+        return type(self)(**data)  # (model_validate would drop the private `_derived`)
 
     # --- derived views used by the clients --------------------------------------------
     def s3_client_kwargs(self) -> dict[str, Any]:

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from .faults import crash_point
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write beside (a unique temp name), fsync, rename over, fsync the directory."""
+    """Write beside (a unique temp name), fsync, rename over, fsync the directory.
+
+    The file gets the process umask's mode, like the Parquet files beside it (0644 under umask
+    022): summary.json, README.md and _manifest.json are for readers. (mkstemp's 0600 made them
+    unreadable to anyone else on a shared volume.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data[: len(data) // 2])
@@ -31,6 +35,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def _create_beside(path: Path) -> tuple[int, str]:
+    """A new hidden temp file next to `path`, created 0666 minus the umask (the kernel applies it:
+    no umask() call, which would change it for every thread for a moment)."""
+    for _ in range(100):
+        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def fsync_dir(directory: Path) -> None:

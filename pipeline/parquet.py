@@ -1,8 +1,13 @@
 """Rolling Parquet files that are either whole or invisible.
 
 A file is written in the output's local spool as `….parquet.inprogress` (never under `data/`),
-one row group per micro-batch, and rolls on rows or age. Finalizing follows one order, each step
-a typed failure:
+one row group per micro-batch (or per piece of one), and rolls on rows, bytes or age. The limits
+hold: a file never holds more than `roll_max_rows` rows nor `roll_max_bytes` of them (the rows'
+Arrow size, uncompressed, known before they are written: the Parquet file is smaller, plus its
+footer). A micro-batch that does not fit is split across files (`append_batch`), each footer holding
+exactly the offsets of its own part. The unit of the split is one source record: its rows (one
+event's, or in utterances mode many) always stay in one file, so one record whose rows alone pass a
+limit gets a file of its own. Finalizing follows one order, each step a typed failure:
 
     1. write the footer: rows + the source offset ranges and aggregates of the epoch
     2. close and fsync the spooled file
@@ -35,12 +40,94 @@ from .output import Output, as_output
 from .output.footer import FileFooter, OffsetRange, footer_metadata
 from .output.layout import INPROGRESS_SUFFIX, part_name
 from .output.store import discard
-from .records import SCHEMA
+from .records import SCHEMA, TranscribedAudio, to_table
 from .summary import Aggregates
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RollingParquetWriter", "OffsetRange", "FileFooter"]
+__all__ = ["RollingParquetWriter", "OffsetRange", "FileFooter", "SourceOutcome", "BatchAppend"]
+
+
+@dataclass
+class SourceOutcome:
+    """What one source record (topic, partition, offset) became: its rows, and the counts of what
+    made no row (dead letters, skips, duplicates). The unit a micro-batch is split by."""
+
+    topic: str
+    partition: int
+    offset: int
+    rows: list[TranscribedAudio] = field(default_factory=list)
+    aggregates: Aggregates = field(default_factory=Aggregates)
+
+
+class BatchAppend:
+    """One micro-batch on its way into files: its outcomes in (topic, partition, offset) order,
+    converted to Arrow once, and how far `RollingParquetWriter.append_batch` has got.
+
+    A part written to one file gets, per partition, the offsets from where the previous part
+    stopped to its last record's (the part holding a partition's last record ends at the batch's
+    last offset of it): the footers of a split batch cover its ranges exactly, without gap or
+    overlap, and every earlier file holds lower offsets - a crash between two of them resumes
+    after the first, as recovery expects."""
+
+    def __init__(self, outcomes: list[SourceOutcome], ranges: list[OffsetRange]) -> None:
+        self.ranges = {(r.topic, r.partition): r for r in ranges}
+        merged: dict[tuple[str, int, int], SourceOutcome] = {}
+        for o in outcomes:
+            if (o.topic, o.partition) not in self.ranges or not (
+                    self.ranges[(o.topic, o.partition)].first <= o.offset <= self.ranges[(o.topic, o.partition)].last):
+                raise ValueError(f"{o.topic}[{o.partition}]@{o.offset} is outside the batch's offsets")
+            have = merged.get((o.topic, o.partition, o.offset))
+            if have is None:
+                merged[(o.topic, o.partition, o.offset)] = SourceOutcome(
+                    o.topic, o.partition, o.offset, list(o.rows), _copy(o.aggregates))
+            else:  # several events of one message: still one record
+                have.rows.extend(o.rows)
+                have.aggregates.merge(o.aggregates)
+        self.units = [merged[k] for k in sorted(merged)]
+        self.table = to_table([r for u in self.units for r in u.rows])
+        self._starts: list[int] = []
+        n = 0
+        for u in self.units:
+            self._starts.append(n)
+            n += len(u.rows)
+        self._nbytes = [self.table.slice(a, len(u.rows)).nbytes if u.rows else 0 for a, u in zip(self._starts, self.units)]
+        self._last_unit = {(u.topic, u.partition): i for i, u in enumerate(self.units)}
+        self._next_first = {k: r.first for k, r in self.ranges.items()}
+        self.done = 0  # units already appended
+
+    def size(self, i: int) -> tuple[int, int]:
+        """Rows and Arrow bytes of unit `i`."""
+        return len(self.units[i].rows), self._nbytes[i]
+
+    def take(self, j: int) -> tuple[pa.Table, list[OffsetRange], Aggregates]:
+        """Units [done, j) as one part; the last part (j == all) also holds partitions with no unit."""
+        i, final = self.done, j == len(self.units)
+        spans: dict[tuple[str, int], list[int]] = {}
+        agg = Aggregates()
+        for k in range(i, j):
+            u = self.units[k]
+            key = (u.topic, u.partition)
+            last = self.ranges[key].last if k == self._last_unit[key] else u.offset
+            spans.setdefault(key, [self._next_first[key], last])[1] = last
+            agg.merge(u.aggregates)
+        if final:
+            for key, r in self.ranges.items():
+                if key not in self._last_unit:
+                    spans[key] = [r.first, r.last]
+        for key, (_, last) in spans.items():
+            self._next_first[key] = last + 1
+        start = self._starts[i] if i < len(self.units) else self.table.num_rows
+        end = self._starts[j] if j < len(self.units) else self.table.num_rows
+        self.done = j
+        ranges = [OffsetRange(t, p, a, b) for (t, p), (a, b) in sorted(spans.items())]
+        return self.table.slice(start, end - start), ranges, agg
+
+
+def _copy(a: Aggregates) -> Aggregates:
+    out = Aggregates()
+    out.merge(a)
+    return out
 
 
 @dataclass
@@ -50,14 +137,18 @@ class _OpenFile:
     writer: pq.ParquetWriter
     opened_at: float
     rows: int = 0
+    bytes: int = 0  # the rows' Arrow size (what roll_max_bytes bounds)
+    full: bool = False  # the next record's rows do not fit: finalize before appending more
     ranges: dict[tuple[str, int], OffsetRange] = field(default_factory=dict)
     aggregates: Aggregates = field(default_factory=Aggregates)
 
 
 class RollingParquetWriter:
-    def __init__(self, output: Output | str | Path, roll_max_rows: int, roll_max_seconds: float, compression: str = "zstd") -> None:
+    def __init__(self, output: Output | str | Path, roll_max_rows: int, roll_max_seconds: float, compression: str = "zstd",
+                 roll_max_bytes: int | None = None) -> None:
         self.output = as_output(output)
         self.roll_max_rows = roll_max_rows
+        self.roll_max_bytes = roll_max_bytes if roll_max_bytes is not None else 1 << 62  # None: no bound
         self.roll_max_seconds = roll_max_seconds
         self.compression = compression
         self.writer_id = uuid.uuid4().hex[:8]  # several consumers may share a directory
@@ -72,8 +163,28 @@ class RollingParquetWriter:
             self._liveness = None
 
     # --- appending -------------------------------------------------------------------
+    def append_batch(self, batch: BatchAppend) -> bool:
+        """Append as much of `batch` as the open file has room for; True when all of it is in.
+        False: the file is full - finalize it, then call again with the same `batch`."""
+        f = self._open or self._start_file()
+        j, rows, size = batch.done, f.rows, f.bytes
+        while j < len(batch.units):
+            n, b = batch.size(j)
+            if n and (rows + n > self.roll_max_rows or size + b > self.roll_max_bytes):
+                if rows:  # the record's rows go to the next file, all of them
+                    f.full = True
+                    break
+                # an empty file takes them whatever their size: one record's rows never span two files
+                j, rows, size = j + 1, rows + n, size + b
+                break
+            j, rows, size = j + 1, rows + n, size + b
+        if j > batch.done or j == len(batch.units):
+            self.append(*batch.take(j))
+        return batch.done == len(batch.units)
+
     def append(self, table: pa.Table, ranges: list[OffsetRange], aggregates: Aggregates) -> None:
-        """Add one micro-batch: its rows, the offsets it handled, and its aggregates."""
+        """Add one micro-batch as a whole (no split: `append_batch` splits): its rows, the offsets
+        it handled, and its aggregates."""
         f = self._open or self._start_file()
         try:
             if table.num_rows:
@@ -81,6 +192,7 @@ class RollingParquetWriter:
         except OSError as exc:
             raise OutputWriteFailed(f"writing {f.path} failed: {exc}") from exc
         f.rows += table.num_rows
+        f.bytes += table.nbytes
         f.aggregates.merge(aggregates)
         for r in ranges:
             key = (r.topic, r.partition)
@@ -101,7 +213,8 @@ class RollingParquetWriter:
         if f is None:
             return False
         now = time.monotonic() if now is None else now
-        return f.rows >= self.roll_max_rows or (now - f.opened_at) >= self.roll_max_seconds
+        return (f.full or f.rows >= self.roll_max_rows or f.bytes >= self.roll_max_bytes
+                or (now - f.opened_at) >= self.roll_max_seconds)
 
     def seconds_until_roll(self, now: float | None = None) -> float | None:
         if self._open is None:

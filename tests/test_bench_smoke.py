@@ -68,10 +68,16 @@ def test_quick_bench_measures_the_streams_ceiling_on_every_event_with_prefect_re
     assert on["task_runs_per_1000_events"] > 0  # transcription off: one task run (tokenize) per flow run
     assert off["flow_runs_per_1000_events"] == 0
     assert report["ratios"]["stream-ceiling/io-floor"] > 0
+    assert report["ratios"]["stream-ceiling/plain-floor"] > 0  # both yardsticks in one run
+    assert report["ratios"]["stream-ceiling-backfill/plain-floor"] > 0 and report["ratios"]["stream-ceiling-backfill/io-floor"] > 0
+    assert ceiling["stream-ceiling-backfill"]["details"]["backfill_seconds"] > 0
+    assert report["targets"]["stream-ceiling-backfill/plain-floor"]["measured"] is not None
+    plain = ceiling["plain-floor"]
+    assert plain["details"]["download_concurrency"] == 8 and plain["audio_seconds"] == pytest.approx(ceiling["io-floor"]["audio_seconds"], rel=0.01)
     assert report["ratios"]["stream-ceiling/stream-ceiling-no-prefect"] > 0
     assert report["ratios"]["stream-ceiling-s3-output/stream-ceiling"] > 0
     assert ceiling["stream-ceiling-s3-output"]["details"]["output"].startswith("s3://")
-    assert "stream-ceiling/io-floor =" in proc.stdout
+    assert "stream-ceiling/io-floor =" in proc.stdout and "stream-ceiling-backfill/plain-floor =" in proc.stdout
 
 
 def test_backlog_pass_compares_a_full_backlog_with_the_in_flight_batches_alone(tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from pipeline.errors import OutputWriteFailed
 from pipeline.output import LocalOutput, OffsetRange
-from pipeline.parquet import RollingParquetWriter
+from pipeline.parquet import BatchAppend, RollingParquetWriter, SourceOutcome
 from pipeline.records import SCHEMA, Segment, TranscribedAudio, to_table, tokens_from_column
 from pipeline.summary import Aggregates
 
@@ -123,3 +124,79 @@ def test_crashed_writers_inprogress_files_are_discarded_live_ones_kept(tmp_path)
     removed = LocalOutput(tmp_path).discard_orphans()
     assert removed == [orphan.name] and not orphan.exists()
     assert live._open.path.exists()  # noqa: SLF001
+
+
+# --- limits that hold: a batch split across files (issue 22) ---------------------------------------
+def outcome(r: TranscribedAudio) -> SourceOutcome:
+    o = SourceOutcome(r.kafka_topic, r.kafka_partition, r.kafka_offset, [r])
+    o.aggregates.add_row(r)
+    return o
+
+
+def at(p: int, i: int, **kw) -> TranscribedAudio:
+    return replace(row(i, **kw), id=f"p{p}-k{i}.flac", kafka_partition=p)
+
+
+def write_batch(w: RollingParquetWriter, outcomes, ranges) -> list:
+    """What the committer does: append, finalizing each full file, until the whole batch is in."""
+    part, done = BatchAppend(outcomes, ranges), []
+    while not w.append_batch(part):
+        done.append(w.finalize())
+    return done
+
+
+def test_a_batch_is_split_at_roll_max_rows_with_footers_holding_exactly_each_files_offsets(tmp_path):
+    out = LocalOutput(tmp_path)
+    w = RollingParquetWriter(out, roll_max_rows=3, roll_max_seconds=60)
+    # partition 0: rows at 0-4, a dead letter at 5; partition 1: rows at 10-12, a skip at 13
+    outcomes = [outcome(at(0, i)) for i in range(5)] + [outcome(at(1, i)) for i in (10, 11, 12)]
+    dead, skip = SourceOutcome("t", 0, 5), SourceOutcome("t", 1, 13)
+    dead.aggregates.add_error("NotAudio")
+    skip.aggregates.skipped += 1
+    done = write_batch(w, outcomes + [dead, skip], [OffsetRange("t", 0, 0, 5), OffsetRange("t", 1, 10, 13)])
+    done.append(w.finalize())
+
+    footers = [out.read_footer(n) for n in out.finalized()]
+    assert [f.rows for f in footers] == [3, 3, 2]
+    assert [[(r.partition, r.first, r.last) for r in f.offsets] for f in footers] == [
+        [(0, 0, 2)], [(0, 3, 5), (1, 10, 10)], [(1, 11, 13)]]
+    for f in footers:  # every row lies in its own file's footer ranges, and each file's counts go with it
+        rows = out.read_columns(f.name, ["kafka_partition", "kafka_offset"]).to_pylist()
+        assert all(any(r.partition == x["kafka_partition"] and r.first <= x["kafka_offset"] <= r.last
+                       for r in f.offsets) for x in rows)
+        assert f.aggregates.files == f.rows
+    assert [dict(f.aggregates.errors) for f in footers] == [{}, {"NotAudio": 1}, {}]
+    assert [f.aggregates.skipped for f in footers] == [0, 0, 1]
+
+
+def test_one_records_rows_stay_in_one_file_even_when_they_alone_pass_roll_max_rows(tmp_path):
+    """Utterances mode: one event, many rows. They never span two files; too many get a file of their own."""
+    out = LocalOutput(tmp_path)
+    w = RollingParquetWriter(out, roll_max_rows=3, roll_max_seconds=60)
+    first = [outcome(at(0, 0)), outcome(at(0, 1))]
+    many = SourceOutcome("t", 0, 2, [replace(at(0, 2), id=f"utt{j}") for j in range(5)])
+    for r in many.rows:
+        many.aggregates.add_row(r)
+    write_batch(w, first + [many, outcome(at(0, 3))], [OffsetRange("t", 0, 0, 3)])
+    w.finalize()
+
+    footers = [out.read_footer(n) for n in out.finalized()]
+    assert [f.rows for f in footers] == [2, 5, 1]
+    assert [[(r.first, r.last) for r in f.offsets] for f in footers] == [[(0, 1)], [(2, 2)], [(3, 3)]]
+    assert set(out.read_columns(footers[1].name, ["kafka_offset"]).column(0).to_pylist()) == {2}
+
+
+def test_a_file_is_bounded_by_roll_max_bytes_of_rows(tmp_path):
+    out = LocalOutput(tmp_path)
+    one = to_table([at(0, 0, frames=3000)]).nbytes  # tokens 8 x 3000 int16: ~48 KB of Arrow per row
+    bound = int(one * 3.5)
+    w = RollingParquetWriter(out, roll_max_rows=10_000, roll_max_seconds=60, roll_max_bytes=bound)
+    write_batch(w, [outcome(at(0, i, frames=3000)) for i in range(10)], [OffsetRange("t", 0, 0, 9)])
+    w.finalize()
+
+    names = out.finalized()
+    assert [out.read_footer(n).rows for n in names] == [3, 3, 3, 1]
+    for n in names:
+        assert pq.read_table(tmp_path / "data" / n).nbytes <= bound
+        assert (tmp_path / "data" / n).stat().st_size <= bound  # compressed rows plus the footer
+    assert [(r.first, r.last) for n in names for r in out.read_footer(n).offsets] == [(0, 2), (3, 5), (6, 8), (9, 9)]
