@@ -206,7 +206,13 @@ class StreamConsumer:
         stack.callback(writer.close)
         limits = DeadLetterLimits(max_record_bytes=st.dlq_max_record_bytes,
                                   max_event_bytes=min(DeadLetterLimits().max_event_bytes, st.dlq_max_record_bytes // 4))
-        self.committer = OutputCommitter(consumer, writer, self.ledger, DeadLetterWriter(dlq_producer, st.dlq_topic, limits))
+        # group-less: where the DLQ ends before a file's dead letters go out, and a restart's read-back
+        dlq_reader = make_consumer(st, group_id=None, group_instance_id=None, enable_auto_commit=False,
+                                   auto_offset_reset="earliest")
+        await start_when_broker_is_up(dlq_reader, st)
+        stack.push_async_callback(dlq_reader.stop)
+        self.committer = OutputCommitter(consumer, writer, self.ledger,
+                                         DeadLetterWriter(dlq_producer, st.dlq_topic, limits, reader=dlq_reader))
         self.batcher = Batcher(self.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms,
                                allowed_buckets=st.allowed_bucket_set(), max_events_per_message=st.max_events_per_message,
                                backlog_max_events=st.batch_max_events_backlog)
@@ -483,6 +489,8 @@ class StreamConsumer:
             await asyncio.to_thread(self.guard.load, assigned, starts)  # type: ignore[union-attr]
             log.info("partitions assigned: %s; starting at %s", _fmt(assigned), {f"{tp.partition}": o for tp, o in sorted(starts.items())})
             if plan.lagging and self.committer is not None:
+                # a crash between a file and its commit: its dead letters may not have been sent
+                await self.committer.resend_dead_letters({tp: committed.get(tp) for tp in plan.lagging})
                 log.info("committing offsets the files hold but the broker lacks: %s",
                          {f"{tp.partition}": o for tp, o in plan.lagging.items()})
                 await self.committer.commit_recovered(plan.lagging)

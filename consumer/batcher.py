@@ -9,6 +9,7 @@ than `max_events_per_message` events, an event for a bucket outside the allowed 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -18,6 +19,7 @@ from pipeline.errors import BucketNotAllowed, CrashLoop, MalformedEvent, Permane
 from pipeline.events import parse_event_payload
 from pipeline.ledger import OutputLedger
 from pipeline.output import OffsetRange
+from pipeline.output.footer import PendingDeadLetter
 from pipeline.parquet import SourceOutcome
 from pipeline.records import TranscribedAudio
 
@@ -51,7 +53,8 @@ class PendingBatch:
         return [OffsetRange(tp.topic, tp.partition, a, b) for tp, (a, b) in sorted(self.ranges.items())]
 
     def by_source(self, rows: list[TranscribedAudio], dropped: list[TranscribedAudio], failures: list[Failure],
-                  superseded: list[WorkItem]) -> list[SourceOutcome]:
+                  superseded: list[WorkItem],
+                  encode: Callable[[Failure], tuple[bytes, bytes]] | None = None) -> list[SourceOutcome]:
         """What each record of the batch became, by its offset: the rows to write, and the counts
         of dead letters (`failures`), skips, duplicates (the batcher's, and `dropped` rows already
         written) and superseded versions. A file holds a record's counts with its offset, so a
@@ -71,7 +74,11 @@ class PendingBatch:
         for r in dropped:
             at(r.kafka_topic, r.kafka_partition, r.kafka_offset).aggregates.duplicates += 1
         for f in failures:
-            at(f.item.source.topic, f.item.source.partition, f.item.source.offset).aggregates.add_error(f.error.error_type)
+            src = f.item.source
+            o = at(src.topic, src.partition, src.offset)
+            o.aggregates.add_error(f.error.error_type)
+            if encode is not None:  # the file holding this offset carries the dead letter (footer.py)
+                o.dead_letters.append(PendingDeadLetter(src.topic, src.partition, src.offset, *encode(f)))
         for it in superseded:
             at(it.source.topic, it.source.partition, it.source.offset).aggregates.superseded += 1
         for ref in self.skipped_at:

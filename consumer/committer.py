@@ -1,23 +1,27 @@
 """The commit path: batch outcomes in, durable files and committed offsets out.
 
 Outcomes are applied strictly in batch order (batches may finish out of order). For each:
-drop object versions already written, write dead letters (acknowledged), append rows to the
-open file. When the file is due to roll - or on revoke, shutdown, idle exit - `finalize_and_commit`
-runs its steps in this order, each failure typed:
+drop object versions already written, append rows - and the encoded dead letters of the records
+that made none - to the open file. When the file is due to roll - or on revoke, shutdown, idle
+exit - `finalize_and_commit` runs its steps in this order, each failure typed:
 
-    1. finalize the file (footer with offset ranges, fsync, fenced publish:      OutputWriteFailed
-       rename + fsync dir, or an upload to the object store)                    Fenced
+    1. finalize the file (footer with offset ranges, dead letters and the DLQ's   OutputWriteFailed
+       marks, fsync, fenced publish: rename + fsync dir, or an upload)            Fenced
     2. learn it in the ledger (offsets, object versions)
     3. bring summary.json up to date (compare-and-swap)                         OutputWriteFailed
-    4. commit the offsets the file covers                                        (logged: the file
+    4. send the file's dead letters (acknowledged)                              DeadLetterFailed
+    5. commit the offsets the file covers                                        (logged: the file
                                                                                   already proves them)
-A failure before step 4 never commits: a restart resumes from the files. One finalize runs at a
+A failure before step 5 never commits: a restart resumes from the files. One finalize runs at a
 time (`_finalizing`): a revoke that arrives while the roll timer's finalize is renaming waits for
 its commit, so the partitions reach their next owner with the files and the broker up to date.
 Step 1 refuses a file whose offsets another consumer's finalized file already holds (`Fenced`):
 a consumer that lost its partitions never finalizes or commits rows for them.
 
-Offsets reach the broker one way (`_send`), for three reasons: step 4 (`commit`), and at an
+A crash between steps 1 and 5 leaves the file ahead of the broker: the partition's next owner
+sends the dead letters the DLQ lacks (`resend_dead_letters`), then commits what the file holds.
+
+Offsets reach the broker one way (`_send`), for three reasons: step 5 (`commit`), and at an
 assignment the offsets finalized files hold but the broker lacks (`commit_recovered`) and where a
 rewind starts (`commit_rewind`). A failed commit is logged, never raised: the files are the proof.
 """
@@ -126,14 +130,15 @@ class OutputCommitter:
         rows, dropped = self._drop_written(outcome)
         dups = len(dropped)
         failures: list[Failure] = batch.early_failures + outcome.failures
-        await self.dead_letters.send(failures)
+        # dead letters travel in the file that covers their offsets and are sent once it is durable
         for f in failures:
             self.stats.errors_by_type[f.error.error_type] = self.stats.errors_by_type.get(f.error.error_type, 0) + 1
         # --- issue 22: the batch is split across files at roll_max_rows / roll_max_bytes, by record
         # (pipeline/parquet.py append_batch); each full file is finalized and committed on the way.
         # Arrow/Parquet encoding is CPU work: keep it off the event loop.
         part = await asyncio.to_thread(
-            BatchAppend, batch.by_source(rows, dropped, failures, outcome.superseded), batch.offset_ranges())
+            BatchAppend, batch.by_source(rows, dropped, failures, outcome.superseded, self.dead_letters.encode),
+            batch.offset_ranges())
         for r in rows:  # before a finalize on the way: a later batch's copy of these is a duplicate
             self.ledger.index.add(object_version_hash(r.bucket, r.id, r.etag))
         while not await asyncio.to_thread(self.writer.append_batch, part):
@@ -175,7 +180,9 @@ class OutputCommitter:
         self._refuse_after_abort()
         # 1. finalize: footer, fsync, fencing check + publish (rename or upload)
         crash_point("before_finalize")
-        finalized = await asyncio.to_thread(self.writer.finalize, self._fence)
+        # where the DLQ ends before this file's dead letters are sent: a restart reads back from there
+        marks = await self.dead_letters.marks() if self.writer.holds_dead_letters else None
+        finalized = await asyncio.to_thread(self.writer.finalize, self._fence, marks)
         if finalized is None:
             return
         crash_point("after_rename")
@@ -188,7 +195,10 @@ class OutputCommitter:
         # 3. summary
         await asyncio.to_thread(update_summary, self.writer.output)
         crash_point("after_summary")
-        # 4. commit what this file's footer holds (issue 22: a split batch commits file by file)
+        # 4. the dead letters the file carries (acknowledged; a restart sends any that are missing)
+        await self.dead_letters.send_pending(finalized.dead_letters)
+        crash_point("after_dead_letters")
+        # 5. commit what this file's footer holds (issue 22: a split batch commits file by file)
         for r in finalized.offsets:
             tp = TopicPartition(r.topic, r.partition)
             self._to_commit[tp] = max(self._to_commit.get(tp, 0), r.last + 1)
@@ -212,6 +222,15 @@ class OutputCommitter:
                 raise AssertionError(f"refusing to commit {tp} at {off} below {prev}")
         if await self._send(offsets, "offset commit", "the finalized files still hold the positions"):
             self.stats.commits += 1
+
+    async def resend_dead_letters(self, partitions: dict[TopicPartition, int | None]) -> int:
+        """At an assignment, before `commit_recovered`: the dead letters of finalized files ahead
+        of the broker's commit (`partitions`: tp -> committed offset) that the DLQ lacks, sent."""
+        names = sorted({n for tp, off in partitions.items() for n in self.ledger.dead_letter_files(tp.topic, tp.partition, off)})
+        if not names:
+            return 0
+        footers = [await asyncio.to_thread(self.writer.output.read_footer, n) for n in names]
+        return await self.dead_letters.resend_missing(footers)
 
     async def commit_recovered(self, offsets: dict[TopicPartition, int]) -> None:
         """Offsets that finalized files already hold but the broker lacks (a crash between a
@@ -240,6 +259,8 @@ class OutputCommitter:
             log.warning("%s failed (%s); %s", what, exc, otherwise)
             return False
         self._committed_check.update(offsets)
+        for tp, off in offsets.items():
+            self.ledger.settle(tp.topic, tp.partition, off)
         return True
 
     def forget(self, partitions: set[TopicPartition]) -> None:

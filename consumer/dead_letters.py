@@ -12,11 +12,16 @@ consumer's context says where the input came from:
 the message held none; `error_type` is the class name of the `PermanentError`.
 
 The message key names the source position and the object: `topic:partition:offset:bucket/key`.
-One message may hold several events (an S3 `Records[]` list), hence the object part. Dead
-letters are at-least-once today (issue 19 item 4): one written before a crash, fence or drain
-timeout that came before its covering file was finalized is written again by the restart, with
-the same key, so a reader can recognise the copy. The topic is created with
-`cleanup.policy=delete` (broker/topics.py), never compacted: nothing on the broker removes it. When that key's UTF-8
+One message may hold several events (an S3 `Records[]` list), hence the object part.
+
+Exactly once, durable together with the rows: a dead letter is not sent when its batch is
+applied but carried in the footer of the file that covers its offset (pipeline/output/footer.py),
+and sent after that file is durable, before its offsets are committed. A crash, fence or drain
+timeout before the file is durable loses the file and its dead letters together (the restart
+decides the input again: one row or one dead letter). A crash after it leaves the file ahead of
+the broker's commit; the next owner of the partition reads the topic from the marks the footer
+holds (`resend_missing`) and sends only the dead letters not found there. The topic is created
+with `cleanup.policy=delete` (broker/topics.py), never compacted. When that key's UTF-8
 would exceed `max_key_bytes`, or the object's name is not valid UTF-8 (a lone surrogate), the
 object part becomes `sha256:<hex of "bucket/key">`: `topic:partition:offset:sha256:<hex>`; it
 holds no `/`, so it is never mistaken for an object name. When even that does not fit, or is
@@ -29,15 +34,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
+from collections import Counter
 from datetime import datetime
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
 
 from broker.dead_letter import DEFAULT_LIMITS, DeadLetterLimits, readable_key
 from broker.dead_letter import dead_letter_record as bounded_record
 from pipeline.batch import Failure, WorkItem
 from pipeline.errors import DeadLetterFailed
+from pipeline.output.footer import FileFooter, PendingDeadLetter
+
+log = logging.getLogger(__name__)
+
+READ_BACK_SECONDS = 60.0  # reading the DLQ back from a footer's marks: a restart's one-off, bounded
 
 __all__ = ["DEFAULT_LIMITS", "DeadLetterLimits", "DeadLetterWriter", "dead_letter_key", "dead_letter_record",
            "encode_dead_letter", "event_bytes"]
@@ -83,20 +97,97 @@ def event_bytes(item: WorkItem) -> bytes:
 
 
 class DeadLetterWriter:
-    def __init__(self, producer: AIOKafkaProducer, topic: str, limits: DeadLetterLimits = DEFAULT_LIMITS) -> None:
+    """Encodes, sends and - after a crash - reconciles the consumer's dead letters.
+
+    `reader` is a group-less consumer of the dead-letter topic (`make_consumer(settings,
+    group_id=None)`): it answers where the topic ends (`marks`) and reads it back (`resend_missing`)."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, limits: DeadLetterLimits = DEFAULT_LIMITS,
+                 reader: AIOKafkaConsumer | None = None) -> None:
         self.producer = producer
         self.topic = topic
         self.limits = limits
+        self.reader = reader
+
+    def encode(self, f: Failure) -> tuple[bytes, bytes]:
+        return encode_dead_letter(f, self.limits)
 
     async def send(self, failures: list[Failure]) -> None:
         """Returns once the broker acknowledged every dead letter; raises DeadLetterFailed otherwise."""
-        if not failures:
+        await self.send_pending([PendingDeadLetter(f.item.source.topic, f.item.source.partition,
+                                                   f.item.source.offset, *self.encode(f)) for f in failures])
+
+    async def send_pending(self, pending: list[PendingDeadLetter]) -> None:
+        """Send encoded dead letters; returns once the broker acknowledged each (DeadLetterFailed otherwise)."""
+        if not pending:
             return
         try:
-            futures = []
-            for f in failures:
-                key, value = encode_dead_letter(f, self.limits)
-                futures.append(await self.producer.send(self.topic, value, key=key))
+            futures = [await self.producer.send(self.topic, d.value, key=d.key) for d in pending]
             await asyncio.gather(*futures)
         except Exception as exc:
-            raise DeadLetterFailed(f"could not write {len(failures)} dead letters to {self.topic}: {exc}") from exc
+            raise DeadLetterFailed(f"could not write {len(pending)} dead letters to {self.topic}: {exc}") from exc
+
+    async def _partitions(self) -> list[TopicPartition]:
+        assert self.reader is not None, "a DeadLetterWriter without a reader cannot mark or read back"
+        await self.reader.topics()  # metadata of every topic: the DLQ is not subscribed
+        return [TopicPartition(self.topic, p) for p in sorted(self.reader.partitions_for_topic(self.topic) or ())]
+
+    async def marks(self) -> dict[int, int]:
+        """Per DLQ partition, an offset at or before its end now (Tansu's end offsets can be early,
+        which only makes a read-back longer): dead letters sent later lie at or after it."""
+        try:
+            ends = await self.reader.end_offsets(await self._partitions())  # type: ignore[union-attr]
+        except Exception as exc:
+            raise DeadLetterFailed(f"could not read where {self.topic} ends: {exc}") from exc
+        return {tp.partition: off for tp, off in ends.items()}
+
+    async def resend_missing(self, footers: list[FileFooter]) -> int:
+        """The dead letters these finalized files carry that the topic lacks (read from the files'
+        marks to its end), sent now. Returns how many were sent."""
+        wanted = [d for f in footers for d in f.dead_letters]
+        if not wanted:
+            return 0
+        starts: dict[int, int] = {}
+        for f in footers:
+            for p, o in f.dlq_marks.items():
+                starts[p] = min(o, starts.get(p, o))
+        found = await self._keys_from(starts)
+        missing = []
+        need = Counter()
+        for d in wanted:
+            need[d.key] += 1
+            if need[d.key] > found.get(d.key, 0):
+                missing.append(d)
+        if missing:
+            log.warning("sending %d dead letter(s) that a finalized file holds but %s lacks", len(missing), self.topic)
+        await self.send_pending(missing)
+        return len(missing)
+
+    async def _keys_from(self, starts: dict[int, int]) -> Counter:
+        """Counts of the message keys in the DLQ from `starts` (partition -> offset) to its end."""
+        reader = self.reader
+        assert reader is not None
+        tps = [tp for tp in await self._partitions() if tp.partition in starts or not starts]
+        found: Counter = Counter()
+        if not tps:
+            return found
+        try:
+            reader.assign(tps)
+            for tp in tps:
+                reader.seek(tp, starts.get(tp.partition, 0))
+            ends = await reader.end_offsets(tps)
+            deadline = time.monotonic() + READ_BACK_SECONDS
+            while True:
+                batch = await reader.getmany(*tps, timeout_ms=500)
+                for records in batch.values():
+                    found.update(r.key for r in records)
+                if not batch and all(await reader.position(tp) >= ends[tp] for tp in tps):
+                    return found  # at the end, and a poll found nothing more
+                if time.monotonic() > deadline:
+                    raise DeadLetterFailed(f"reading {self.topic} back did not reach its end in {READ_BACK_SECONDS:.0f} s")
+        except DeadLetterFailed:
+            raise
+        except Exception as exc:
+            raise DeadLetterFailed(f"could not read {self.topic} back: {exc}") from exc
+        finally:
+            reader.unsubscribe()

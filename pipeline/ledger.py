@@ -129,6 +129,9 @@ class OutputLedger:
         self._next_offsets: dict[tuple[str, int], int] = {}
         # the offsets finalized files hold, per partition: what fencing checks a new file against
         self._spans = Spans()
+        # files carrying dead letters whose offsets may not be committed yet: partition -> {name: last offset}
+        # (pruned by `settle` as commits pass them, so it stays a handful)
+        self._dead_letter_files: dict[tuple[str, int], dict[str, int]] = {}
         self._refreshing = threading.Lock()
 
     def refresh(self) -> int:
@@ -204,6 +207,22 @@ class OutputLedger:
             key = (r.topic, r.partition)
             self._next_offsets[key] = max(self._next_offsets.get(key, 0), r.last + 1)
             self._spans.add(key, r.first, r.last, footer.name)
+            if footer.dead_letters:
+                self._dead_letter_files.setdefault(key, {})[footer.name] = r.last
+
+    def dead_letter_files(self, topic: str, partition: int, committed: int | None) -> list[str]:
+        """Finalized files carrying dead letters that hold offsets of the partition at or after
+        `committed` (the broker's commit; None: nothing committed): their dead letters may not
+        have been sent (a crash between the file and its commit)."""
+        files = self._dead_letter_files.get((topic, partition), {})
+        return sorted(n for n, last in files.items() if committed is None or last >= committed)
+
+    def settle(self, topic: str, partition: int, committed: int) -> None:
+        """The broker holds `committed` for the partition: files below it need no reconciling."""
+        files = self._dead_letter_files.get((topic, partition))
+        if files:
+            for n in [n for n, last in files.items() if last < committed]:
+                del files[n]
 
 
 def recover(ledger: OutputLedger, identity: dict[str, str], force: bool = False) -> None:

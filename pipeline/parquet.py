@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from .errors import OutputWriteFailed
 from .faults import delay_point
 from .output import Output, as_output
-from .output.footer import FileFooter, OffsetRange, footer_metadata
+from .output.footer import FileFooter, OffsetRange, PendingDeadLetter, footer_metadata
 from .output.layout import INPROGRESS_SUFFIX, part_name
 from .output.store import discard
 from .records import SCHEMA, TranscribedAudio, to_table
@@ -58,6 +58,7 @@ class SourceOutcome:
     offset: int
     rows: list[TranscribedAudio] = field(default_factory=list)
     aggregates: Aggregates = field(default_factory=Aggregates)
+    dead_letters: list[PendingDeadLetter] = field(default_factory=list)  # sent once the file holding them is durable
 
 
 class BatchAppend:
@@ -80,10 +81,11 @@ class BatchAppend:
             have = merged.get((o.topic, o.partition, o.offset))
             if have is None:
                 merged[(o.topic, o.partition, o.offset)] = SourceOutcome(
-                    o.topic, o.partition, o.offset, list(o.rows), _copy(o.aggregates))
+                    o.topic, o.partition, o.offset, list(o.rows), _copy(o.aggregates), list(o.dead_letters))
             else:  # several events of one message: still one record
                 have.rows.extend(o.rows)
                 have.aggregates.merge(o.aggregates)
+                have.dead_letters.extend(o.dead_letters)
         self.units = [merged[k] for k in sorted(merged)]
         self.table = to_table([r for u in self.units for r in u.rows])
         self._starts: list[int] = []
@@ -100,13 +102,15 @@ class BatchAppend:
         """Rows and Arrow bytes of unit `i`."""
         return len(self.units[i].rows), self._nbytes[i]
 
-    def take(self, j: int) -> tuple[pa.Table, list[OffsetRange], Aggregates]:
+    def take(self, j: int) -> tuple[pa.Table, list[OffsetRange], Aggregates, list[PendingDeadLetter]]:
         """Units [done, j) as one part; the last part (j == all) also holds partitions with no unit."""
         i, final = self.done, j == len(self.units)
         spans: dict[tuple[str, int], list[int]] = {}
         agg = Aggregates()
+        dead_letters: list[PendingDeadLetter] = []
         for k in range(i, j):
             u = self.units[k]
+            dead_letters.extend(u.dead_letters)
             key = (u.topic, u.partition)
             last = self.ranges[key].last if k == self._last_unit[key] else u.offset
             spans.setdefault(key, [self._next_first[key], last])[1] = last
@@ -121,7 +125,7 @@ class BatchAppend:
         end = self._starts[j] if j < len(self.units) else self.table.num_rows
         self.done = j
         ranges = [OffsetRange(t, p, a, b) for (t, p), (a, b) in sorted(spans.items())]
-        return self.table.slice(start, end - start), ranges, agg
+        return self.table.slice(start, end - start), ranges, agg, dead_letters
 
 
 def _copy(a: Aggregates) -> Aggregates:
@@ -141,6 +145,7 @@ class _OpenFile:
     full: bool = False  # the next record's rows do not fit: finalize before appending more
     ranges: dict[tuple[str, int], OffsetRange] = field(default_factory=dict)
     aggregates: Aggregates = field(default_factory=Aggregates)
+    dead_letters: list[PendingDeadLetter] = field(default_factory=list)
 
 
 class RollingParquetWriter:
@@ -182,9 +187,10 @@ class RollingParquetWriter:
             self.append(*batch.take(j))
         return batch.done == len(batch.units)
 
-    def append(self, table: pa.Table, ranges: list[OffsetRange], aggregates: Aggregates) -> None:
+    def append(self, table: pa.Table, ranges: list[OffsetRange], aggregates: Aggregates,
+               dead_letters: list[PendingDeadLetter] = ()) -> None:
         """Add one micro-batch as a whole (no split: `append_batch` splits): its rows, the offsets
-        it handled, and its aggregates."""
+        it handled, its aggregates and the dead letters of its records (in the footer, sent after it)."""
         f = self._open or self._start_file()
         try:
             if table.num_rows:
@@ -194,6 +200,7 @@ class RollingParquetWriter:
         f.rows += table.num_rows
         f.bytes += table.nbytes
         f.aggregates.merge(aggregates)
+        f.dead_letters.extend(dead_letters)
         for r in ranges:
             key = (r.topic, r.partition)
             have = f.ranges.get(key)
@@ -207,6 +214,11 @@ class RollingParquetWriter:
     @property
     def has_open_file(self) -> bool:
         return self._open is not None
+
+    @property
+    def holds_dead_letters(self) -> bool:
+        """The open file carries dead letters: its finalize needs the DLQ's marks."""
+        return self._open is not None and bool(self._open.dead_letters)
 
     def due_to_roll(self, now: float | None = None) -> bool:
         f = self._open
@@ -223,9 +235,11 @@ class RollingParquetWriter:
         return max(0.0, self._open.opened_at + self.roll_max_seconds - now)
 
     # --- finalizing ------------------------------------------------------------------
-    def finalize(self, fence: Callable[[list[OffsetRange]], list[str]] | None = None) -> FileFooter | None:
+    def finalize(self, fence: Callable[[list[OffsetRange]], list[str]] | None = None,
+                 dlq_marks: dict[int, int] | None = None) -> FileFooter | None:
         """Steps 1-4. `fence(offsets)` names finalized files that already hold any of the offsets;
-        the output runs it right before the file becomes visible (see Output.publish)."""
+        the output runs it right before the file becomes visible (see Output.publish). `dlq_marks`:
+        where the dead-letter topic ended before this file's dead letters are sent (footer.py)."""
         f, self._open = self._open, None
         if f is None:
             return None
@@ -233,7 +247,8 @@ class RollingParquetWriter:
         offsets = sorted(f.ranges.values(), key=lambda r: (r.topic, r.partition))
         try:
             # 1. footer metadata
-            f.writer.add_key_value_metadata(footer_metadata(offsets, f.aggregates, self.writer_id))
+            f.writer.add_key_value_metadata(
+                footer_metadata(offsets, f.aggregates, self.writer_id, f.dead_letters, dlq_marks))
             # 2. close + fsync
             f.writer.close()
             with open(f.path, "rb+") as fh:
@@ -244,7 +259,7 @@ class RollingParquetWriter:
         # 3-4. fencing check, then visible in one step (the output discards the spooled file either way)
         self.output.publish(f.path, f.name, offsets, fence)
         log.info("finalized %s (%d rows)", self.output.data_path(f.name), f.rows)
-        return FileFooter(f.name, f.rows, offsets, f.aggregates)
+        return FileFooter(f.name, f.rows, offsets, f.aggregates, f.dead_letters, dict(dlq_marks or {}))
 
     def abort(self) -> None:
         """Drop the open file: its events were never committed and will be processed again."""
