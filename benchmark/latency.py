@@ -75,5 +75,5 @@ async def run_latency(base: Settings, models: Any, clips: list[SampleClip], rate
         "batch_linger_ms": LATENCY_LINGER_MS,
         "roll_max_seconds": LATENCY_ROLL_SECONDS,
         # the consumer's own figure: per finalized file, newest record's broker timestamp -> finalize
-        "consumer_reported_p50_s": percentile(stats.latencies, 50),
+        "consumer_reported_p50_s": percentile(list(stats.latencies), 50),
     })

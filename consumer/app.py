@@ -441,11 +441,12 @@ class StreamConsumer:
             # other consumers may have finalized files meanwhile, or died leaving in-progress ones
             await asyncio.to_thread(self.ledger.catch_up)
             self._first_assignment = False
-            if self.rewind.unresolved:
+            if self.rewind.unresolved and assigned:
                 await self._resolve_rewind(assigned)
             committed = {tp: await consumer.committed(tp) for tp in assigned}
             from_files = {tp: self.ledger.next_offset(tp.topic, tp.partition) for tp in assigned}
             plan = plan_starts(assigned, committed, from_files, self.rewind.points(assigned))
+            self.rewind.spend()  # once: a later assignment resumes from what this one commits
             self._last_record_at = time.monotonic()  # --exit-when-idle counts from the assignment, not the join
             starts = plan.starts(await self._seek(plan))
             self.gate.assign(starts, self.rewind.not_before(plan.to_end))
@@ -459,16 +460,15 @@ class StreamConsumer:
                 await self.committer.commit_rewind(plan.rewind_commits(starts))
 
     async def _resolve_rewind(self, assigned: set[TopicPartition]) -> None:
-        """Ask the broker for the rewind points of every partition of the topic (`Rewind`): one
-        that reaches this process later is rewound too, not resumed from the group's old offsets."""
-        consumer, topic = self.consumer, self.settings.topic
+        """Ask the broker for the rewind points of the partitions of the first assignment (`Rewind`:
+        applied once, then spent)."""
+        consumer = self.consumer
         assert consumer is not None
-        partitions = assigned | {TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or ())}
         if self.rewind.timestamp_ms is not None:
-            answers = await consumer.offsets_for_times({tp: self.rewind.timestamp_ms for tp in partitions})
+            answers = await consumer.offsets_for_times({tp: self.rewind.timestamp_ms for tp in assigned})
         else:
-            answers = await consumer.beginning_offsets(list(partitions))
-        self.rewind.resolve(partitions, answers)
+            answers = await consumer.beginning_offsets(list(assigned))
+        self.rewind.resolve(assigned, answers)
 
     async def _seek(self, plan: StartPlan[TopicPartition]) -> dict[TopicPartition, int]:
         """Seek as `plan` says; returns where seeking to the end or the beginning put those partitions."""

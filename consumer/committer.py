@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer
@@ -48,6 +50,36 @@ from .dead_letters import DeadLetterWriter
 log = logging.getLogger(__name__)
 
 
+LATENCY_WINDOW = 10_000  # latest publish -> finalized latencies kept: quantiles of recent traffic, bounded memory
+
+
+class Latencies:
+    """Publish -> finalized latencies (seconds): the latest `LATENCY_WINDOW` kept, and how many
+    there were in all (`total`) so an observer (the metrics) takes each one once. A list that
+    grew per batch held one float per batch for the process's whole uptime."""
+
+    def __init__(self, values: Iterable[float] = (), window: int = LATENCY_WINDOW) -> None:
+        self._recent: deque[float] = deque(maxlen=window)
+        self.total = 0
+        self.extend(values)
+
+    def extend(self, values: Iterable[float]) -> None:
+        for v in values:
+            self._recent.append(v)
+            self.total += 1
+
+    def since(self, seen: int) -> list[float]:
+        """The latencies added after the first `seen` (those still in the window)."""
+        new = min(self.total - seen, len(self._recent))
+        return list(self._recent)[len(self._recent) - new:] if new > 0 else []
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._recent)
+
+
 @dataclass
 class CommitStats:
     rows: int = 0
@@ -59,7 +91,7 @@ class CommitStats:
     commits: int = 0
     audio_seconds: float = 0.0
     errors_by_type: dict[str, int] = field(default_factory=dict)
-    latencies: list[float] = field(default_factory=list)  # publish -> finalized, seconds
+    latencies: Latencies = field(default_factory=Latencies)  # publish -> finalized, seconds (bounded)
 
 
 class OutputCommitter:

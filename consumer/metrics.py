@@ -191,9 +191,9 @@ class ConsumerMetrics:
             _inc_to(self._seen, name, getattr(stats, name), counter.inc)
         for error_type, n in stats.errors_by_type.items():
             _inc_to(self._seen_errors, error_type, n, self.dead_letters.labels(error_type).inc)
-        for seconds in stats.latencies[self._seen_latencies:]:
+        for seconds in stats.latencies.since(self._seen_latencies):
             self.latency.observe(max(0.0, seconds))
-        self._seen_latencies = len(stats.latencies)
+        self._seen_latencies = stats.latencies.total
 
     def sync_faults(self, counts: dict[str, int]) -> None:
         for kind, n in counts.items():

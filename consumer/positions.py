@@ -117,21 +117,25 @@ def plan_starts(
 
 
 class Rewind(Generic[TP]):
-    """--from-beginning / --from-timestamp, as the assignments apply it.
+    """--from-beginning / --from-timestamp, as the assignments apply it: ONCE, at this process's
+    first assignment after the start-up that asked for it.
 
-    The rewind points are resolved once, at the first assignment, for every partition of the topic
-    (`resolve`), and kept: a second rebalance before anything was committed (a slow group join,
-    another member arriving) must not fall back to the group's old offsets, and a partition that
-    reaches this process later (a member leaves) is rewound too. A time rewind's point is the first
-    offset at/after the time, or None when there is no such record: that partition starts at its
-    end and refuses records older than the time (`not_before`). A time wins over
-    --from-beginning when both are given.
+    The points are resolved at that assignment (`resolve`), applied to the partitions it brings,
+    committed at once (`StartPlan.rewind_commits`), and then `spend`: every later assignment
+    resumes from the committed offsets and the files like any other. A point applied again at a
+    later rebalance would send a partition that was quiet at start-up ("no record after the time")
+    to its end again, and commit it there: the open batch, the unfetched events and a dead
+    member's unfinalized work would be lost. A time rewind's point is the first offset at/after
+    the time, or None when there is no such record: that partition starts at its end and refuses
+    records older than the time (`not_before`). A time wins over --from-beginning when both are
+    given.
     """
 
     def __init__(self, from_beginning: bool = False, timestamp_ms: int | None = None) -> None:
         self.timestamp_ms = timestamp_ms
         self.from_beginning = from_beginning and timestamp_ms is None
         self._points: dict[TP, int | None] | None = None if from_beginning or timestamp_ms is not None else {}
+        self.spent = self._points is not None  # no rewind asked for, or already applied once
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "Rewind[TP]":
@@ -154,9 +158,17 @@ class Rewind(Generic[TP]):
             self._points = {tp: int(o) for tp, o in answers.items()}  # type: ignore[call-overload]
 
     def points(self, assigned: Iterable[TP]) -> dict[TP, int | None] | None:
-        """The rewind points of the assigned partitions, for `plan_starts`; None without any."""
+        """The rewind points of the assigned partitions, for `plan_starts`; None without any, or
+        once the rewind is `spent`."""
+        if self.spent:
+            return None
         known = self._points or {}
         return {tp: known[tp] for tp in assigned if tp in known} or None
+
+    def spend(self) -> None:
+        """The first assignment applied the rewind: later ones resume from the commits and files."""
+        self.spent = True
+        self._points = {}
 
     def not_before(self, at_end: Iterable[TP]) -> dict[TP, int]:
         """For the partitions a time rewind started at their end: the time (ms), for `FetchGate.assign`."""

@@ -12,6 +12,7 @@ assignment repeats of it (other consumers may have finalized files, or died, mea
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import threading
@@ -72,14 +73,62 @@ class DedupeIndex:
         return int(self._sorted.nbytes) + len(self._recent) * 64
 
 
+def file_name_hash(name: str) -> int:
+    """A finalized file's name as 8 bytes, for the set of files already indexed."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=False)
+
+
+class Spans:
+    """The offsets finalized files hold, per partition, as disjoint ranges: a file whose range
+    touches or overlaps one already known merges into it. Files cover each partition's offsets
+    one after another, so a partition is a handful of ranges however long the consumer runs
+    (a list of every file's span grew per file). Each range names its lowest and highest file,
+    for the fencing message."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, int], list[list]] = {}  # sorted [first, last, low_name, high_name]
+
+    def add(self, key: tuple[str, int], first: int, last: int, name: str) -> None:
+        spans = self._by_key.setdefault(key, [])
+        i = bisect.bisect_left(spans, first, key=lambda s: s[0])
+        start = i - 1 if i > 0 and spans[i - 1][1] >= first - 1 else i
+        end = i
+        while end < len(spans) and spans[end][0] <= last + 1:
+            end += 1
+        touched = spans[start:end]
+        low = min(touched, key=lambda s: s[0], default=None)
+        high = max(touched, key=lambda s: s[1], default=None)
+        spans[start:end] = [[
+            min(first, low[0]) if low else first,
+            max(last, high[1]) if high else last,
+            low[2] if low and low[0] < first else name,
+            high[3] if high and high[1] > last else name,
+        ]]
+
+    def holding(self, key: tuple[str, int], first: int, last: int) -> list[tuple[int, int, str]]:
+        """(first, last, files) of each known range that shares an offset with [first, last]."""
+        spans = self._by_key.get(key, [])
+        i = bisect.bisect_right(spans, last, key=lambda s: s[0])
+        found = []
+        while i > 0 and spans[i - 1][1] >= first:
+            a, b, low, high = spans[i - 1]
+            found.append((a, b, low if low == high else f"{low}..{high}"))
+            i -= 1
+        return found[::-1]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_key.values())
+
+
 class OutputLedger:
     def __init__(self, output: Output | str | Path) -> None:
         self.output = as_output(output)
         self.index = DedupeIndex()
-        self._indexed: set[str] = set()
+        self._indexed = DedupeIndex()  # finalized files already read: their names' hashes (8 bytes each)
+        self._known_files = 0
         self._next_offsets: dict[tuple[str, int], int] = {}
-        # every finalized file's [first, last] per partition: what fencing checks a new file against
-        self._spans: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
+        # the offsets finalized files hold, per partition: what fencing checks a new file against
+        self._spans = Spans()
         self._refreshing = threading.Lock()
 
     def refresh(self) -> int:
@@ -87,7 +136,7 @@ class OutputLedger:
 
         Thread-safe: an assignment and a finalize's fencing check may refresh at the same time."""
         with self._refreshing:
-            new = [n for n in self.output.finalized() if n not in self._indexed]
+            new = [n for n in self.output.finalized() if file_name_hash(n) not in self._indexed]
             for name in new:
                 self._index_file(self.output.read_footer(name))
         if new:
@@ -104,13 +153,22 @@ class OutputLedger:
         """Our own file was finalized: learn its offsets without reading it back (its object
         versions entered the index when their rows were appended)."""
         with self._refreshing:
-            if footer.name not in self._indexed:  # a concurrent refresh may have read it already
-                self._indexed.add(footer.name)
+            if file_name_hash(footer.name) not in self._indexed:  # a concurrent refresh may have read it already
+                self._learn(footer.name)
                 self._advance(footer)
+
+    def _learn(self, name: str) -> None:
+        self._indexed.add(file_name_hash(name))
+        self._known_files += 1
 
     @property
     def known_files(self) -> int:
-        return len(self._indexed)
+        return self._known_files
+
+    @property
+    def span_count(self) -> int:
+        """How many offset ranges fencing keeps (a handful per partition, whatever the uptime)."""
+        return len(self._spans)
 
     def next_offset(self, topic: str, partition: int) -> int | None:
         """First offset of the partition not yet held by any finalized file."""
@@ -125,13 +183,12 @@ class OutputLedger:
         under the output lock, to know every file."""
         found = []
         for r in ranges:
-            for first, last, name in self._spans.get((r.topic, r.partition), ()):
-                if first <= r.last and r.first <= last:
-                    found.append(f"{name} holds {r.topic}[{r.partition}] {first}-{last}")
+            for first, last, names in self._spans.holding((r.topic, r.partition), r.first, r.last):
+                found.append(f"{names} holds {r.topic}[{r.partition}] {first}-{last}")
         return found
 
     def _index_file(self, footer: FileFooter) -> None:
-        self._indexed.add(footer.name)
+        self._learn(footer.name)
         self._advance(footer)
         if footer.rows:
             t = self.output.read_columns(footer.name, ["bucket", "id", "etag"])
@@ -146,7 +203,7 @@ class OutputLedger:
         for r in footer.offsets:
             key = (r.topic, r.partition)
             self._next_offsets[key] = max(self._next_offsets.get(key, 0), r.last + 1)
-            self._spans.setdefault(key, []).append((r.first, r.last, footer.name))
+            self._spans.add(key, r.first, r.last, footer.name)
 
 
 def recover(ledger: OutputLedger, identity: dict[str, str], force: bool = False) -> None:

@@ -144,3 +144,56 @@ def test_under_a_backlog_a_micro_batch_grows_past_its_idle_size_and_shrinks_back
     assert len(batcher.take().items) == 10
     batcher.backlog = False
     assert batcher.event_limit == 4
+
+
+def test_fencing_ranges_merged_from_files_find_exactly_the_offsets_some_file_holds():
+    """`Spans` against a brute force over every file's span, for files in any order (gaps too)."""
+    from hypothesis import given, settings, strategies as st
+
+    from pipeline.ledger import Spans
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 6)), min_size=1, max_size=25),
+           st.integers(0, 70), st.integers(0, 8))
+    def check(files, q_first, q_len):
+        spans, held = Spans(), set()
+        for n, (first, length) in enumerate(files):
+            spans.add(("t", 0), first, first + length, f"f{n}")
+            held.update(range(first, first + length + 1))
+        found = spans.holding(("t", 0), q_first, q_first + q_len)
+        assert bool(found) == bool(held & set(range(q_first, q_first + q_len + 1)))
+        covered = {o for a, b, _ in found for o in range(a, b + 1)}
+        assert held & set(range(q_first, q_first + q_len + 1)) <= covered <= held
+        assert len(spans) <= len(files)
+
+    check()
+
+
+def test_ledger_and_latency_memory_stay_bounded_over_10_million_events(tmp_path):
+    """10 million events in 10,000 files over 4 partitions: fencing keeps one range per partition,
+    the indexed file names 8 bytes each, the latency window its fixed size - not one entry per
+    file or batch for the whole uptime."""
+    from consumer.committer import LATENCY_WINDOW, CommitStats
+    from pipeline.output import FileFooter
+    from pipeline.summary import Aggregates
+
+    ledger = OutputLedger(tmp_path)
+    per_file, files, partitions = 1_000, 10_000, 4
+    next_offset = [0] * partitions
+    for n in range(files):
+        p = n % partitions
+        first = next_offset[p]
+        next_offset[p] += per_file
+        ledger.record_finalized(FileFooter(f"part-{n:08d}.parquet", per_file, [OffsetRange("t", p, first, first + per_file - 1)],
+                                           Aggregates()))
+    assert ledger.known_files == files
+    assert ledger.span_count == partitions
+    assert ledger._indexed.nbytes <= 64 * 50_000  # hashes; the set of names held ~100 bytes per file
+    assert [ledger.next_offset("t", p) for p in range(partitions)] == next_offset
+    assert ledger.overlapping([OffsetRange("t", 1, 5, 5)]) and not ledger.overlapping([OffsetRange("t", 1, next_offset[1], next_offset[1] + 9)])
+
+    stats = CommitStats()
+    for _ in range(files):  # one finalize per file, one latency per batch: 10 million in all
+        stats.latencies.extend([0.5] * per_file)
+    assert stats.latencies.total == 10_000_000 and len(stats.latencies) == LATENCY_WINDOW
+    assert len(stats.latencies.since(10_000_000 - 3)) == 3

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import StreamConsumer
+from consumer.committer import Latencies
 from consumer.metrics import (
     STAGES,
     ConsumerMetrics,
@@ -301,7 +302,7 @@ def test_each_consumer_has_its_own_registry(tmp_path):
     a, b = StreamConsumer(offline(tmp_path)), StreamConsumer(offline(tmp_path, group="other"))
     assert a.operations.registry is not b.operations.registry
     stats = SimpleNamespace(rows=3, skipped=0, duplicates=0, superseded=0, files=1, commits=1, audio_seconds=9.5,
-                            errors_by_type={"NotAudio": 2}, latencies=[1.5])
+                            errors_by_type={"NotAudio": 2}, latencies=Latencies([1.5]))
     a.operations.metrics.sync(stats)  # type: ignore[arg-type]
     a.operations.metrics.sync(stats)  # type: ignore[arg-type]  (idempotent: counters follow totals)
     ma = parse(generate_latest(a.operations.registry).decode())

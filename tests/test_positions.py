@@ -93,15 +93,24 @@ def test_no_rewind_asks_the_broker_nothing_and_gives_no_points():
     assert rewind.not_before([A]) == {}
 
 
-def test_a_beginning_rewind_is_resolved_once_for_the_whole_topic_and_kept_for_later_assignments():
+def test_a_rewind_applies_once_at_the_first_assignment_and_later_assignments_resume():
     rewind: Rewind = Rewind(from_beginning=True)
-    assert rewind.unresolved
+    assert rewind.unresolved and not rewind.spent
     rewind.resolve([A, B, C], {A: 0, B: 3, C: 1})
     assert not rewind.unresolved
     assert rewind.points({A}) == {A: 0}
-    assert rewind.points({B, C}) == {B: 3, C: 1}  # a partition that reaches this process later is rewound too
     assert rewind.points({("t", 9)}) is None
     assert rewind.not_before([A]) == {}
+    rewind.spend()  # the first assignment applied it
+    assert rewind.points({A, B, C}) is None and not rewind.unresolved
+    # a later assignment of a quiet partition resumes from its committed offset, not its end again
+    ts = 1_700_000_000_000
+    timed: Rewind = Rewind(timestamp_ms=ts)
+    timed.resolve([A], {})
+    assert plan_starts({A}, {A: 2}, {A: None}, timed.points({A})).to_end == [A]
+    timed.spend()
+    later = plan_starts({A}, {A: 5}, {A: None}, timed.points({A}))
+    assert later.seek == {A: 5} and not later.to_end and not later.rewound
 
 
 def test_a_time_rewind_starts_a_partition_without_a_later_record_at_its_end_and_refuses_older_records():
