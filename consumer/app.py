@@ -69,6 +69,7 @@ class RunStats(CommitStats):
     model_busy_seconds: float = 0.0
     wall_seconds: float = 0.0
     stop_reason: str = ""
+    stop_requested_at: float | None = None  # time.monotonic() of the stop request: the shutdown budget counts from it
 
 
 class Rebalancer(ConsumerRebalanceListener):
@@ -249,6 +250,7 @@ class StreamConsumer:
         if not self.stop_event.is_set():
             log.info("stopping: %s (draining in-flight batches, then finalize and commit)", reason)
             self.stats.stop_reason = reason
+            self.stats.stop_requested_at = time.monotonic()
             self.stop_event.set()
 
     def install_signal_handlers(self) -> None:
@@ -419,6 +421,7 @@ class StreamConsumer:
         if not revoked or self.committer is None or self.batcher is None or self._failure is not None:
             return
         log.info("partitions revoked: %s; draining", _fmt(revoked))
+        await adelay_point("on_revoked")  # tests: a stop signal or a fault lands during the revoke
         async with self._fetch_lock:
             self.gate.revoke(revoked)  # records in hand for these are stale: the next owner reads them again
             self.batcher.discard(revoked)  # fetched, never processed: the next owner reads them again
@@ -438,6 +441,11 @@ class StreamConsumer:
         assert consumer is not None
         async with self._fetch_lock:
             await adelay_point("on_assigned")  # tests: records fetched meanwhile must not win over the plan
+            if self.stop_event.is_set():
+                # Stopping: take no new work. Unpositioned, the gate accepts none of their records;
+                # nothing is committed for them, and leaving the group hands them on.
+                log.info("partitions assigned while stopping: %s; not taking them", _fmt(assigned))
+                return
             # other consumers may have finalized files meanwhile, or died leaving in-progress ones
             await asyncio.to_thread(self.ledger.catch_up)
             self._first_assignment = False

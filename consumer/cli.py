@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import sys
+import threading
+import time
 
 from pipeline.cli_support import Parser, document_settings, entry_point, pipeline_errors, print_error, settings_from
 from pipeline.config import TOKENIZERS
@@ -12,6 +16,33 @@ from pipeline.errors import PipelineError
 from pipeline.logs import setup_logging
 
 log = logging.getLogger("consumer")
+
+# After a failure, how long the process may take to end once the consumer has stopped.
+FAILED_EXIT_SECONDS = 5.0
+
+
+def exit_within(seconds: float, code: int) -> None:
+    """End the process with `code` at the latest `seconds` from now.
+
+    Once the consumer has returned, everything it promises is durable (files finalized, offsets
+    committed - or, after a failure, nothing committed). What can still hold the process is a
+    library's exit hook: Prefect drains its event and log workers at interpreter exit, retrying an
+    API that is gone - the ephemeral server child, which got the same SIGTERM from the process
+    group, is - for minutes. Past `seconds` those run records are dropped, never data.
+    """
+
+    def hard_exit() -> None:
+        log.warning("exit hooks still running after %.1fs (Prefect run records to an API that is gone): "
+                    "exiting now; the files and offsets were already final", seconds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(max(seconds, 0.5), hard_exit)
+    timer.daemon = True
+    timer.start()
 
 __all__ = ["build_parser", "main", "pipeline_errors"]
 
@@ -62,6 +93,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m consumer") -> int
         errors = pipeline_errors(exc)
         if not errors:
             raise
+        exit_within(FAILED_EXIT_SECONDS, 1)
         for err in errors:
             line = f"stopped without committing: {type(err).__name__}: {err}"
             if settings.log_format == "json":
@@ -74,4 +106,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m consumer") -> int
         stats.stop_reason, stats.rows, stats.dead_letters, stats.skipped, stats.duplicates, stats.files,
         stats.audio_seconds, stats.wall_seconds,
     )
+    # METAVOICE_SHUTDOWN_TIMEOUT bounds the whole stop, from the signal to the process's end
+    since_stop = time.monotonic() - stats.stop_requested_at if stats.stop_requested_at is not None else 0.0
+    exit_within(settings.shutdown_timeout - since_stop, 0)
     return 0

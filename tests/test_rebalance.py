@@ -80,3 +80,108 @@ def test_a_time_rewind_applies_once_so_a_dead_members_unfinalized_events_still_l
     finally:
         first.kill()
         second.kill()
+
+
+# --- item 1: a stop signal during a rebalance ----------------------------------------------------------
+def signal_group(proc: ConsumerProcess, sig: signal.Signals) -> None:
+    """To the child's whole process group - the consumer and its ephemeral Prefect server - as
+    systemd (the cgroup) and Ctrl+C in a terminal (the process group) send it."""
+    import os
+
+    if proc.proc is not None and proc.proc.poll() is None:
+        os.killpg(proc.pid, sig)
+
+
+def assert_stopped_with_what_the_files_hold(st) -> None:
+    """Everything the broker has as committed is in the files: a stop committed nothing it did not write."""
+    from pipeline.ledger import OutputLedger
+
+    held = OutputLedger(st.output_dir)
+    held.refresh()
+    for p, off in committed_offsets(st).items():
+        assert off == held.next_offset(st.topic, p), f"partition {p}: committed {off}, the files hold up to {held.next_offset(st.topic, p)}"
+
+
+@pytest.mark.slow
+def test_sigterm_to_both_members_process_groups_at_once_exits_0_within_the_shutdown_timeout(
+    services, s3, bucket, settings_factory, speech_corpus, tmp_path
+):
+    """Both members, each with its ephemeral Prefect server child, get SIGTERM at the same moment:
+    the first to leave makes the other rebalance while it is stopping. Both exit 0 within
+    shutdown_timeout, having committed exactly what their files hold; a restart finishes the log
+    with every event once."""
+    from tests.conftest import consume_until_idle
+    from tests.consumer_process import assert_summary_matches_files, fake_models, publish
+
+    st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None,
+                          shutdown_timeout=20.0, prefect_enabled=True)
+    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 80)
+    create_topics(st)
+    publish(st, events)
+    slow = {"METAVOICE_TEST_WHISPER_DELAY": "0.3"}
+    a = ConsumerProcess(services, st, tmp_path / "a.log", **slow).start()
+    b = ConsumerProcess(services, st, tmp_path / "b.log", **slow).start()
+    try:
+        with logs_on_failure(a, b):
+            wait_until(lambda: len(writer_ids(st.output_dir)) >= 2, 120, "both members finalized a file", a, b)
+            t0 = time.monotonic()
+            signal_group(a, signal.SIGTERM)
+            signal_group(b, signal.SIGTERM)
+            rcs = {name: p.wait(timeout=st.shutdown_timeout + 30) for name, p in (("a", a), ("b", b))}
+            took = time.monotonic() - t0
+            assert rcs == {"a": 0, "b": 0}
+            assert took < st.shutdown_timeout + 10, f"stopping took {took:.1f}s"
+            assert_stopped_with_what_the_files_hold(st)
+    finally:
+        a.kill()
+        b.kill()
+    consume_until_idle(st.model_copy(update={"exit_when_idle": 2.0, "prefect_enabled": False}), fake_models())
+    assert_exactly_once(st.output_dir, versions(events))
+    assert_summary_matches_files(st.output_dir)
+    assert committed_offsets(st) == partition_ends(st, expected=len(events))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during", ["on_revoked", "on_assigned"])
+def test_sigterm_during_a_revoke_or_an_assignment_exits_0_within_the_shutdown_timeout_and_loses_nothing(
+    services, s3, bucket, settings_factory, speech_corpus, tmp_path, during
+):
+    """A second member joins; the first gets SIGTERM (to its process group) while the rebalance
+    callback is running (held open by METAVOICE_DELAY_AT). It finishes the revoke, takes no new
+    assignment, exits 0 within shutdown_timeout; the second ends up with every event once."""
+    from tests.consumer_process import Trickle, assert_summary_matches_files
+
+    st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None, shutdown_timeout=15.0)
+    create_topics(st)
+    trickle = Trickle(st, upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 60), interval=0.2)
+    first = ConsumerProcess(services, st, tmp_path / "first.log", METAVOICE_DELAY_AT=f"{during}:5").start()
+    second = ConsumerProcess(services, st, tmp_path / "second.log")
+    try:
+        with logs_on_failure(first, second):
+            wait_until(lambda: assignments(first) >= 1 and "partitions assigned: " + st.topic in first.log(), 90,
+                       "the first member's assignment", first)
+            trickle.start()
+            wait_until(lambda: len(writer_ids(st.output_dir)) >= 1, 60, "a first file", first)
+            revokes = first.log().count("partitions revoked")
+            second.start()
+            if during == "on_revoked":
+                wait_until(lambda: first.log().count("partitions revoked") > revokes, 60, "the revoke began", first, second)
+            else:
+                wait_until(lambda: assignments(second) >= 1, 90, "the new assignment was handed out", first, second)
+            time.sleep(1.0)  # inside the callback's 5 s
+            t0 = time.monotonic()
+            signal_group(first, signal.SIGTERM)
+            rc = first.wait(timeout=st.shutdown_timeout + 30)
+            took = time.monotonic() - t0
+            assert rc == 0 and took < st.shutdown_timeout + 2, f"exit {rc} after {took:.1f}s"
+            assert_stopped_with_what_the_files_hold(st)
+            events = trickle.finish(timeout=60)
+            wait_for_rows(st.output_dir, len(events), timeout=120)
+            signal_group(second, signal.SIGTERM)
+            assert second.wait(timeout=st.shutdown_timeout + 30) == 0
+            assert_exactly_once(st.output_dir, versions(events))
+            assert_summary_matches_files(st.output_dir)
+            assert committed_offsets(st) == partition_ends(st, expected=len(events))
+    finally:
+        first.kill()
+        second.kill()
