@@ -46,14 +46,16 @@ from .batcher import Batcher, PendingBatch
 from .crash_guard import CrashGuard
 from .committer import CommitStats, OutputCommitter
 from .dead_letters import DeadLetterLimits, DeadLetterWriter
-from .environment import FaultWatch
+from .environment import Abandoned, FaultWatch
 from .positions import FetchGate, Rewind, StartPlan, plan_starts
 from .metrics import Operations, realtime_factor
 
 log = logging.getLogger(__name__)
 
-# The revoke path (drain + finalize + commit) must end well inside the group's rebalance
-# timeout, which aiokafka takes from max_poll_interval_ms.
+# The revoke path - the fetch lock, the drain, the finalize and its commit - has ONE budget, shared
+# by all its steps: every member of the group waits for the slowest revoke, and past the rebalance
+# timeout (aiokafka takes it from max_poll_interval_ms) the member is dropped. Batches waiting out
+# an environment fault are given up at once (`Abandoned`), so a fault never eats it.
 MAX_POLL_INTERVAL_MS = 600_000
 REVOKE_BUDGET_SECONDS = 240
 # --exit-when-idle counts from the first assignment; a consumer that gets none (more consumers
@@ -113,6 +115,8 @@ class StreamConsumer:
         self._drained = asyncio.Event()
         self._drained.set()
         self._fetch_lock = asyncio.Lock()
+        self._revoking = asyncio.Event()  # a revoke is under way: batches waiting out a fault give up
+        self._dropping = False  # a batch was given up: later ones are dropped too until the drain ends (no gap)
         self._first_assignment = True
         self.rewind: Rewind[TopicPartition] = Rewind.from_settings(settings)  # --from-beginning / --from-timestamp
         self._rebalancing = False  # a listener callback is running
@@ -364,7 +368,8 @@ class StreamConsumer:
         if not batch.items:
             return BatchOutcome()
         return await self.environment.patiently(
-            lambda: process_batch(batch.micro_batch(), s3, self.models, self.settings), self.stop_event)  # type: ignore[arg-type]
+            lambda: process_batch(batch.micro_batch(), s3, self.models, self.settings), self.stop_event,  # type: ignore[arg-type]
+            abandon=self._revoking)
 
     async def _commit_loop(self) -> None:
         committer = self.committer
@@ -383,8 +388,15 @@ class StreamConsumer:
                 batch, task = item
                 try:
                     outcome = await task
+                except Abandoned as exc:
+                    log.warning("batch %d given up: %s; its records are read again by the next owner", batch.seq, exc)
+                    self._dropping = True
                 finally:
                     self._inflight.release()
+                if self._dropping:  # given up, or after one that was: applying it would leave a gap
+                    await asyncio.to_thread(self.guard.end, batch.seq)  # type: ignore[union-attr]
+                    self._settled()
+                    continue
                 t_write = time.perf_counter()
                 await committer.apply(batch, outcome)
                 await asyncio.to_thread(self.guard.end, batch.seq)  # type: ignore[union-attr]
@@ -395,10 +407,14 @@ class StreamConsumer:
                 self._log_batch(batch, outcome)
                 for observer in self.on_batch_done:
                     observer(batch, outcome, committer.stats)
-                self._pending -= 1
-                if self._pending == 0:
-                    self._drained.set()
+                self._settled()
         finally:
+            self._drained.set()
+
+    def _settled(self) -> None:
+        """One fetched batch is applied or dropped."""
+        self._pending -= 1
+        if self._pending == 0:
             self._drained.set()
 
     async def _idle_watch(self) -> None:
@@ -421,19 +437,25 @@ class StreamConsumer:
         if not revoked or self.committer is None or self.batcher is None or self._failure is not None:
             return
         log.info("partitions revoked: %s; draining", _fmt(revoked))
-        await adelay_point("on_revoked")  # tests: a stop signal or a fault lands during the revoke
-        async with self._fetch_lock:
-            self.gate.revoke(revoked)  # records in hand for these are stale: the next owner reads them again
-            self.batcher.discard(revoked)  # fetched, never processed: the next owner reads them again
+        deadline = time.monotonic() + REVOKE_BUDGET_SECONDS  # one budget for every step below
+        self._revoking.set()  # the fetch loop may hold the lock, blocked behind batches waiting out a fault
+        try:
+            await adelay_point("on_revoked")  # tests: a stop signal or a fault lands during the revoke
+            await _within(deadline, self._fetch_lock.acquire(), "the fetch loop to let go")
             try:
-                await asyncio.wait_for(self._drained.wait(), timeout=REVOKE_BUDGET_SECONDS)
-            except TimeoutError:
-                raise FatalError(f"could not drain in-flight batches within {REVOKE_BUDGET_SECONDS}s of a revoke") from None
-            # waits for a finalize already under way (the roll timer's), so its rename and commit
-            # happen before the partitions go to their next owner
-            await self.committer.finalize_and_commit()
-            self.committer.forget(revoked)
-            self.guard.forget(revoked)  # type: ignore[union-attr]
+                self.gate.revoke(revoked)  # records in hand for these are stale: the next owner reads them again
+                self.batcher.discard(revoked)  # fetched, never processed: the next owner reads them again
+                await _within(deadline, self._drained.wait(), "in-flight batches to drain")
+                self._dropping = False
+                # waits for a finalize already under way (the roll timer's), so its rename and commit
+                # happen before the partitions go to their next owner; never cut in the middle
+                await _within(deadline, asyncio.shield(self.committer.finalize_and_commit()), "the finalize and commit")
+                self.committer.forget(revoked)
+                self.guard.forget(revoked)  # type: ignore[union-attr]
+            finally:
+                self._fetch_lock.release()
+        finally:
+            self._revoking.clear()
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Position each partition (consumer/positions.py says where; this asks the broker and seeks)."""
@@ -518,6 +540,14 @@ class StreamConsumer:
                 "committed": {f"{tp.partition}": self.ledger.next_offset(tp.topic, tp.partition) for tp in batch.ranges},
             }},
         )
+
+
+async def _within(deadline: float, step: Awaitable[Any], what: str) -> Any:
+    """One step of the revoke, in what is left of its budget; past it, a `FatalError`."""
+    try:
+        return await asyncio.wait_for(step, timeout=max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise FatalError(f"a revoke waited past its {REVOKE_BUDGET_SECONDS}s budget for {what}") from None
 
 
 def _fmt(tps: set[TopicPartition]) -> str:

@@ -12,9 +12,11 @@ consumer's context says where the input came from:
 the message held none; `error_type` is the class name of the `PermanentError`.
 
 The message key names the source position and the object: `topic:partition:offset:bucket/key`.
-One message may hold several events (an S3 `Records[]` list), hence the object part. A dead
-letter written twice (a crash after the DLQ write but before the file was finalized) has the
-same key, so it is recognisable and a compacted DLQ topic keeps one copy. When that key's UTF-8
+One message may hold several events (an S3 `Records[]` list), hence the object part. Dead
+letters are at-least-once today (issue 19 item 4): one written before a crash, fence or drain
+timeout that came before its covering file was finalized is written again by the restart, with
+the same key, so a reader can recognise the copy. The topic is created with
+`cleanup.policy=delete` (broker/topics.py), never compacted: nothing on the broker removes it. When that key's UTF-8
 would exceed `max_key_bytes`, or the object's name is not valid UTF-8 (a lone surrogate), the
 object part becomes `sha256:<hex of "bucket/key">`: `topic:partition:offset:sha256:<hex>`; it
 holds no `/`, so it is never mistaken for an object name. When even that does not fit, or is

@@ -27,6 +27,11 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 
 
+class Abandoned(Exception):
+    """A micro-batch given up while it waited out a fault, because its partitions are being
+    revoked: nothing of it is applied or committed, and the next owner reads its records again."""
+
+
 class FaultWatch:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -62,18 +67,53 @@ class FaultWatch:
             log.info("recovered from %s after %.0fs", type(self.current).__name__, time.monotonic() - (self.since or 0))
         self.current, self.since, self._attempt = None, None, 0
 
-    async def patiently(self, attempt: Callable[[], Awaitable[R]], stop: asyncio.Event) -> R:
+    async def patiently(self, attempt: Callable[[], Awaitable[R]], stop: asyncio.Event,
+                        abandon: asyncio.Event | None = None) -> R:
         """`attempt()` again after each EnvironmentFault, with the backoff `failed` says, until it
-        succeeds; the fault is raised past `timeout_s`, or when `stop` is set while waiting."""
+        succeeds; the fault is raised past `timeout_s`, or when `stop` is set while waiting.
+
+        `abandon` (a revoke) set while the fault lasts ends the wait, or an attempt under way,
+        with `Abandoned`: a revoke must not wait out a fault that can last `timeout_s`, longer
+        than the group's rebalance timeout."""
         while True:
             try:
-                result = await attempt()
+                result = await self._try(attempt, abandon)
             except EnvironmentFault as fault:
                 delay = self.failed(fault)  # raises it past timeout_s
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                    await asyncio.wait_for(_either(stop, abandon), timeout=delay)
                 if stop.is_set():
                     raise
+                if abandon is not None and abandon.is_set():
+                    raise Abandoned(f"given up during a revoke while waiting out {type(fault).__name__}") from fault
                 continue
             self.recovered()
             return result
+
+    async def _try(self, attempt: Callable[[], Awaitable[R]], abandon: asyncio.Event | None) -> R:
+        if abandon is None or not self.faulting:
+            return await attempt()
+        if abandon.is_set():
+            raise Abandoned("given up during a revoke: a fault is under way")
+        task = asyncio.ensure_future(attempt())
+        waiter = asyncio.ensure_future(abandon.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise Abandoned("given up during a revoke: a fault is under way")
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event | None) -> None:
+    if b is None:
+        await a.wait()
+        return
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -185,3 +185,51 @@ def test_sigterm_during_a_revoke_or_an_assignment_exits_0_within_the_shutdown_ti
     finally:
         first.kill()
         second.kill()
+
+
+# --- item 6: a revoke during an account-wide fault --------------------------------------------------
+@pytest.mark.slow
+def test_a_revoke_during_an_s3_outage_completes_within_its_budget_and_loses_nothing(
+    services, s3, bucket, settings_factory, speech_corpus, tmp_path
+):
+    """S3 is down for the first member: its batches wait out the fault (FaultWatch), its fetch
+    loop is blocked behind them holding the fetch lock. A second member joins: the revoke gives up
+    the waiting batches (their offsets uncommitted: read again) and completes in seconds, not
+    after the fault timeout; once S3 is back every event is a row once."""
+    from tests.consumer_process import TcpOutage, assert_summary_matches_files, publish
+
+    outage = TcpOutage(services.s3.port)
+    st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None,
+                          s3_retry_attempts=4, fault_timeout_s=300.0, shutdown_timeout=20.0)
+    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 40)
+    create_topics(st)
+    publish(st, events)
+    first = ConsumerProcess(services, st.model_copy(update={"s3_endpoint_url": outage.url}), tmp_path / "first.log",
+                            METAVOICE_TEST_WHISPER_DELAY="0.3")
+    second = ConsumerProcess(services, st, tmp_path / "second.log")
+    try:
+        with logs_on_failure(first, second):
+            first.start()
+            wait_until(lambda: len(writer_ids(st.output_dir)) >= 1, 90, "a first file", first)
+            outage.cut()
+            first.wait_for_log("not blamed on any object", timeout=60)
+            time.sleep(3.0)  # the pipeline fills up behind the waiting batches
+            second.start()
+            t0 = time.monotonic()
+            wait_until(lambda: assignments(second) >= 1, 120, "the second member's assignment", first, second)
+            took = time.monotonic() - t0
+            # the join itself takes a few seconds (Tansu holds a JoinGroup ~half the session timeout)
+            assert took < 45, f"the rebalance took {took:.0f}s: the revoke waited out the fault"
+            assert first.proc.poll() is None, "the revoke failed instead of completing"
+            outage.restore()
+            wait_for_rows(st.output_dir, len(events), timeout=120)
+            signal_group(first, signal.SIGTERM)
+            signal_group(second, signal.SIGTERM)
+            assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+            assert_exactly_once(st.output_dir, versions(events))
+            assert_summary_matches_files(st.output_dir)
+            assert committed_offsets(st) == partition_ends(st, expected=len(events))
+    finally:
+        first.kill()
+        second.kill()
+        outage.close()
