@@ -21,6 +21,8 @@ from .config import Settings
 from .errors import (
     BucketMissing,
     DeviceFault,
+    ObjectAccessDenied,
+    ObjectForbidden,
     ObjectMissing,
     ObjectUnavailable,
     PermanentError,
@@ -32,7 +34,7 @@ from .events import ObjectEvent
 from .faults import crash_point
 from .models import Models
 from .records import Transcript, TranscribedAudio
-from .storage import download_object, probe_bucket
+from .storage import download_object, probe_access, probe_bucket
 
 T = TypeVar("T")
 
@@ -144,6 +146,7 @@ async def download_and_decode_stage(
     pairs = _raise_fault(await asyncio.gather(*(one(i) for i in items), return_exceptions=True))
     downloaded = [d for d, _ in pairs]
     await _probe_unavailable(s3, downloaded)
+    await _probe_forbidden(s3, downloaded)
     return downloaded, [a for _, a in pairs]
 
 
@@ -153,10 +156,13 @@ async def _download_one(s3: Any, item: WorkItem, settings: Settings) -> Slot[Dow
     try:
         data, etag = await download_object(
             s3, ev.bucket, ev.key, settings.max_object_bytes, settings.s3_retry_attempts,
-            if_match=ev.etag, version_id=ev.version_id,
+            if_match=ev.etag, version_id=ev.version_id, event_time=ev.event_time,
         )
     except (PermanentError, Superseded) as exc:
         return Slot(item, error=exc)
+    except ObjectAccessDenied as exc:  # the object's, unless the probe finds the credentials refused too
+        return Slot(item, error=ObjectForbidden(f"{exc}; the same credentials read the bucket, so the "
+                                                "denial is this object's (a policy on its key or prefix, its KMS key)"))
     except StorageUnavailable as exc:  # past its retries: the object's fault, unless the bucket fails too
         return Slot(item, error=ObjectUnavailable(str(exc)))
     except BucketMissing as exc:
@@ -177,6 +183,16 @@ def _raise_fault(results: list) -> list:
 async def _probe_unavailable(s3: Any, slots: list[Slot[Downloaded]]) -> None:
     for bucket in sorted({s.item.event.bucket for s in slots if isinstance(s.error, ObjectUnavailable)}):
         await probe_bucket(s3, bucket)  # raises StorageOutage when the bucket itself does not answer
+
+
+async def _probe_forbidden(s3: Any, slots: list[Slot[Downloaded]]) -> None:
+    """Objects S3 denied become `ObjectForbidden` only if the same credentials still work on their
+    bucket (an object of it read in this batch, else HeadBucket); otherwise `StorageAccessDenied`
+    is raised: the batch stops, nothing is dead-lettered or committed, and it is waited out."""
+    denied = {s.item.event.bucket for s in slots if isinstance(s.error, ObjectForbidden)}
+    for bucket in sorted(denied):
+        readable = next((s.item.event.key for s in slots if s.ok and s.item.event.bucket == bucket), None)
+        await probe_access(s3, bucket, readable)
 
 
 def decode_stage(

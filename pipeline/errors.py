@@ -17,13 +17,19 @@
     │   ├── InvalidRequest             S3 cannot even be asked (an invalid bucket name): botocore refuses
     │   ├── ObjectRejected             S3 refused the request for this object (an unlisted 4xx code)
     │   ├── ObjectUnavailable          this object's 5xx persisted past its retries while its bucket answers
+    │   ├── ObjectForbidden            AccessDenied for this object while the same credentials read its
+    │   │                              bucket (a deny on a key or prefix, a KMS key the role cannot use)
+    │   ├── VersionMismatch            the event's etag is no version of its object, and the object was
+    │   │                              not overwritten after the event (a producer that filled in another etag)
     │   └── DownloadFailed             anything else that broke reading this one object
     ├── TransientError                 the world is briefly unwell: retry with backoff
     │   ├── StorageUnavailable         S3 timeouts, 5xx, throttling, connection refused
     │   └── EnvironmentFault           not about any object: the batch stops (no dead letter, no commit),
     │       │                          the consumer backs off and retries, exits after fault_timeout_s
     │       ├── StorageAccessDenied    credentials refused: AccessDenied, InvalidAccessKeyId,
-    │       │                          SignatureDoesNotMatch, ExpiredToken
+    │       │   │                      SignatureDoesNotMatch, ExpiredToken
+    │       │   └── ObjectAccessDenied AccessDenied (or a bare 403) on one object: probed before it is
+    │       │                          blamed on the account or, as ObjectForbidden, on the object
     │       ├── BucketMissing          NoSuchBucket for a bucket METAVOICE_ALLOWED_BUCKETS names
     │       ├── StorageOutage          objects fail past their retries and a probe of the bucket fails too
     │       └── DeviceFault            a CUDA error, device OOM that persists at half the batch, or a
@@ -109,6 +115,20 @@ class ObjectUnavailable(PermanentError):
     pass
 
 
+class ObjectForbidden(PermanentError):
+    """S3 denied this object while a probe with the same credentials shows they work: the denial
+    is about the object (a policy on its key or prefix, its KMS key), so retrying cannot help."""
+
+
+class VersionMismatch(PermanentError):
+    """The stored object answers another etag than the event's, and HeadObject shows no overwrite
+    after the event: the event names a version that never existed. Carries both etags."""
+
+    def __init__(self, message: str, *, event_etag: str = "", stored_etag: str = "") -> None:
+        super().__init__(message)
+        self.event_etag, self.stored_etag = event_etag, stored_etag
+
+
 class DownloadFailed(PermanentError):
     pass
 
@@ -129,6 +149,12 @@ class EnvironmentFault(TransientError):
 
 class StorageAccessDenied(EnvironmentFault):
     kind = "storage_access"
+
+
+class ObjectAccessDenied(StorageAccessDenied):
+    """AccessDenied on one object's request. Alone it proves nothing about the account: AWS answers
+    403 for a missing key without s3:ListBucket, and for a deny on one prefix. Until probed it is
+    the account fault it may be; `pipeline.storage.probe_access` decides."""
 
 
 class BucketMissing(EnvironmentFault):

@@ -7,6 +7,9 @@ S3 failures are sorted here into the pipeline's error tree (pipeline/errors.py):
   5xx, throttle or refused connection;
 - about the account, never blamed on an object: refused credentials (`StorageAccessDenied`),
   a missing bucket we were told to serve (`BucketMissing`).
+Two answers are ambiguous and are checked before either side is blamed: an `AccessDenied` on one
+object (`ObjectAccessDenied`: the object's own deny, or the account's? `probe_access`), and a 412
+on GetObject `If-Match` (overwritten after the event, or an etag that never was? `_not_the_events`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .errors import (
     EmptyObject,
     EnvironmentFault,
     InvalidRequest,
+    ObjectAccessDenied,
     ObjectMissing,
     ObjectRejected,
     ObjectTooLarge,
@@ -47,6 +51,7 @@ from .errors import (
     StorageOutage,
     StorageUnavailable,
     Superseded,
+    VersionMismatch,
 )
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                  "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity", "Unauthorized",
                  "401", "403"}
+# Refusals that may be about one object only (a deny on its key or prefix, its KMS key, a missing key
+# read without s3:ListBucket): probed before they are blamed on the account (`probe_access`).
+_OBJECT_ACCESS_CODES = {"AccessDenied", "403"}
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                     "ServiceUnavailable", "503", "500", "502", "504", "RequestTimeTooSkewed"}
 # HTTPClientError covers botocore's ResponseStreamingError: the connection dropped while the body
@@ -94,6 +102,8 @@ def classify_s3_error(exc: BaseException, bucket: str, key: str) -> Exception:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code == "NoSuchBucket":
             return BucketMissing(f"bucket {bucket} does not exist (NoSuchBucket)")
+        if key and (code in _OBJECT_ACCESS_CODES or (not code and status == 403)):
+            return ObjectAccessDenied(f"S3 denied {where}: {code or status}: {err.get('Message', '')}")
         if code in _ACCESS_CODES or (not code and status in (401, 403)):
             return StorageAccessDenied(f"S3 refused our credentials for {where}: {code or status}; check the "
                                        "access key and secret (rotated?), the token's expiry and its grants")
@@ -119,6 +129,25 @@ async def probe_bucket(client: Any, bucket: str) -> None:
     """After objects failed past their retries: does the bucket itself answer (HeadBucket, a few
     quick tries)? Any answer - even a refusal of HEAD by a token scoped to objects - means S3 is
     up and those objects fail alone; none means an outage (`StorageOutage`)."""
+    await _probe(client.head_bucket, {"Bucket": bucket}, bucket, refusal_is_fault=False)
+
+
+async def probe_access(client: Any, bucket: str, readable_key: str | None = None) -> None:
+    """After S3 denied some objects of `bucket` (`ObjectAccessDenied`): do the same credentials
+    work on the bucket? The probe is HeadObject of `readable_key` - an object of the bucket read
+    in the same batch, so the grant a GET needs is asked again now - or, with none, HeadBucket.
+    It returns when S3 answers: the denials are about those objects alone (`ObjectForbidden`).
+    A refusal is the account's (rotated or revoked credentials, a grant taken away):
+    `StorageAccessDenied`, waited out with nothing dead-lettered; no answer is `StorageOutage`."""
+    if readable_key:
+        await _probe(client.head_object, {"Bucket": bucket, "Key": readable_key}, bucket, refusal_is_fault=True)
+    else:
+        await _probe(client.head_bucket, {"Bucket": bucket}, bucket, refusal_is_fault=True)
+
+
+async def _probe(call: Any, request: dict[str, Any], bucket: str, *, refusal_is_fault: bool) -> None:
+    """One probe request, a few quick tries while S3 does not answer; `StorageOutage` past them.
+    With `refusal_is_fault`, refused credentials raise `StorageAccessDenied`; any other answer passes."""
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(StorageUnavailable),
@@ -128,12 +157,16 @@ async def probe_bucket(client: Any, bucket: str) -> None:
         ):
             with attempt:
                 try:
-                    await client.head_bucket(Bucket=bucket)
+                    await call(**request)
                 except Exception as exc:
-                    typed = classify_s3_error(exc, bucket, "")
+                    typed = classify_s3_error(exc, bucket, "")  # no key: a refusal here is the caller's
                     if isinstance(typed, StorageUnavailable):
                         raise typed from exc
-                    log.debug("bucket probe of %s answered %s", bucket, typed)
+                    if refusal_is_fault and isinstance(typed, StorageAccessDenied):
+                        what = f"s3://{bucket}/{request['Key']}" if "Key" in request else f"bucket {bucket}"
+                        raise StorageAccessDenied(f"S3 denied objects of {bucket} and refuses the same "
+                                                  f"credentials on {what} too: {typed}") from exc
+                    log.debug("probe of %s answered %s", bucket, typed)
     except StorageUnavailable as exc:
         raise StorageOutage(f"S3 is failing for bucket {bucket} itself, not only for some objects: {exc}") from exc
 
@@ -155,22 +188,24 @@ def retrying_unavailable(attempts: int, what: str) -> AsyncRetrying:
 
 async def download_object(
     client: Any, bucket: str, key: str, max_bytes: int, attempts: int = 8, *,
-    if_match: str | None = None, version_id: str | None = None,
+    if_match: str | None = None, version_id: str | None = None, event_time: datetime | None = None,
 ) -> tuple[bytes, str]:
     """Bytes and etag of one object version; retries transient failures, raises typed permanent ones.
 
     `version_id` (S3/MinIO with versioning) reads exactly that version. `if_match` (the event's
-    etag) makes S3 refuse other bytes: a key re-uploaded after the event raises `Superseded`,
-    never returns the newer bytes under the older version's name.
+    etag) makes S3 refuse other bytes, never returning a newer version's bytes under the older
+    version's name: `Superseded` when the object really was overwritten after `event_time` (the
+    event's), else `VersionMismatch` with both etags (`_not_the_events`).
     """
     async for attempt in retrying_unavailable(attempts, "S3 unavailable"):
         with attempt:
-            return await _download_once(client, bucket, key, max_bytes, if_match, version_id)
+            return await _download_once(client, bucket, key, max_bytes, if_match, version_id, event_time)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _download_once(
-    client: Any, bucket: str, key: str, max_bytes: int, if_match: str | None, version_id: str | None
+    client: Any, bucket: str, key: str, max_bytes: int, if_match: str | None, version_id: str | None,
+    event_time: datetime | None,
 ) -> tuple[bytes, str]:
     request: dict[str, Any] = {"Bucket": bucket, "Key": key}
     if if_match:
@@ -178,12 +213,18 @@ async def _download_once(
     if version_id:
         request["VersionId"] = version_id
     try:
-        resp = await client.get_object(**request)
+        try:
+            resp = await client.get_object(**request)
+        except ClientError as exc:
+            if if_match and isinstance(classify_s3_error(exc, bucket, key), Superseded):
+                head = await _head(client, bucket, key, version_id)
+                raise _not_the_events(bucket, key, if_match, version_id, event_time, head) from exc
+            raise
         length = int(resp.get("ContentLength") or 0)
         etag = str(resp.get("ETag", "")).strip('"')
         if if_match and etag and etag != if_match:  # a store that ignores If-Match
             resp["Body"].close()
-            raise Superseded(f"s3://{bucket}/{key} was overwritten: stored etag {etag}, the event's {if_match}")
+            raise _not_the_events(bucket, key, if_match, version_id, event_time, resp)
         if length > max_bytes:
             resp["Body"].close()
             raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes, over the {max_bytes}-byte limit")
@@ -196,6 +237,40 @@ async def _download_once(
     if not data:
         raise EmptyObject(f"s3://{bucket}/{key} is empty (0 bytes)")
     return data, etag
+
+
+async def _head(client: Any, bucket: str, key: str, version_id: str | None) -> dict[str, Any]:
+    """HeadObject of the stored version (`version_id`'s, else the current one), errors typed."""
+    request: dict[str, Any] = {"Bucket": bucket, "Key": key, **({"VersionId": version_id} if version_id else {})}
+    try:
+        return await client.head_object(**request)
+    except Exception as exc:
+        raise classify_s3_error(exc, bucket, key) from exc
+
+
+def _not_the_events(
+    bucket: str, key: str, event_etag: str, version_id: str | None, event_time: datetime | None,
+    stored: dict[str, Any],
+) -> Superseded | VersionMismatch:
+    """The stored object is not the version the event names: overwritten after the event, or an
+    etag that never was? Only an overwrite the store shows - a LastModified later than the event
+    (S3 gives it to the second: an overwrite within the event's own second reads as not later), or
+    another VersionId than the event's - is `Superseded` (counted; that version's event makes its
+    row). A read of the event's own version (`version_id`) cannot be overwritten: its other etag
+    is the event's error. Anything else is a `VersionMismatch` dead letter naming both etags."""
+    where = f"s3://{bucket}/{key}"
+    stored_etag = str(stored.get("ETag", "")).strip('"')
+    modified, stored_version = stored.get("LastModified"), stored.get("VersionId")
+    if version_id is None and event_time is not None and isinstance(modified, datetime) and modified > event_time:
+        return Superseded(f"{where} was overwritten at {modified.isoformat()}, after its event "
+                          f"({event_time.isoformat()}): stored etag {stored_etag}, the event's {event_etag}")
+    return VersionMismatch(
+        f"{where}: the event's etag {event_etag} matches no version the store shows (stored etag {stored_etag}, "
+        f"version {version_id or stored_version or '-'}, last modified "
+        f"{modified.isoformat() if isinstance(modified, datetime) else '?'}, event time "
+        f"{event_time.isoformat() if event_time else 'none'}): not an overwrite after the event",
+        event_etag=event_etag, stored_etag=stored_etag,
+    )
 
 
 async def list_objects(
@@ -256,6 +331,8 @@ async def list_page(client: Any, request: dict[str, Any], attempts: int = 8) -> 
 def _listing_error(exc: BaseException, bucket: str, prefix: str, endpoint: str) -> Exception:
     """A failed listing request as a typed error with a one-line message."""
     typed = classify_s3_error(exc, bucket, prefix)
+    if isinstance(typed, ObjectAccessDenied):  # a listing is never about one object: the account's refusal
+        typed = StorageAccessDenied(str(typed))
     if isinstance(typed, (BucketMissing, ObjectMissing)):  # a 404 on a bucket's listing: no such bucket
         return BucketMissing(f"bucket {bucket!r} does not exist at {endpoint}")
     if isinstance(typed, StorageUnavailable):

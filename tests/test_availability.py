@@ -143,6 +143,106 @@ def test_a_rotated_s3_secret_dead_letters_nothing_commits_nothing_and_a_fixed_ke
     assert_all_committed(st, 4)
 
 
+def signing_user(url: str, admin_key: tuple[str, str], name: str, deny: list[dict]) -> tuple[str, str, str]:
+    """A user of the signing moto allowed everything except the `deny` statements (moto enforces
+    identity policies per action and resource, `bucket/key` for object calls; it ignores bucket
+    policies). Returns (access key id, secret, the deny policy's ARN)."""
+    iam = boto3.client("iam", endpoint_url=url, region_name=MOTO_REGION, aws_access_key_id=admin_key[0],
+                       aws_secret_access_key=admin_key[1])
+    iam.create_user(UserName=name)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    allow = iam.create_policy(PolicyName=f"{name}-allow", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    denied = iam.create_policy(PolicyName=f"{name}-deny", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": deny}))
+    for arn in (allow["Policy"]["Arn"], denied["Policy"]["Arn"]):
+        iam.attach_user_policy(UserName=name, PolicyArn=arn)
+    return key["AccessKeyId"], key["SecretAccessKey"], denied["Policy"]["Arn"]
+
+
+def signed_stream(signing_s3, settings_factory, speech_corpus, unique, count: int, **overrides):
+    """A bucket on the signing moto holding `count` clips plus `forbidden/secret.flac`, every event
+    published (the forbidden one among them); returns (settings, good events, forbidden event)."""
+    url, key_id, secret = signing_s3
+    admin = boto3.client("s3", endpoint_url=url, region_name=MOTO_REGION, aws_access_key_id=key_id, aws_secret_access_key=secret)
+    bucket = f"signed-{unique}"
+    admin.create_bucket(Bucket=bucket)
+    st = settings_factory(s3_endpoint_url=url, bucket=bucket, **overrides)
+    good = upload_copies(admin, bucket, [c.path for c in speech_corpus[:3]], count)
+    (forbidden,) = upload_copies(admin, bucket, [speech_corpus[0].path], 1, prefix="forbidden/")
+    create_topics(st)
+    publish(st, good[: count // 2] + [forbidden] + good[count // 2 :])
+    return st, good, forbidden
+
+
+@pytest.mark.slow
+def test_one_forbidden_object_is_an_object_forbidden_dead_letter_and_the_stream_goes_on(
+    services, signing_s3, settings_factory, speech_corpus, tmp_path, unique
+):
+    """A deny on one prefix (AWS's 403 for it, as for a KMS key the role cannot use) is about that
+    object: the same credentials still read the bucket, so it is one dead letter, not a stopped stream."""
+    st, good, forbidden = signed_stream(signing_s3, settings_factory, speech_corpus, unique, 6,
+                                        exit_when_idle=None, fault_timeout_s=20.0, roll_max_seconds=1.0)
+    key_id, secret, _ = signing_user(signing_s3[0], signing_s3[1:], f"prefix-{unique}", [
+        {"Effect": "Deny", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{st.bucket}/forbidden/*"}])
+    proc = ConsumerProcess(services, st, tmp_path / "consumer.log", METAVOICE_S3_ACCESS_KEY_ID=key_id,
+                           METAVOICE_S3_SECRET_ACCESS_KEY=secret).start()
+    try:
+        with logs_on_failure(proc):
+            ends = {p: (e or None) for p, e in partition_ends(st, expected=7).items()}
+            deadline = time.monotonic() + 90
+            while committed_offsets(st) != ends:
+                assert proc.proc.poll() is None, "the consumer stopped"
+                assert time.monotonic() < deadline, "the log was never committed to its end"
+                time.sleep(0.5)
+            assert_exactly_once(st.output_dir, versions(good))
+            letters = dead_letters(st, 1)
+            assert [(d["object"]["key"], d["error_type"]) for d in letters] == [(forbidden.key, "ObjectForbidden")]
+            assert "AccessDenied" in letters[0]["error"]
+            assert proc.proc.poll() is None, "the consumer must still be running"
+            proc.signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert_all_committed(st, 7)
+
+
+@pytest.mark.slow
+def test_credentials_whose_grant_was_revoked_dead_letter_nothing_and_commit_nothing(
+    services, signing_s3, settings_factory, speech_corpus, cheap_models, tmp_path, unique
+):
+    """AccessDenied on every object and on the bucket too: the account's fault. Waited out with no
+    dead letter and no commit; once the grant is back, every event lands exactly once."""
+    st, good, forbidden = signed_stream(signing_s3, settings_factory, speech_corpus, unique, 4,
+                                        exit_when_idle=2.0, fault_timeout_s=120.0)
+    key_id, secret, deny_arn = signing_user(signing_s3[0], signing_s3[1:], f"revoked-{unique}", [
+        {"Effect": "Deny", "Action": "s3:*", "Resource": "*"}])
+    port = free_port()
+    proc = ConsumerProcess(services, st, tmp_path / "consumer.log", METAVOICE_S3_ACCESS_KEY_ID=key_id,
+                           METAVOICE_S3_SECRET_ACCESS_KEY=secret, METAVOICE_METRICS_PORT=str(port)).start()
+    try:
+        with logs_on_failure(proc):
+            deadline, metrics = time.monotonic() + 90, b""
+            while b'metavoice_environment_faults_total{kind="storage_access"} 2' not in metrics:
+                assert proc.proc.poll() is None and time.monotonic() < deadline, "the fault was never waited out"
+                metrics = http_get(f"http://127.0.0.1:{port}/metrics")[1] if _listening(port) else b""
+                time.sleep(0.3)
+            assert committed_offsets(st) == {p: None for p in range(st.topic_partitions)}
+            assert dead_letters(st, 0) == []
+            assert output_rows(st.output_dir) == []
+
+            # the grant comes back: the batch that was waited out finishes, nothing was lost to the fault
+            iam = boto3.client("iam", endpoint_url=signing_s3[0], region_name=MOTO_REGION,
+                               aws_access_key_id=signing_s3[1], aws_secret_access_key=signing_s3[2])
+            iam.detach_user_policy(UserName=f"revoked-{unique}", PolicyArn=deny_arn)
+            assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    assert_exactly_once(st.output_dir, versions(good + [forbidden]))
+    assert dead_letters(st, 0) == []
+    assert_all_committed(st, 5)
+
+
 def _listening(port: int) -> bool:
     import socket
 

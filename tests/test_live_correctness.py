@@ -13,8 +13,9 @@ import asyncio
 import re
 import signal
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
+import orjson
 import pyarrow.parquet as pq
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -76,9 +77,11 @@ def test_a_key_reuploaded_before_its_first_event_is_read_makes_one_row_from_the_
     first, second = speech_corpus[0].path.read_bytes(), speech_corpus[1].path.read_bytes()
     key = "takes/take.flac"
     etag1 = s3.put_object(Bucket=bucket, Key=key, Body=first)["ETag"].strip('"')
+    # the first version's event was emitted before the re-upload (S3 keeps LastModified to the second)
+    first_event_time = datetime.now(timezone.utc) - timedelta(seconds=5)
     etag2 = s3.put_object(Bucket=bucket, Key=key, Body=second)["ETag"].strip('"')  # before the consumer runs
     create_topics(st)
-    publish(st, [ObjectEvent(bucket=bucket, key=key, size=len(first), etag=etag1),
+    publish(st, [ObjectEvent(bucket=bucket, key=key, size=len(first), etag=etag1, event_time=first_event_time),
                  ObjectEvent(bucket=bucket, key=key, size=len(second), etag=etag2)])
 
     stats = consume_until_idle(st, models)
@@ -91,6 +94,55 @@ def test_a_key_reuploaded_before_its_first_event_is_read_makes_one_row_from_the_
     assert_summary_matches_files(st.output_dir)
     assert read_topic(st, st.dlq_topic, expected=0, timeout=2) == []
     assert_log_fully_handled(st, 2)
+
+
+def test_an_etag_that_is_no_version_of_its_object_is_a_version_mismatch_dead_letter_with_both_etags(
+    s3, bucket, settings_factory, speech_corpus, models
+):
+    """A producer that fills `eTag` with something else (a content hash, another field) must not make
+    its events vanish as "superseded": the object was not overwritten after the event."""
+    st = settings_factory(topic_partitions=1)
+    body = speech_corpus[2].path.read_bytes()
+    good = upload_copies(s3, bucket, [speech_corpus[0].path], 1)[0]
+    key = "wrong-etag.flac"
+    stored = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"].strip('"')
+    wrong = "0" * 32
+    create_topics(st)
+    publish(st, [ObjectEvent(bucket=bucket, key=key, size=len(body), etag=wrong), good])
+
+    stats = consume_until_idle(st, models)
+
+    assert stats.rows == 1 and stats.superseded == 0 and stats.dead_letters == 1
+    assert set(rows_by_key(st.output_dir)) == {good.key}
+    (letter,) = [orjson.loads(r.value) for r in read_topic(st, st.dlq_topic, expected=1)]
+    assert (letter["object"]["key"], letter["error_type"]) == (key, "VersionMismatch")
+    assert wrong in letter["error"] and stored in letter["error"], letter["error"]
+    summary = orjson_summary(st)
+    assert summary["superseded"] == 0 and summary["errors"]["by_type"] == {"VersionMismatch": 1}
+    assert_summary_matches_files(st.output_dir)
+    assert_log_fully_handled(st, 2)
+
+
+def test_a_wrong_etag_on_a_versioned_read_is_a_version_mismatch_even_after_a_later_version(
+    s3, bucket, settings_factory, speech_corpus, models
+):
+    """An event naming its version id reads that version: a later version elsewhere on the key is no
+    excuse for an etag the named version never had."""
+    st = settings_factory(topic_partitions=1)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    key = "versioned-wrong.flac"
+    v1 = s3.put_object(Bucket=bucket, Key=key, Body=speech_corpus[3].path.read_bytes())
+    s3.put_object(Bucket=bucket, Key=key, Body=speech_corpus[4].path.read_bytes())
+    create_topics(st)
+    publish(st, [ObjectEvent(bucket=bucket, key=key, etag="f" * 32, version_id=v1["VersionId"],
+                             event_time=datetime.now(timezone.utc) - timedelta(seconds=30))])
+
+    stats = consume_until_idle(st, models)
+
+    assert stats.rows == 0 and stats.superseded == 0 and stats.dead_letters == 1
+    (letter,) = [orjson.loads(r.value) for r in read_topic(st, st.dlq_topic, expected=1)]
+    assert letter["error_type"] == "VersionMismatch" and v1["ETag"].strip('"') in letter["error"]
+    assert_log_fully_handled(st, 1)
 
 
 def test_an_event_without_etag_is_labelled_and_deduplicated_by_the_etag_s3_returns(
