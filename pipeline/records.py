@@ -82,10 +82,33 @@ class Segment:
 
 
 @dataclass(slots=True)
+class Word:
+    """One recognised word with its time (seconds) and Whisper's probability for it."""
+
+    start: float = column(pa.float64())
+    end: float = column(pa.float64())
+    word: str = column(pa.string())
+    probability: float = column(pa.float32())
+
+
+@dataclass(slots=True)
 class Transcript:
+    """What `WhisperTranscriber.transcribe_batch` returns per clip; times are seconds from the clip's start.
+
+    The Whisper statistics are over the clip's decoded tokens (None where nothing was decoded):
+    `avg_logprob` (mean token log-probability), `no_speech_prob` (the decoder's no-speech
+    probability at the first step of the clip's first window), `compression_ratio` of the text
+    (zlib; loops compress well), `language_probability` (1.0 for an English-only model).
+    """
+
     text: str
     language: str
     segments: list[Segment] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
+    compression_ratio: float | None = None
+    language_probability: float | None = None
 
 
 SEGMENT_TYPE = pa.struct(arrow_fields(Segment))
@@ -155,7 +178,7 @@ def _words_to_arrow(values: list[list[Any] | None]) -> list[list[tuple[Any, ...]
 
 
 def _words_from_arrow(array: pa.Array) -> list[list[Any] | None]:
-    return [None if ws is None else [Word(**w) for w in ws] for ws in array.to_pylist()]  # noqa: F821 (21a's Word)
+    return [None if ws is None else [Word(**w) for w in ws] for ws in array.to_pylist()]
 
 
 def _embedding_to_arrow(values: list[np.ndarray | None]) -> list[list[float] | None]:
