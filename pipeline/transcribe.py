@@ -69,6 +69,11 @@ SUSPICIOUS_COMPRESSION_RATIO = 2.4  # faster-whisper's own threshold for a repet
 # Speech runs at 2-3 words per second; far fewer in a short window usually means the decoder ended
 # early (seen: "6th" for a 4.3 s sentence). Quiet clips pay one 30 s window, as they would anyway.
 SPARSE_WORDS_PER_SECOND = 0.5
+# A tail shorter than this after the last timestamp holds no word worth another decode; the rounds
+# are bounded so a decoder that advances a little each time cannot loop (30 s / 3 rounds is plenty
+# for one or two unfinished sentences).
+MIN_TAIL_SECONDS = 0.3
+MAX_TAIL_ROUNDS = 4
 
 
 def compression_ratio(text: str) -> float:
@@ -188,19 +193,50 @@ class WhisperTranscriber:
         return transcripts
 
     def _decode_chunks(self, chunks: list[_Chunk]) -> dict[int, tuple[list[Segment], str]]:
-        """Segments (in file time) per chunk: chunks with equal windows batched together."""
-        outputs: dict[int, tuple[list[Segment], str]] = {}
+        """Segments (in file time) per chunk, each chunk decoded until its audio is covered.
+
+        Whisper often stops at a timestamp before the end of the audio it was given (it leaves an
+        unfinished last sentence for the next window). faster-whisper's `transcribe()` then seeks to
+        that timestamp and decodes the rest; so do we: every chunk's tail is decoded again from its
+        last timestamp, the tails of all chunks batched together, until nothing is left.
+        """
+        decoded = self._decode_round(chunks)
+        outputs = {k: (segs, lang) for k, (segs, lang, _) in decoded.items()}
+        tails = {k: chunks[k] for k in decoded}
+        for _ in range(MAX_TAIL_ROUNDS):
+            pending = {}
+            for k, (_, _, covered) in decoded.items():
+                chunk = tails[k]
+                if 0.0 < covered and chunk.duration - covered >= MIN_TAIL_SECONDS:
+                    start = int(round(covered * SAMPLE_RATE))
+                    pending[k] = _Chunk(chunk.file_index, chunk.audio[start:], chunk.offset + covered,
+                                        chunk.duration - covered)
+            if not pending:
+                break
+            order = list(pending)
+            round_out = self._decode_round([pending[k] for k in order])
+            decoded = {}
+            for j, k in enumerate(order):
+                segs, lang, covered = round_out[j]
+                outputs[k][0].extend(segs)
+                decoded[k] = (segs, lang, covered)
+                tails[k] = pending[k]
+        return outputs
+
+    def _decode_round(self, chunks: list[_Chunk]) -> dict[int, tuple[list[Segment], str, float]]:
+        """One decode of each chunk: (segments, language, seconds covered); chunks with equal windows batched."""
+        outputs: dict[int, tuple[list[Segment], str, float]] = {}
         again: list[int] = []
         for frames, group in self._batches(range(len(chunks)), [self.window_frames(c.duration) for c in chunks]):
-            for k, (segs, lang, suspicious) in zip(group, self._generate([chunks[k] for k in group], frames)):
-                outputs[k] = (segs, lang)
+            for k, (segs, lang, suspicious, covered) in zip(group, self._generate([chunks[k] for k in group], frames)):
+                outputs[k] = (segs, lang, covered)
                 if suspicious and frames < FULL_WINDOW_FRAMES:
                     again.append(k)
         if again:
             log.info("%d chunk(s) looked degenerate in a short window; decoding them in 30 s", len(again))
             for frames, group in self._batches(again, [FULL_WINDOW_FRAMES] * len(again)):
-                for k, (segs, lang, _) in zip(group, self._generate([chunks[k] for k in group], frames)):
-                    outputs[k] = (segs, lang)
+                for k, (segs, lang, _, covered) in zip(group, self._generate([chunks[k] for k in group], frames)):
+                    outputs[k] = (segs, lang, covered)
         return outputs
 
     def window_frames(self, duration: float) -> int:
@@ -250,8 +286,11 @@ class WhisperTranscriber:
         padded[: audio.shape[0]] = audio
         return pad_or_trim(self.model.feature_extractor(padded, padding=0), frames)
 
-    def _generate(self, chunks: list[_Chunk], frames: int) -> list[tuple[list[Segment], str, bool]]:
-        """Decode chunks in windows of `frames`: (segments, language, looks degenerate) per chunk."""
+    def _generate(self, chunks: list[_Chunk], frames: int) -> list[tuple[list[Segment], str, bool, float]]:
+        """Decode chunks in windows of `frames`: (segments, language, looks degenerate, seconds covered) per chunk.
+
+        Seconds covered: up to the last timestamp when Whisper left an unfinished segment after it,
+        else the whole chunk."""
         model = self.model
         tok = self._tokenizer
         features = np.stack([self._features(c.audio, frames) for c in chunks]).astype(np.float32)
@@ -283,7 +322,7 @@ class WhisperTranscriber:
         for chunk, result, lang in zip(chunks, results, languages):
             tokens = result.sequences_ids[0]
             segment_size = int(np.ceil(chunk.duration) * model.frames_per_second)
-            subsegments, _, _ = model._split_segments_by_timestamps(
+            subsegments, seek, _ = model._split_segments_by_timestamps(
                 tokenizer=tok,
                 tokens=tokens,
                 time_offset=chunk.offset,
@@ -302,7 +341,8 @@ class WhisperTranscriber:
                 or compression_ratio(text) > SUSPICIOUS_COMPRESSION_RATIO  # a repetition loop
                 or len(text.split()) < SPARSE_WORDS_PER_SECOND * chunk.duration  # stopped early
             )
-            out.append((segs, lang, suspicious))
+            covered = min(chunk.duration, seek / model.frames_per_second)
+            out.append((segs, lang, suspicious, covered))
         return out
 
     def close(self) -> None:
