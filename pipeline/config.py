@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     # file: one row per object version; utterances: one row per utterance (Silero VAD regions, cut at long
     # pauses and speaker changes, each utterance transcribed and tokenized from its own crop).
     segmentation: Literal["file", "utterances"] = "file"
+    # false: no VAD, DNSMOS or speaker model is loaded; file rows only, their quality and speaker columns null
+    analysis: bool = False  # TODO(21b): true once pipeline/analysis quality+speakers land
     utterance_min_sec: float = Field(1.0, gt=0, le=30)  # shorter speech is merged into a neighbour
     utterance_max_sec: float = Field(30.0, gt=0, le=30)  # Whisper's window: an utterance is never longer
     utterance_pause_sec: float = Field(0.5, ge=0)  # a pause at least this long always ends an utterance
@@ -195,6 +197,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":
+        if self.segmentation == "utterances" and not self.analysis:
+            raise ValueError("segmentation=utterances needs the analysis models (analysis=true): the VAD cuts them")
         if self.utterance_min_sec > self.utterance_max_sec:
             raise ValueError("utterance_min_sec must not exceed utterance_max_sec")
         if not self.dlq_topic:

@@ -163,7 +163,7 @@ class Aggregates:
             return None
         if not self.untranscribed:
             return "on"
-        return "off" if self.untranscribed == self.utterances else "mixed"
+        return "off" if self.untranscribed == max(self.utterances, self.files) else "mixed"  # rows
 
     def add_error(self, error_type: str) -> None:
         self.errors[error_type] += 1
