@@ -54,3 +54,24 @@ def test_a_recording_longer_than_30_s_loses_no_chunk_tail(transcriber, call):
     assert ours_wer <= theirs_wer + WER_SLACK, f"WER {ours_wer:.3f} batched vs {theirs_wer:.3f} transcribe(): {ours.text!r}"
     assert "superlative degree" in ours.text.lower()
     assert "jersey now" in " ".join(ours.text.lower().replace(".", "").split()[-4:])
+
+
+def test_words_carry_absolute_times_and_whisper_statistics_from_the_batched_path(transcriber, call):
+    """Words of a file longer than 30 s, from one batch with a short clip and silence: ordered, inside
+    the clip, in the file's own time (the call's words after the ARCTIC sentence start past 4 s)."""
+    import numpy as np
+
+    read = arctic()
+    long = concatenate([read.audio(), call.audio()])
+    silence = np.zeros(16_000, np.float32)
+    t_long, t_read, t_silence = transcriber.transcribe_batch([long, read.audio(), silence])
+    for t, audio in ((t_long, long), (t_read, read.audio())):
+        assert len(t.words) == len(t.text.split())
+        assert [w.start for w in t.words] == sorted(w.start for w in t.words)
+        assert all(0.0 <= w.start <= w.end <= audio.shape[0] / 16_000 for w in t.words)
+        assert all(0.0 <= w.probability <= 1.0 for w in t.words)
+        assert -1.0 < t.avg_logprob < 0.0 and 0.0 < t.compression_ratio < 2.4
+        assert t.language_probability == 1.0  # tiny.en: English only
+    jersey = [w for w in t_long.words if "jersey" in w.word.lower()]
+    assert jersey[-1].start > 4.5 + 28.0  # the call's last "Jersey" at ~29.4 s, shifted by the 4.5 s before it
+    assert t_silence.no_speech_prob > 0.5 > t_read.no_speech_prob
