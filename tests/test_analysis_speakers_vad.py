@@ -41,6 +41,10 @@ def test_utterances_stay_within_bounds_and_never_cross_a_cut(call):
     assert spans == sorted(spans) and all(1.0 <= e - s <= 5.0 + 1e-6 for s, e in spans)
     assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:]))
     assert not any(s < 14.45 < e for s, e in spans)
+    whole = utterance_spans(regions, 30.0, min_sec=1.0, max_sec=30.0, pause_sec=0.5)
+    assert any(s < 14.45 < e for s, e in whole)  # without the cut, one utterance runs through 14.45 s
+    cut = utterance_spans(regions, 30.0, min_sec=1.0, max_sec=30.0, pause_sec=0.5, cuts=[14.45])
+    assert not any(s < 14.45 < e for s, e in cut) and len(cut) == len(whole) + 1
 
 
 def test_two_real_speakers_get_two_labels_and_one_speaker_one(call, encoder):
