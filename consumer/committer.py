@@ -114,13 +114,15 @@ class OutputCommitter:
         self.writer.append(to_table(rows), ranges, agg)
 
     def _drop_written(self, outcome: BatchOutcome):
-        rows, seen, dups = [], set(), 0
+        # An object version's utterance rows come from one event: they are kept (or dropped) together;
+        # a duplicate is counted once per event, not per utterance.
+        rows, seen, dups = [], {}, 0
         for r in outcome.rows:
             h = object_version_hash(r.bucket, r.id, r.etag)
-            if h in self.ledger.index or h in seen:
-                dups += 1
+            source = (r.kafka_topic, r.kafka_partition, r.kafka_offset)
+            if h in self.ledger.index or seen.setdefault(h, source) != source:
+                dups += r.utterance == 0
                 continue
-            seen.add(h)
             rows.append(r)
         return rows, dups
 

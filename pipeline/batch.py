@@ -326,7 +326,7 @@ def tokenize_stage(models: Models, slots: list[Slot[Segmented]]) -> list[Slot[li
 class Scores:
     """What the analysis models and the signal measures say about one span."""
 
-    dnsmos: Any  # analysis.quality.Dnsmos
+    dnsmos: Any  # analysis.quality.Dnsmos; None when DNSMOS is off
     embedding: np.ndarray
     speaker: str
     measures: Any  # analysis.quality.SignalMeasures
@@ -352,7 +352,7 @@ def score_stage(models: Models, slots: list[Slot[Segmented]]) -> list[Slot[list[
     clips = [c.at_rate(WHISPER_SAMPLE_RATE) for s in good for c in s.value.crops]  # type: ignore[union-attr]
     counts = [len(s.value.crops) for s in good]  # type: ignore[union-attr]
     try:
-        mos = analysis.dnsmos.score(clips) if clips else []
+        mos = analysis.dnsmos.score(clips) if clips and analysis.dnsmos else [None] * len(clips)
         emb = analysis.speakers.embed(clips) if clips else np.zeros((0, 256), np.float32)
     except Exception as exc:
         _isolate(exc)
@@ -499,7 +499,7 @@ def _score_columns(tr: Transcript | None, sc: Scores | None, duration: float) ->
     m = sc.measures
     return {
         "speaker": sc.speaker, "speaker_embedding": sc.embedding,
-        "dnsmos_ovrl": sc.dnsmos.ovrl, "dnsmos_sig": sc.dnsmos.sig, "dnsmos_bak": sc.dnsmos.bak,
+        **({"dnsmos_ovrl": sc.dnsmos.ovrl, "dnsmos_sig": sc.dnsmos.sig, "dnsmos_bak": sc.dnsmos.bak} if sc.dnsmos else {}),
         "snr_db": m.snr_db, "bandwidth_hz": m.bandwidth_hz, "clipping_ratio": m.clipping_ratio,
         "rms_dbfs": m.rms_dbfs, "speech_ratio": m.speech_ratio,
         "flags": quality_flags(tr, duration=duration, speech_regions=sc.regions) if tr is not None else [],

@@ -125,7 +125,10 @@ class Settings(BaseSettings):
     # pauses and speaker changes, each utterance transcribed and tokenized from its own crop).
     segmentation: Literal["file", "utterances"] = "file"
     # false: no VAD, DNSMOS or speaker model is loaded; file rows only, their quality and speaker columns null
-    analysis: bool = False  # TODO(21b): true once pipeline/analysis quality+speakers land
+    analysis: bool = True
+    # DNSMOS P.835 (dnsmos_* columns): auto = on with CUDA only; on this 2-core CPU it scores ~1.6 audio-s/s,
+    # slower than Whisper itself (README: cost per stage). off: the dnsmos_* columns are null.
+    dnsmos: Literal["auto", "on", "off"] = "auto"
     utterance_min_sec: float = Field(1.0, gt=0, le=30)  # shorter speech is merged into a neighbour
     utterance_max_sec: float = Field(30.0, gt=0, le=30)  # Whisper's window: an utterance is never longer
     utterance_pause_sec: float = Field(0.5, ge=0)  # a pause at least this long always ends an utterance

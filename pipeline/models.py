@@ -96,19 +96,25 @@ class Analysis:
     Loaded once, up front, on the pipeline's device (CUDA when there is one); every call runs on the
     device thread, a whole micro-batch of clips at a time (`batch.segment_stage`, `batch.score_stage`)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, dnsmos: bool = True) -> None:
         from .analysis.quality import DnsmosScorer
         from .analysis.speakers import SpeakerEncoder
 
         self.device = device
         self.vad_name = VAD_MODEL
-        self.dnsmos = DnsmosScorer(device)
+        self.dnsmos = DnsmosScorer(device) if dnsmos else None  # None: dnsmos_* columns null (see Settings.dnsmos)
         self.speakers = SpeakerEncoder(device)
 
+    @classmethod
+    def load(cls, settings: Settings) -> "Analysis":
+        device = resolve_device(settings.device)
+        return cls(device, dnsmos=settings.dnsmos == "on" or (settings.dnsmos == "auto" and device == "cuda"))
+
     @property
-    def names(self) -> dict[str, str]:
+    def names(self) -> dict[str, str | None]:
         """What `_manifest.json` records (and the rows' `vad_model`, `dnsmos_model`, `speaker_model`)."""
-        return {"vad_model": self.vad_name, "dnsmos_model": self.dnsmos.name, "speaker_model": self.speakers.name}
+        return {"vad_model": self.vad_name, "dnsmos_model": self.dnsmos.name if self.dnsmos else None,
+                "speaker_model": self.speakers.name}
 
 
 class Models:
@@ -131,7 +137,7 @@ class Models:
         t = time.perf_counter()
         transcriber = WhisperTranscriber(settings) if settings.transcribe else NoTranscription()
         tokenizer = load_tokenizer(settings)
-        analysis = Analysis(resolve_device(settings.device)) if settings.analysis else None
+        analysis = Analysis.load(settings) if settings.analysis else None
         log.info(
             "models ready in %.1fs: whisper=%s tokenizer=%s %s device=%s",
             time.perf_counter() - t, transcriber.name or "off (transcribe=false)", tokenizer.name,
