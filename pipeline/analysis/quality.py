@@ -91,7 +91,7 @@ class Dnsmos:
     bak: float
 
 
-DNSMOS_INPUT_SEC = 9.01  # the P.835 model scores 9.01 s windows, 1 s apart (DNSMOS' own recipe)
+DNSMOS_INPUT_SEC = 9.01  # the P.835 model scores 9.01 s windows
 # DNSMOS' polynomial calibration of the raw (sig, bak, ovrl) outputs, non-personalised model.
 _P_SIG = np.poly1d([-0.08397278, 1.22083953, 0.0052439])
 _P_BAK = np.poly1d([-0.13166888, 1.60915514, -0.39604546])
@@ -124,7 +124,8 @@ class DnsmosScorer:
         self.device = device
 
     def score(self, clips16k: list[np.ndarray]) -> list[Dnsmos]:
-        """One score per clip: the mean over its 9.01 s windows (a shorter clip is repeated to fill one)."""
+        """One score per clip: the mean over its 9.01 s windows (a shorter clip is repeated to fill one);
+        the windows of all clips go through the model in batches of 32."""
         length = int(DNSMOS_INPUT_SEC * SAMPLE_RATE)
         windows: list[np.ndarray] = []
         owner: list[int] = []
@@ -134,12 +135,13 @@ class DnsmosScorer:
                 audio = np.zeros(SAMPLE_RATE, np.float32)
             while audio.shape[0] < length:
                 audio = np.concatenate([audio, audio])
-            hops = int(np.floor(audio.shape[0] / SAMPLE_RATE) - DNSMOS_INPUT_SEC) + 1
-            for h in range(max(1, hops)):
-                w = audio[h * SAMPLE_RATE : h * SAMPLE_RATE + length]
-                if w.shape[0] == length:
-                    windows.append(w)
-                    owner.append(i)
+            # DNSMOS' recipe slides its window 1 s at a time (9x the work for a long clip); windows
+            # side by side, the last one ending at the clip's end, cover the same audio at ~1/9 the cost.
+            n = int(np.ceil(audio.shape[0] / length))
+            starts = np.linspace(0, audio.shape[0] - length, n).astype(int) if n > 1 else [0]
+            for s in starts:
+                windows.append(audio[s : s + length])
+                owner.append(i)
         raw = np.zeros((0, 3), np.float32)
         for start in range(0, len(windows), 32):
             batch = np.stack(windows[start : start + 32])
