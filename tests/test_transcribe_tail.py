@@ -75,3 +75,15 @@ def test_words_carry_absolute_times_and_whisper_statistics_from_the_batched_path
     jersey = [w for w in t_long.words if "jersey" in w.word.lower()]
     assert jersey[-1].start > 4.5 + 28.0  # the call's last "Jersey" at ~29.4 s, shifted by the 4.5 s before it
     assert t_silence.no_speech_prob > 0.5 > t_read.no_speech_prob
+
+
+def test_words_of_a_later_chunk_and_of_a_tail_are_placed_in_file_time(transcriber, call):
+    """Two calls back to back (60.5 s: two VAD chunks): the second call's words sit 30.5 s later."""
+    twice = concatenate([call.audio(), call.audio()])
+    (t,) = transcriber.transcribe_batch([twice])
+    first = [w for w in t.words if w.end <= 30.0]
+    second = [w for w in t.words if w.start >= 30.5]
+    assert len(first) > 20 and len(second) > 20
+    assert [w.start for w in t.words] == sorted(w.start for w in t.words)
+    last_jersey = [w for w in second if "jersey" in w.word.lower()][-1]
+    assert 30.5 + 28.0 < last_jersey.start < 60.5
