@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 from ..records import Transcript
+from ..transcribe import SUSPICIOUS_COMPRESSION_RATIO
 
 HALLUCINATION = "hallucination_suspected"
 OVERLAP = "overlap_suspected"
 
-COMPRESSION_RATIO_MAX = 2.4  # faster-whisper's own repetition threshold
 REPEATED_NGRAM = 3  # a 3-word phrase said this often in one clip is usually a decoder loop
 REPEATS_MAX = 3
 UNSUPPORTED_WORDS_MAX = 0.5  # share of words with no VAD speech under them
@@ -25,7 +25,7 @@ def quality_flags(transcript: Transcript, *, duration: float, speech_regions: li
     """Heuristic flags (sorted); times of `transcript.words` and `speech_regions` are in the same clip's seconds."""
     flags: set[str] = set()
     words = transcript.text.lower().split()
-    if transcript.compression_ratio is not None and transcript.compression_ratio > COMPRESSION_RATIO_MAX:
+    if transcript.compression_ratio is not None and transcript.compression_ratio > SUSPICIOUS_COMPRESSION_RATIO:
         flags.add(HALLUCINATION)
     grams = Counter(tuple(words[i : i + REPEATED_NGRAM]) for i in range(len(words) - REPEATED_NGRAM + 1))
     if grams and max(grams.values()) >= REPEATS_MAX:
