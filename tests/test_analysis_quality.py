@@ -10,6 +10,8 @@ from pipeline.analysis.vad import speech_regions
 
 from .speech import SAMPLE_RATE, arctic, phone_call, sox
 
+pytestmark = pytest.mark.slow  # real models on real speech, fetched from PyPI on the first run
+
 
 @pytest.fixture(scope="module")
 def clean():

@@ -10,6 +10,8 @@ from pipeline.analysis.vad import speech_regions, utterance_spans
 
 from .speech import SAMPLE_RATE, arctic, concatenate, phone_call
 
+pytestmark = pytest.mark.slow  # real models on real speech, fetched from PyPI on the first run
+
 
 @pytest.fixture(scope="module")
 def call():
