@@ -4,8 +4,9 @@ A subflow costs eight API round trips (its parent task run, a lookup, the flow, 
 name, two state changes and a read): ~0.1 s and ~0.11 CPU-s of client and ephemeral server per
 batch on 2 quiet cores, twice that on busy ones. A task run costs no round trip (Prefect 3 reports
 task runs as events) but ~10 ms of client CPU. So a micro-batch records what adds information: its
-flow run, named after the events it holds, and a task run per model stage (`STAGES`: `transcribe`,
-left out when transcription is off, and `tokenize`; the bare path runs the same list). Download
+flow run, named after the events it holds, and a task run per model stage (`STAGES`: `segment`,
+`transcribe`, `tokenize`, `score`; `transcribe` is left out when transcription is off, `segment` and
+`score` when the analysis models are; the bare path runs the same list). Download
 and decode (`prepare`) start when the batch is dispatched, before its flow run exists: the round
 trips overlap I/O instead of preceding it, and a batch that Prefect fails runs bare on the same
 prepared work. Several micro-batches are in flight at once (`pipeline_depth`), so bookkeeping also
