@@ -108,3 +108,27 @@ def test_utterances_mode_cuts_real_speech_into_ordered_speaker_labelled_rows_wit
     assert summary["speakers_per_file"]["1"] == 2 and sum(summary["speakers_per_file"].values()) == 3
     manifest = orjson.loads((st.output_dir / "_manifest.json").read_bytes())
     assert manifest["segmentation"] == "utterances" and manifest["speaker_model"] == call[0]["speaker_model"]
+
+
+def test_file_mode_fills_words_quality_and_speaker_columns_for_the_whole_file(
+    s3, bucket, settings_factory, recordings
+):
+    from pipeline.models import Models
+
+    path, rec, _ = recordings["call"]
+    s3.upload_file(str(path), bucket, "speech/call.flac")
+    st = settings_factory(dnsmos="off", prefect_enabled=False)
+    assert st.segmentation == "file" and backfill(st, bucket).published == 1
+    models = Models.load(st)
+    try:
+        consume_until_idle(st, models)
+    finally:
+        models.close()
+
+    (row,) = rows_by_file(st)["speech/call.flac"]
+    assert (row["utterance"], row["start_sec"]) == (0, 0.0)
+    assert row["end_sec"] == pytest.approx(row["duration_sec"]) == pytest.approx(30.0, abs=0.01)
+    assert row["speaker"] == "S0" and len(row["speaker_embedding"]) == 256
+    assert 3000 < row["bandwidth_hz"] < 4500  # a telephone band, stored at 16 kHz
+    assert row["snr_db"] is not None and 0 < row["speech_ratio"] < 1
+    assert row["words"] and row["words"][-1]["end"] > 25.0  # word times run to the file's end
