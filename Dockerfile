@@ -73,7 +73,7 @@ RUN uv pip install --index-url ${TORCH_INDEX} "$(grep -E '^torch==' deploy/const
 RUN python deploy/requirements.py consumer codec > /tmp/requirements.txt \
     && uv pip install -c deploy/constraints.txt -r /tmp/requirements.txt
 COPY . .
-RUN uv pip install --no-deps . \
+RUN uv pip install --no-deps . "resemblyzer==0.1.4" \
     && python -c "import ctranslate2, faster_whisper, prefect, pyarrow, transformers, torch; assert torch.version.cuda.startswith('12'), torch.version.cuda"
 # Directories that compose mounts named volumes on must exist, owned by the user, in the image:
 # a fresh named volume copies their ownership (otherwise it is root's and unwritable). /spool holds

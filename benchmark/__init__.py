@@ -10,6 +10,10 @@ the ceiling's are events per second.
                                per file, audio decoded in advance (no I/O)
     model                      `WhisperTranscriber.transcribe_batch(all clips)`, audio decoded in
                                advance: the pipeline's exact model call - its ceiling
+    model-segment              the pipeline's segment stage (Silero VAD; speaker changes in utterances
+                               mode) on every clip at once, audio decoded in advance
+    model-score                its score stage (DNSMOS where on, speaker embeddings and labels, signal
+                               measures) on the segment stage's spans
     pipeline                   backfill -> Kafka -> consumer (Prefect on) -> Parquet + summary.json
     pipeline-no-prefect        the same with prefect_enabled=False
     io-floor                   list, download `download_concurrency` at a time and decode

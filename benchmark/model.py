@@ -56,3 +56,23 @@ def count_encoder_seconds(transcriber: Any) -> Iterator[list[float]]:
         yield counted
     finally:
         del transcriber._generate
+
+
+def run_analysis_stage(models: Any, decoded: dict[str, Any], stage: str) -> ModeResult:
+    """`model-segment` / `model-score`: the pipeline's analysis stage beside the model call, on every clip at
+    once (decoded in advance, no I/O). `segment` is VAD (plus speaker changes in utterances mode); `score`
+    is DNSMOS (where on), speaker embeddings and labels, signal measures, on the segment stage's spans."""
+    from pipeline.batch import Slot, score_stage, segment_stage
+
+    slots = [Slot(None, a) for a in decoded.values()]  # type: ignore[arg-type]
+    audio = sum(a.duration_sec for a in decoded.values())
+    segmented = segment_stage(models, slots) if stage == "score" else slots
+    fn = segment_stage if stage == "segment" else score_stage
+    with measured(f"model-{stage}") as info:
+        t0 = time.perf_counter()
+        results = fn(models, segmented)  # type: ignore[arg-type]
+        wall = time.perf_counter() - t0
+    failed = sum(1 for r in results if not r.ok)
+    names = models.analysis.names if models.analysis is not None else {}
+    return ModeResult(f"model-{stage}", len(results) - failed, audio, wall, **info,
+                      details={"failed": failed, "segmentation": models.settings.segmentation, **names})

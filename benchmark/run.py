@@ -27,12 +27,12 @@ from .corpus import BUCKET, make_bench_corpus, upload_corpus, upload_small_objec
 from .harness import BENCH_SESSION_TIMEOUT_MS, prefect_env, start_prefect_api, warm_up_prefect
 from .latency import LATENCY_LOAD, run_latency
 from .measure import ModeResult, log, machine_info, rounded
-from .model import run_model
+from .model import run_analysis_stage, run_model
 from .seed import run_seed
 from .stream import run_pipeline
 
 # Speech modes (audio-seconds per wall-second), then the stream's ceiling (events per second).
-SPEECH_MODES = ("seed", "bare", "model", "pipeline", "pipeline-no-prefect")
+SPEECH_MODES = ("seed", "bare", "model", "model-segment", "model-score", "pipeline", "pipeline-no-prefect")
 MODES = SPEECH_MODES + CEILING_MODES
 PASSES = ("latency", "backlog")
 RATIOS = (
@@ -161,6 +161,8 @@ def _run_modes(args: BenchArgs, base: Settings, models: Any, corpus: list[Sample
         models.transcriber.transcribe_one_by_one(shortest)
         models.transcriber.transcribe_batch([shortest])
         models.tokenizer.encode_batch([next(iter(decoded.values()))])
+        if models.analysis is not None:  # Silero, the speaker encoder and DNSMOS load lazily too
+            run_analysis_stage(models, {"warm-up": next(iter(decoded.values()))}, "score")
     bare_batch = models.transcriber.batch_size
     if corpus and "bare" not in args.skip:
         from faster_whisper import BatchedInferencePipeline
@@ -174,6 +176,8 @@ def _run_modes(args: BenchArgs, base: Settings, models: Any, corpus: list[Sample
         "seed": lambda: run_seed(base, models, work / "seed.parquet", texts),
         "bare": lambda: run_bare(models, clips16k, bare_batch, args.bare_without_timestamps, texts),
         "model": lambda: run_model(models, clips16k, texts),
+        "model-segment": lambda: run_analysis_stage(models, decoded, "segment"),
+        "model-score": lambda: run_analysis_stage(models, decoded, "score"),
         "pipeline": lambda: asyncio.run(run_pipeline(base, models, "pipeline", True, work, texts)),
         "pipeline-no-prefect": lambda: asyncio.run(run_pipeline(base, models, "pipeline-no-prefect", False, work, texts)),
     }

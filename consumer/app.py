@@ -164,8 +164,7 @@ class StreamConsumer:
                 self.models = await asyncio.to_thread(Models.load, st)
                 stack.callback(self.models.close)
             stack.callback(self.output.close)
-            identity = {"topic": st.topic, "group": st.group, "whisper_model": self.models.transcriber.name,
-                        "tokenizer": self.models.tokenizer.name}
+            identity = {"topic": st.topic, "group": st.group, **self.models.identity}
             await asyncio.to_thread(recover, self.ledger, identity, st.force)
             if st.allowed_bucket_set() is None:
                 log.warning("any bucket an event names will be read: set METAVOICE_ALLOWED_BUCKETS (or "

@@ -71,8 +71,9 @@ class PendingBatch:
             o = at(r.kafka_topic, r.kafka_partition, r.kafka_offset)
             o.rows.append(r)
             o.aggregates.add_row(r)
-        for r in dropped:
-            at(r.kafka_topic, r.kafka_partition, r.kafka_offset).aggregates.duplicates += 1
+        for r in dropped:  # one duplicate per event: its first utterance stands for the others
+            if r.utterance == 0:
+                at(r.kafka_topic, r.kafka_partition, r.kafka_offset).aggregates.duplicates += 1
         for f in failures:
             src = f.item.source
             o = at(src.topic, src.partition, src.offset)

@@ -70,6 +70,7 @@ def build_parser(prog: str = "python -m consumer") -> argparse.ArgumentParser:
     p.add_argument("--whisper-model", help="faster-whisper model name or converted directory")
     p.add_argument("--whisper-batch-size", metavar="N", help="windows per Whisper batch; 0: 16 on CUDA, 8 on CPU")
     p.add_argument("--whisper-window", help="encoder window per chunk: fitted to it, or Whisper's 30 s")
+    p.add_argument("--segmentation", help="file: one row per object version; utterances: one row per utterance")
     p.add_argument("--device")
     p.add_argument("--compute-type", help="auto: float16 on CUDA, int8 on CPU; or a CTranslate2 type")
     p.add_argument("--tokenizer", help=f"{', '.join(TOKENIZERS)}, or family:checkpoint as the Parquet column names it")

@@ -128,7 +128,7 @@ class OutputCommitter:
         written count as duplicates, not rows)."""
         self._refuse_after_abort()
         rows, dropped = self._drop_written(outcome)
-        dups = len(dropped)
+        dups = sum(r.utterance == 0 for r in dropped)  # once per event, not per utterance
         failures: list[Failure] = batch.early_failures + outcome.failures
         # dead letters travel in the file that covers their offsets and are sent once it is durable
         for f in failures:
@@ -157,14 +157,15 @@ class OutputCommitter:
         return AppliedCounts(rows=len(rows), duplicates=batch.duplicates + dups)
 
     def _drop_written(self, outcome: BatchOutcome):
-        """(rows to write, rows dropped: their object version is already written or earlier in the batch)."""
-        rows, seen, dropped = [], set(), []
+        """(rows to write, rows dropped: their object version is already written or earlier in the
+        batch). An object version's utterance rows come from one event: kept or dropped together."""
+        rows, seen, dropped = [], {}, []
         for r in outcome.rows:
             h = object_version_hash(r.bucket, r.id, r.etag)
-            if h in self.ledger.index or h in seen:
+            source = (r.kafka_topic, r.kafka_partition, r.kafka_offset)
+            if h in self.ledger.index or seen.setdefault(h, source) != source:
                 dropped.append(r)
                 continue
-            seen.add(h)
             rows.append(r)
         return rows, dropped
 

@@ -4,11 +4,11 @@ Reads the finalized Parquet files of an output directory (only the columns it pl
 batch at a time, so memory stays flat on large datasets) and their footers (errors, skips and
 duplicates live only there), then writes:
 
-    report.html            a summary table and six figures with captions
+    report.html            a summary table and eight figures with captions
     report_files/*.png     the figures (or, with --embed, inlined as data: URIs: one file to share)
 
 Figures: duration histogram, sampling rates, languages, transcript length vs duration, audio
-tokens per second, errors by type. Matplotlib runs headless (Agg canvas, no pyplot state).
+tokens per second, quality distributions (DNSMOS OVRL, SNR), hours kept vs cut-off, errors by type. Matplotlib runs headless (Agg canvas, no pyplot state).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pipeline.summary import Aggregates
 
 COLUMNS = ["duration_sec", "sampling_rate", "language", "transcription", "tokens", "token_codebooks",
            "tokenizer", "whisper_model", "processed_at"]
+QUALITY_COLUMNS = ["dnsmos_ovrl", "snr_db"]
 DPI = 110
 TOP_LANGUAGES = 20
 
@@ -49,6 +50,9 @@ class DatasetStats:
     tokens_per_second: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tokenizers: Counter = field(default_factory=Counter)
     whisper_models: Counter = field(default_factory=Counter)
+    # quality scores per row (NaN where a row has none: DNSMOS off, files written before the columns)
+    dnsmos_ovrl: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    snr_db: np.ndarray = field(default_factory=lambda: np.zeros(0))
     first_processed: datetime | None = None
     last_processed: datetime | None = None
 
@@ -60,12 +64,17 @@ class DatasetStats:
 def collect(output_dir: Path) -> DatasetStats:
     output = open_output(output_dir)
     stats = DatasetStats(files=output.finalized())
-    durations, chars, tps = [], [], []
+    durations, chars, tps, quality = [], [], [], {c: [] for c in QUALITY_COLUMNS}
     for name in stats.files:
         stats.aggregates.merge(output.read_footer(name).aggregates)
-        for batch in pq.ParquetFile(output.data_path(name)).iter_batches(columns=COLUMNS, batch_size=4096):
+        f = pq.ParquetFile(output.data_path(name))
+        held = [c for c in QUALITY_COLUMNS if c in f.schema_arrow.names]
+        for batch in f.iter_batches(columns=COLUMNS + held, batch_size=4096):
             d = batch.column("duration_sec").to_numpy(zero_copy_only=False).astype(float)
             durations.append(d)
+            for c in QUALITY_COLUMNS:
+                quality[c].append(pc.fill_null(batch.column(c).cast(pa.float64()), float("nan")).to_numpy(
+                    zero_copy_only=False) if c in held else np.full(len(d), np.nan))
             chars.append(pc.utf8_length(batch.column("transcription")).fill_null(0).to_numpy(zero_copy_only=False))
             codes = _codes_per_row(batch.column("tokens"))
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -84,6 +93,7 @@ def collect(output_dir: Path) -> DatasetStats:
         stats.transcript_chars = np.concatenate(chars).astype(float)
         t = np.concatenate(tps)
         stats.tokens_per_second = t[np.isfinite(t)]
+        stats.dnsmos_ovrl, stats.snr_db = (np.concatenate(quality[c]) for c in QUALITY_COLUMNS)
     return stats
 
 
@@ -200,6 +210,55 @@ def plot_errors(s: DatasetStats) -> bytes:
     return _png(fig)
 
 
+def plot_quality(s: DatasetStats) -> bytes:
+    """DNSMOS OVRL and SNR histograms side by side, the summary's cut-offs marked."""
+    from matplotlib.figure import Figure
+
+    from pipeline.summary import DNSMOS_CUTOFF, SNR_CUTOFF_DB
+
+    fig = Figure(figsize=(9.6, 4.0), dpi=DPI, layout="constrained")
+    for i, (values, title, unit, cut) in enumerate(((s.dnsmos_ovrl, "DNSMOS OVRL", "MOS (1-5)", DNSMOS_CUTOFF),
+                                                     (s.snr_db, "SNR", "dB", SNR_CUTOFF_DB))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.set_title(title)
+        v = values[np.isfinite(values)]
+        if v.size:
+            ax.hist(v, bins=min(40, max(10, v.size // 4)), color="#55a868", edgecolor="white")
+            ax.axvline(cut, color="#c44e52", linestyle="--", label=f"cut-off {cut:g}")
+            ax.legend()
+            ax.set_xlabel(unit)
+            ax.set_ylabel("rows")
+        else:
+            _no_data(ax, "no scores")
+    return _png(fig)
+
+
+def hours_kept(durations: np.ndarray, scores: np.ndarray, cutoffs: np.ndarray) -> np.ndarray:
+    """Hours of rows whose score is at least each cut-off (rows without a score are never kept)."""
+    ok = np.isfinite(scores)
+    d, v = durations[ok], scores[ok]
+    return np.array([float(d[v >= c].sum()) / 3600 for c in cutoffs])
+
+
+def plot_hours_kept(s: DatasetStats) -> bytes:
+    fig, ax = _figure()
+    ax.set_title("Hours kept vs cut-off")
+    curves = [(s.dnsmos_ovrl, np.linspace(1.0, 5.0, 41), "DNSMOS OVRL >= x (x: 1-5)"),
+              (s.snr_db, np.linspace(-5.0, 40.0, 46), "SNR >= x dB (x: -5-40)")]
+    drawn = False
+    for values, grid, label in curves:
+        if s.rows and np.isfinite(values).any():
+            ax.plot((grid - grid[0]) / (grid[-1] - grid[0]), hours_kept(s.durations, values, grid), label=label)
+            drawn = True
+    if drawn:
+        ax.legend()
+        ax.set_xlabel("cut-off, from its lowest to its highest value")
+        ax.set_ylabel("hours kept")
+    else:
+        _no_data(ax, "no scores")
+    return _png(fig)
+
+
 FIGURES = [
     ("durations", "Duration histogram", plot_durations,
      "How long the clips are. Spikes at the configured minimum or maximum duration hint at clipped or padded uploads."),
@@ -213,6 +272,10 @@ FIGURES = [
     ("tokens_per_second", "Audio tokens per second", plot_tokens_per_second,
      "Codes per second of audio over all codebooks. A fixed-rate codec gives one narrow peak at frame rate x codebooks; "
      "a spread means truncated or padded token sequences."),
+    ("quality", "Quality distributions", plot_quality,
+     "DNSMOS P.835 overall and SNR per row (utterance or file), with the cut-offs summary.json counts hours above."),
+    ("hours_kept", "Hours kept vs cut-off", plot_hours_kept,
+     "How much audio a quality filter keeps as its threshold rises: pick the cut-off where the curve bends."),
     ("errors", "Errors by type", plot_errors,
      "Inputs that became dead letters instead of rows, by the error class the pipeline named (see pipeline/errors.py)."),
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
@@ -29,6 +29,7 @@ from .errors import (
     StorageUnavailable,
     Superseded,
     TokenizationFailed,
+    AnalysisFailed,
 )
 from .events import ObjectEvent
 from .faults import crash_point
@@ -218,22 +219,179 @@ def decode_stage(
     return out
 
 
+# --- segmentation: the spans an object version's rows hold --------------------------------------------
+Span = tuple[float, float]  # seconds in the source file
+
+
+@dataclass(slots=True)
+class Segmented:
+    """One object version cut into the spans of its rows: the whole file (segmentation=file) or its
+    utterances. `crops` are each span's own audio (every decoded view cropped), what every model reads."""
+
+    audio: DecodedAudio
+    regions: list[Span]  # VAD speech regions of the whole file
+    spans: list[Span]
+    crops: list[DecodedAudio]
+
+
+def crop(audio: DecodedAudio, start: float, end: float) -> DecodedAudio:
+    """The audio of `[start, end)` seconds in every decoded view (sample indices rounded to the nearest
+    sample of each view's rate): a model encodes the utterance itself, never a slice of a whole-file result."""
+    if start <= 0 and end >= audio.duration_sec:
+        return audio
+    views = {layout: v[round(start * layout.sample_rate) : round(end * layout.sample_rate)]
+             for layout, v in audio.views.items()}
+    frames = round(end * audio.sample_rate) - round(start * audio.sample_rate)
+    return DecodedAudio(audio.sample_rate, audio.channels, frames, views)
+
+
+def segment_stage(models: Models, slots: list[Slot[DecodedAudio]]) -> list[Slot[Segmented]]:
+    """VAD regions of every file, and its spans: the whole file, or (segmentation=utterances) utterances
+    cut at long pauses and at the speaker changes the encoder finds inside a region. A file without any
+    utterance (no speech) keeps one row for the whole file: every input ends as exactly one row or more."""
+    st, analysis = models.settings, models.analysis
+    out: list[Slot[Segmented]] = []
+    for s in slots:
+        if not s.ok:
+            out.append(Slot(s.item, error=s.error))
+            continue
+        audio: DecodedAudio = s.value  # type: ignore[assignment]
+        whole = [(0.0, audio.duration_sec)]
+        if analysis is None:
+            out.append(Slot(s.item, Segmented(audio, [], whole, [audio])))
+            continue
+        try:
+            out.append(Slot(s.item, _segment(models, audio, whole)))
+        except Exception as exc:
+            _isolate(exc)
+            out.append(Slot(s.item, error=AnalysisFailed(f"segmentation: {type(exc).__name__}: {exc}")))
+    return out
+
+
+def _segment(models: Models, audio: DecodedAudio, whole: list[Span]) -> Segmented:
+    from .analysis.vad import speech_regions, utterance_spans
+
+    st = models.settings
+    a16 = audio.at_rate(WHISPER_SAMPLE_RATE)
+    regions = speech_regions(a16)
+    spans = whole
+    if st.segmentation == "utterances":
+        cuts = [t for r in regions for t in models.analysis.speakers.change_points(a16, r)]  # type: ignore[union-attr]
+        spans = utterance_spans(regions, audio.duration_sec, min_sec=st.utterance_min_sec,
+                                max_sec=st.utterance_max_sec, pause_sec=st.utterance_pause_sec, cuts=cuts) or whole
+    return Segmented(audio, regions, spans, [crop(audio, a, b) for a, b in spans])
+
+
+def _isolate(exc: Exception) -> None:
+    """A broken device is not one file's fault: raise it as the `DeviceFault` it is."""
+    fault = device_fault(exc)
+    if fault is not None:
+        raise fault from exc
+
+
+def _regroup(flat: list[Any], counts: list[int]) -> list[list[Any]]:
+    out, i = [], 0
+    for n in counts:
+        out.append(flat[i : i + n])
+        i += n
+    return out
+
+
 def whisper_inputs(slots: list[Slot[DecodedAudio]]) -> list[np.ndarray]:
     return [s.value.at_rate(WHISPER_SAMPLE_RATE) for s in slots if s.ok]  # type: ignore[union-attr]
 
 
-def transcribe_stage(models: Models, slots: list[Slot[DecodedAudio]], clips16k: list[np.ndarray]) -> list[Slot[Transcript]]:
+def transcribe_stage(models: Models, slots: list[Slot[Segmented]]) -> list[Slot[list[Transcript]]]:
+    """Every span of every file in one `transcribe_batch` call (Whisper batches them); a file whose
+    span fails is failed whole. Times are the crop's own (rows get absolute ones: `assemble_stage`)."""
     crash_point("transcribe")
     if not models.transcribes:  # transcription off: every slot goes on without a transcript (value None)
         return [Slot(s.item, error=s.error) for s in slots]
-    results = iter(models.transcriber.transcribe_batch(clips16k) if clips16k else [])
-    return [_merge(s, next(results)) if s.ok else Slot(s.item, error=s.error) for s in slots]
-
-
-def tokenize_stage(models: Models, slots: list[Slot[DecodedAudio]]) -> list[Slot[np.ndarray]]:
     good = [s for s in slots if s.ok]
-    codes = iter(_tokenize_isolating_failures(models, [s.value for s in good]))  # type: ignore[misc]
-    return [_merge(s, next(codes)) if s.ok else Slot(s.item, error=s.error) for s in slots]
+    clips = [c.at_rate(WHISPER_SAMPLE_RATE) for s in good for c in s.value.crops]  # type: ignore[union-attr]
+    flat = models.transcriber.transcribe_batch(clips) if clips else []
+    per = iter(_regroup(flat, [len(s.value.crops) for s in good]))  # type: ignore[union-attr]
+    out: list[Slot[list[Transcript]]] = []
+    for s in slots:
+        if not s.ok:
+            out.append(Slot(s.item, error=s.error))
+            continue
+        results = next(per)
+        failed = next((r for r in results if isinstance(r, PermanentError)), None)
+        out.append(Slot(s.item, error=failed) if failed else Slot(s.item, results))
+    return out
+
+
+def tokenize_stage(models: Models, slots: list[Slot[Segmented]]) -> list[Slot[list[np.ndarray]]]:
+    """Codes of every span's own crop (crop, then encode), batched across files; a failing crop fails its file."""
+    good = [s for s in slots if s.ok]
+    flat = _tokenize_isolating_failures(models, [c for s in good for c in s.value.crops])  # type: ignore[union-attr]
+    per = iter(_regroup(flat, [len(s.value.crops) for s in good]))  # type: ignore[union-attr]
+    out: list[Slot[list[np.ndarray]]] = []
+    for s in slots:
+        if not s.ok:
+            out.append(Slot(s.item, error=s.error))
+            continue
+        codes = next(per)
+        failed = next((c for c in codes if isinstance(c, PermanentError)), None)
+        out.append(Slot(s.item, error=failed) if failed else Slot(s.item, codes))
+    return out
+
+
+@dataclass(slots=True)
+class Scores:
+    """What the analysis models and the signal measures say about one span."""
+
+    dnsmos: Any  # analysis.quality.Dnsmos; None when DNSMOS is off
+    embedding: np.ndarray
+    speaker: str
+    measures: Any  # analysis.quality.SignalMeasures
+    regions: list[Span]  # speech regions inside the span, seconds from its start
+
+
+def _widest_mono(audio: DecodedAudio) -> tuple[int, np.ndarray]:
+    """The mono view of the highest rate decode made: bandwidth is measured as far up as the views reach."""
+    layout = max((l for l in audio.views if l.channels == 1), key=lambda l: l.sample_rate)
+    return layout.sample_rate, audio.views[layout]
+
+
+def score_stage(models: Models, slots: list[Slot[Segmented]]) -> list[Slot[list[Scores] | None]]:
+    """DNSMOS and speaker embeddings of every span, each one batched call for the micro-batch; speaker
+    labels clustered within each file; signal measures from each span's own samples and VAD regions."""
+    analysis = models.analysis
+    if analysis is None:
+        return [Slot(s.item, error=s.error) for s in slots]
+    from .analysis.quality import signal_measures
+    from .analysis.speakers import label_speakers
+
+    good = [s for s in slots if s.ok]
+    clips = [c.at_rate(WHISPER_SAMPLE_RATE) for s in good for c in s.value.crops]  # type: ignore[union-attr]
+    counts = [len(s.value.crops) for s in good]  # type: ignore[union-attr]
+    try:
+        mos = analysis.dnsmos.score(clips) if clips and analysis.dnsmos else [None] * len(clips)
+        emb = analysis.speakers.embed(clips) if clips else np.zeros((0, 256), np.float32)
+    except Exception as exc:
+        _isolate(exc)
+        err = AnalysisFailed(f"scoring: {type(exc).__name__}: {exc}")
+        return [Slot(s.item, error=s.error or err) for s in slots]
+    per_mos, starts = iter(_regroup(list(mos), counts)), np.cumsum([0, *counts])
+    out: list[Slot[list[Scores] | None]] = []
+    k = 0
+    for s in slots:
+        if not s.ok:
+            out.append(Slot(s.item, error=s.error))
+            continue
+        seg: Segmented = s.value  # type: ignore[assignment]
+        e = emb[starts[k] : starts[k + 1]]
+        k += 1
+        labels = label_speakers(e)
+        scores = []
+        for (a, b), c, m, vec, lab in zip(seg.spans, seg.crops, next(per_mos), e, labels):
+            inside = [(max(ra, a) - a, min(rb, b) - a) for ra, rb in seg.regions if rb > a and ra < b]
+            rate, samples = _widest_mono(c)
+            scores.append(Scores(m, np.asarray(vec, np.float32), lab, signal_measures(samples, rate, inside), inside))
+        out.append(Slot(s.item, scores))
+    return out
 
 
 def _tokenize_isolating_failures(models: Models, clips: list[DecodedAudio]) -> list[np.ndarray | PermanentError]:
@@ -284,37 +442,45 @@ def _merge(slot: Slot, result: Any) -> Slot:
 def assemble_stage(
     models: Models,
     downloaded: list[Slot[Downloaded]],
-    decoded: list[Slot[DecodedAudio]],
-    transcripts: list[Slot[Transcript]],
-    tokens: list[Slot[np.ndarray]],
+    segmented: list[Slot[Segmented]],
+    transcripts: list[Slot[list[Transcript]]],
+    tokens: list[Slot[list[np.ndarray]]],
+    scores: list[Slot[list[Scores] | None]],
 ) -> BatchOutcome:
+    """Rows: one per span of each object version (the whole file, or each utterance), in span order;
+    the file columns repeated on each. An object version's rows are made together, so they are written
+    in one Parquet file and counted (summary, ledger) once, as one object version."""
     outcome = BatchOutcome()
     now = datetime.now(timezone.utc)
-    for d, a, t, k in zip(downloaded, decoded, transcripts, tokens):
-        err = d.error or a.error or t.error or k.error
+    names = models.analysis.names if models.analysis is not None else {}
+    for d, g, t, k, q in zip(downloaded, segmented, transcripts, tokens, scores):
+        err = d.error or g.error or t.error or k.error or q.error
         if isinstance(err, Superseded):
             outcome.superseded.append(d.item)
             continue
         if err is not None:
             outcome.failures.append(Failure(d.item, err))
             continue
-        ev, src, audio, tr = d.item.event, d.item.source, a.value, t.value
-        outcome.audio_seconds += audio.duration_sec  # type: ignore[union-attr]
-        outcome.rows.append(
-            TranscribedAudio(
+        ev, src, seg = d.item.event, d.item.source, g.value
+        audio = seg.audio  # type: ignore[union-attr]
+        outcome.audio_seconds += audio.duration_sec
+        trs = t.value or [None] * len(seg.spans)  # type: ignore[union-attr]
+        qs = q.value or [None] * len(seg.spans)  # type: ignore[union-attr]
+        for i, ((a, b), tr, codes, sc) in enumerate(zip(seg.spans, trs, k.value, qs)):  # type: ignore[union-attr,arg-type]
+            outcome.rows.append(TranscribedAudio(
                 id=ev.key,
                 bucket=ev.bucket,
                 etag=d.value.etag,  # type: ignore[union-attr]
                 size_bytes=d.value.size,  # type: ignore[union-attr]
                 event_time=ev.event_time,
-                duration_sec=round(audio.duration_sec, 6),  # type: ignore[union-attr]
-                sampling_rate=audio.sample_rate,  # type: ignore[union-attr]
-                channels=audio.channels,  # type: ignore[union-attr]
+                duration_sec=round(b - a, 6),
+                sampling_rate=audio.sample_rate,
+                channels=audio.channels,
                 # no transcript (transcription off): null transcription, language and segments
                 transcription=tr.text if tr is not None else None,
                 language=tr.language if tr is not None else None,
                 segments=tr.segments if tr is not None else None,
-                tokens=k.value,  # type: ignore[arg-type]
+                tokens=codes,
                 tokenizer=models.tokenizer.name,
                 token_frame_rate=float(models.tokenizer.frame_rate),
                 whisper_model=models.transcriber.name,
@@ -322,9 +488,38 @@ def assemble_stage(
                 kafka_partition=src.partition,
                 kafka_offset=src.offset,
                 processed_at=now,
-            )
-        )
+                utterance=i,
+                start_sec=round(a, 6),
+                end_sec=round(b, 6),
+                **_score_columns(tr, sc, b - a),  # flags read the crop's own times: before the shift below
+                **_transcript_columns(tr, a),
+                **names,
+            ))
     return outcome
+
+
+def _transcript_columns(tr: Transcript | None, offset: float) -> dict[str, Any]:
+    """Whisper's columns of a span; word times moved from the crop's to absolute seconds in the source file."""
+    if tr is None:
+        return {}
+    return {"words": [replace(w, start=w.start + offset, end=w.end + offset) for w in tr.words],
+            "avg_logprob": tr.avg_logprob, "no_speech_prob": tr.no_speech_prob,
+            "compression_ratio": tr.compression_ratio, "language_probability": tr.language_probability}
+
+
+def _score_columns(tr: Transcript | None, sc: Scores | None, duration: float) -> dict[str, Any]:
+    if sc is None:
+        return {}
+    from .analysis.flags import quality_flags
+
+    m = sc.measures
+    return {
+        "speaker": sc.speaker, "speaker_embedding": sc.embedding,
+        **({"dnsmos_ovrl": sc.dnsmos.ovrl, "dnsmos_sig": sc.dnsmos.sig, "dnsmos_bak": sc.dnsmos.bak} if sc.dnsmos else {}),
+        "snr_db": m.snr_db, "bandwidth_hz": m.bandwidth_hz, "clipping_ratio": m.clipping_ratio,
+        "rms_dbfs": m.rms_dbfs, "speech_ratio": m.speech_ratio,
+        "flags": quality_flags(tr, duration=duration, speech_regions=sc.regions) if tr is not None else [],
+    }
 
 
 class StageTimer:

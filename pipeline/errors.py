@@ -12,6 +12,7 @@
     │   ├── DurationOutOfRange         shorter than min or longer than max duration
     │   ├── TranscriptionFailed        Whisper failed on this one file
     │   ├── TokenizationFailed         the tokenizer failed on this one file
+    │   ├── AnalysisFailed             VAD, a quality scorer or the speaker encoder failed on this one file
     │   ├── CrashLoop                  the process died with it in flight max_attempts times in a row
     │   ├── BucketNotAllowed           the event names a bucket outside METAVOICE_ALLOWED_BUCKETS
     │   ├── InvalidRequest             S3 cannot even be asked (an invalid bucket name): botocore refuses
@@ -91,6 +92,10 @@ class TranscriptionFailed(PermanentError):
 
 
 class TokenizationFailed(PermanentError):
+    pass
+
+
+class AnalysisFailed(PermanentError):
     pass
 
 

@@ -4,8 +4,9 @@ A subflow costs eight API round trips (its parent task run, a lookup, the flow, 
 name, two state changes and a read): ~0.1 s and ~0.11 CPU-s of client and ephemeral server per
 batch on 2 quiet cores, twice that on busy ones. A task run costs no round trip (Prefect 3 reports
 task runs as events) but ~10 ms of client CPU. So a micro-batch records what adds information: its
-flow run, named after the events it holds, and a task run per model stage (`STAGES`: `transcribe`,
-left out when transcription is off, and `tokenize`; the bare path runs the same list). Download
+flow run, named after the events it holds, and a task run per model stage (`STAGES`: `segment`,
+`transcribe`, `tokenize`, `score`; `transcribe` is left out when transcription is off, `segment` and
+`score` when the analysis models are; the bare path runs the same list). Download
 and decode (`prepare`) start when the batch is dispatched, before its flow run exists: the round
 trips overlap I/O instead of preceding it, and a batch that Prefect fails runs bare on the same
 prepared work. Several micro-batches are in flight at once (`pipeline_depth`), so bookkeeping also
@@ -85,11 +86,13 @@ from .batch import (  # noqa: E402
     Slot,
     StageTimer,
     assemble_stage,
+    Segmented,
     decode_stage,
     download_and_decode_stage,
+    score_stage,
+    segment_stage,
     tokenize_stage,
     transcribe_stage,
-    whisper_inputs,
 )
 from .audio import DecodedAudio  # noqa: E402
 from .config import Settings  # noqa: E402
@@ -418,7 +421,6 @@ class Prepared:
 
     downloaded: list[Slot[Downloaded]]
     decoded: list[Slot[DecodedAudio]]
-    clips: list[np.ndarray]  # Whisper's inputs (none when transcription is off)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -434,8 +436,7 @@ async def prepare(batch: MicroBatch, s3: Any, models: Models, settings: Settings
     with timer.measure("download"):
         downloaded, decoded = await download_and_decode_stage(s3, batch.items, settings, decode)
     timer.timings["download"] = max(0.0, timer.timings["download"] - timer.timings.get("decode", 0.0))
-    clips = await models.on_cpu("decode", timer.timings, whisper_inputs, decoded) if models.transcribes else []
-    return Prepared(downloaded, decoded, clips, timer.timings)
+    return Prepared(downloaded, decoded, timer.timings)
 
 
 class _ApiTurn:
@@ -465,18 +466,36 @@ class BatchContext:
         self.turn = turn or _ApiTurn(None)
         self.timer = StageTimer()
         self.watch = _Watch(settings.prefect_timeout_s)
+        self.segmented: list[Slot[Segmented]] = []  # the segment stage's result, read by the stages after it
 
-    async def transcribe(self, p: Prepared) -> list[Slot[Transcript]]:
+    async def segment(self, p: Prepared) -> list[Slot[Segmented]]:
+        """VAD (and, for utterances, speaker changes) on the device thread; the spans every later stage reads."""
+        m = self.models
+        if m.analysis is None:  # no model: each file is one span, no device hop
+            with self.timer.measure("segment"):
+                self.segmented = segment_stage(m, p.decoded)
+        else:
+            self.segmented = await m.on_device("segment", self.timer.timings, segment_stage, m, p.decoded,
+                                               priority=self.batch.seq)
+        return self.segmented
+
+    async def transcribe(self, p: Prepared) -> list[Slot[list[Transcript]]]:
         m = self.models
         if not m.transcribes:  # no model call, no device hop: every slot goes on without a transcript
             with self.timer.measure("transcribe"):
-                return transcribe_stage(m, p.decoded, p.clips)
-        return await m.on_device("transcribe", self.timer.timings, transcribe_stage, m, p.decoded, p.clips,
+                return transcribe_stage(m, self.segmented)
+        return await m.on_device("transcribe", self.timer.timings, transcribe_stage, m, self.segmented,
                                  priority=self.batch.seq)
 
-    async def tokenize(self, p: Prepared) -> list[Slot[np.ndarray]]:
-        return await self.models.on_device("tokenize", self.timer.timings, tokenize_stage, self.models, p.decoded,
-                                           priority=self.batch.seq)
+    async def tokenize(self, p: Prepared) -> list[Slot[list[np.ndarray]]]:
+        return await self.models.on_device("tokenize", self.timer.timings, tokenize_stage, self.models,
+                                           self.segmented, priority=self.batch.seq)
+
+    async def score(self, p: Prepared) -> list[Slot[Any]]:
+        m = self.models
+        if m.analysis is None:
+            return score_stage(m, self.segmented)
+        return await m.on_device("score", self.timer.timings, score_stage, m, self.segmented, priority=self.batch.seq)
 
     async def watched(self, stage: "Stage") -> list[Slot[Any]]:
         """`stage` inside a flow run: our time, not Prefect's (`_Watch`), on the prepared work
@@ -485,7 +504,8 @@ class BatchContext:
             return await stage.run(self, await asyncio.shield(self.prepared))
 
     def assemble(self, p: Prepared, results: dict[str, list[Slot[Any]]]) -> BatchOutcome:
-        outcome = assemble_stage(self.models, p.downloaded, p.decoded, results["transcribe"], results["tokenize"])
+        outcome = assemble_stage(self.models, p.downloaded, results["segment"], results["transcribe"],
+                                 results["tokenize"], results["score"])
         outcome.timings = {**p.timings, **self.timer.timings}
         return outcome
 
@@ -503,8 +523,12 @@ class Stage:
 #: (`run_stages`) and under Prefect (`process_micro_batch`: a task run each, where it is recorded).
 #: Download and decode (`prepare`) run ahead of both, from dispatch.
 STAGES: tuple[Stage, ...] = (
+    # VAD and speaker changes: the spans (whole file, or utterances) the later stages crop and read
+    Stage("segment", BatchContext.segment, recorded=lambda models: models.analysis is not None),
     Stage("transcribe", BatchContext.transcribe, recorded=lambda models: models.transcribes),  # off: nothing to record
     Stage("tokenize", BatchContext.tokenize),
+    # DNSMOS, speaker embeddings and labels, signal measures of every span
+    Stage("score", BatchContext.score, recorded=lambda models: models.analysis is not None),
 )
 
 _REGISTRY: dict[str, BatchContext] = {}

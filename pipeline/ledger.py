@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from .errors import OutputWriteFailed
 from .manifest import check_manifest
 from .output import FileFooter, OffsetRange, Output, as_output
 from .output.layout import SUMMARY_NAME
-from .summary import Aggregates, parse_summary, render_summary
+from .summary import ROW_COLUMNS, Aggregates, parse_summary, render_summary
 
 log = logging.getLogger(__name__)
 
@@ -301,17 +302,9 @@ def rebuild_aggregates(output: Output | str | Path) -> tuple[Aggregates, list[st
         agg.superseded += footer.aggregates.superseded
         if not footer.rows:
             continue
-        t = output.read_columns(name, ["duration_sec", "sampling_rate", "language", "transcription", "tokens"])
-        for d, sr, lang, text, toks in zip(
-            t.column("duration_sec").to_pylist(),
-            t.column("sampling_rate").to_pylist(),
-            t.column("language").to_pylist(),
-            t.column("transcription").to_pylist(),
-            t.column("tokens").to_pylist(),
-        ):
-            agg.files += 1
-            agg.total_duration_sec += d
-            agg.sampling_rates[str(sr)] += 1
-            agg.add_transcript(text, lang)
-            agg.token_frames.add(len(toks[0]) if toks else 0)
+        try:
+            t = output.read_columns(name, list(ROW_COLUMNS))
+        except (pa.ArrowInvalid, KeyError):  # a file written before the utterance columns
+            t = output.read_columns(name, list(ROW_COLUMNS[:8]))
+        agg.add_columns(t)
     return agg, names

@@ -19,7 +19,10 @@ from .output import Output, as_output
 from .output.layout import CARD_NAME, MANIFEST_NAME, dataset_card
 from .records import SCHEMA
 
-CHECKED_KEYS = ("topic", "group", "whisper_model", "tokenizer")
+# An output written before segmentation and the analysis models has none of their keys: the first run with
+# them finds a mismatch and needs --force (its rows would hold scores the older ones lack).
+CHECKED_KEYS = ("topic", "group", "whisper_model", "tokenizer", "segmentation", "vad_model", "dnsmos_model",
+                "speaker_model")
 
 
 def check_manifest(output: Output | str | Path, identity: dict[str, str], force: bool = False) -> dict:

@@ -21,6 +21,7 @@ from typing import Any, Callable, TypeVar
 from .audio import WHISPER_LAYOUT, AudioLayout
 from .config import Settings
 from .tokenizers import AudioTokenizer, load_tokenizer
+from .device import resolve_device
 from .transcribe import WhisperTranscriber
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,46 @@ class NoTranscription:
         pass
 
 
+#: The VAD's name in rows and `_manifest.json`: faster-whisper's bundled Silero model (pipeline/analysis/vad.py).
+VAD_MODEL = "silero_vad_v6"
+
+
+class Analysis:
+    """The analysis models (pipeline/analysis): Silero VAD, DNSMOS P.835 and the speaker encoder.
+
+    Loaded once, up front, on the pipeline's device (CUDA when there is one); every call runs on the
+    device thread, a whole micro-batch of clips at a time (`batch.segment_stage`, `batch.score_stage`)."""
+
+    def __init__(self, device: str, dnsmos: bool = True) -> None:
+        from .analysis.quality import DnsmosScorer
+        from .analysis.speakers import SpeakerEncoder
+
+        self.device = device
+        self.vad_name = VAD_MODEL
+        self.dnsmos = DnsmosScorer(device) if dnsmos else None  # None: dnsmos_* columns null (see Settings.dnsmos)
+        self.speakers = SpeakerEncoder(device)
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Analysis":
+        device = resolve_device(settings.device)
+        return cls(device, dnsmos=settings.dnsmos == "on" or (settings.dnsmos == "auto" and device == "cuda"))
+
+    @property
+    def names(self) -> dict[str, str | None]:
+        """What `_manifest.json` records (and the rows' `vad_model`, `dnsmos_model`, `speaker_model`)."""
+        return {"vad_model": self.vad_name, "dnsmos_model": self.dnsmos.name if self.dnsmos else None,
+                "speaker_model": self.speakers.name}
+
+
 class Models:
     def __init__(
-        self, settings: Settings, transcriber: WhisperTranscriber | NoTranscription, tokenizer: AudioTokenizer
+        self, settings: Settings, transcriber: WhisperTranscriber | NoTranscription, tokenizer: AudioTokenizer,
+        analysis: Analysis | None = None,
     ) -> None:
         self.settings = settings
         self.transcriber = transcriber
         self.tokenizer = tokenizer
+        self.analysis = analysis  # None: the quality, speaker and utterance columns stay null (tests, tools)
         self.transcribes = not isinstance(transcriber, NoTranscription)
         self._device = DeviceThread()
         self._cpu = ThreadPoolExecutor(max_workers=max(1, min(4, settings.resolved_cpu_threads())), thread_name_prefix="cpu")
@@ -103,17 +137,28 @@ class Models:
         t = time.perf_counter()
         transcriber = WhisperTranscriber(settings) if settings.transcribe else NoTranscription()
         tokenizer = load_tokenizer(settings)
+        analysis = Analysis.load(settings) if settings.analysis else None
         log.info(
-            "models ready in %.1fs: whisper=%s tokenizer=%s device=%s",
-            time.perf_counter() - t, transcriber.name or "off (transcribe=false)", tokenizer.name, transcriber.device,
+            "models ready in %.1fs: whisper=%s tokenizer=%s %s device=%s",
+            time.perf_counter() - t, transcriber.name or "off (transcribe=false)", tokenizer.name,
+            " ".join(f"{k}={v}" for k, v in analysis.names.items()) if analysis else "analysis=off",
+            transcriber.device,
         )
-        return cls(settings, transcriber, tokenizer)
+        return cls(settings, transcriber, tokenizer, analysis)
+
+    @property
+    def identity(self) -> dict[str, str | None]:
+        """What made the rows, for `_manifest.json`: the models' names and the segmentation (an output never
+        mixes file rows with utterance rows, or one model's scores with another's, unless forced)."""
+        names = self.analysis.names if self.analysis is not None else {}
+        return {"whisper_model": self.transcriber.name, "tokenizer": self.tokenizer.name,
+                "segmentation": self.settings.segmentation, **names}
 
     @property
     def layouts(self) -> tuple[AudioLayout, ...]:
         """The views of each clip that decode makes in its one pass: what the loaded tokenizer reads,
-        and Whisper's 16 kHz mono unless transcription is off."""
-        return (WHISPER_LAYOUT, self.tokenizer.layout) if self.transcribes else (self.tokenizer.layout,)
+        and 16 kHz mono for Whisper and the analysis models unless neither is loaded."""
+        return (WHISPER_LAYOUT, self.tokenizer.layout) if self.transcribes or self.analysis else (self.tokenizer.layout,)
 
     async def on_device(
         self, stage: str, timings: dict[str, float], fn: Callable[..., R], *args: Any, priority: int = 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
@@ -32,18 +32,24 @@ _TO_ARROW = "to_arrow"  # field metadata: a column's Python values -> what `pa.a
 _FROM_ARROW = "from_arrow"  # field metadata: an Arrow array -> the column's Python values
 
 
+_NO_DEFAULT: Any = object()
+
+
 def column(
     arrow_type: pa.DataType,
     *,
     to_arrow: Callable[[list[Any]], Any] | None = None,
     from_arrow: Callable[[pa.Array], list[Any]] | None = None,
+    default: Any = _NO_DEFAULT,
 ) -> Any:
     """A dataclass field that is also a Parquet column of `arrow_type`.
 
     Plain values go through `pa.array(values, type=arrow_type)` and `Array.to_pylist()`; a column whose
     Python values are not what Arrow takes or gives (dataclasses, numpy arrays) names its converters.
+    A `default` (immutable only) lets code that does not know a column leave it out.
     """
-    return field(metadata={_ARROW: arrow_type, _TO_ARROW: to_arrow, _FROM_ARROW: from_arrow})
+    meta = {_ARROW: arrow_type, _TO_ARROW: to_arrow, _FROM_ARROW: from_arrow}
+    return field(metadata=meta) if default is _NO_DEFAULT else field(default=default, metadata=meta)
 
 
 class DerivedColumn(property):
@@ -76,10 +82,33 @@ class Segment:
 
 
 @dataclass(slots=True)
+class Word:
+    """One recognised word with its time (seconds) and Whisper's probability for it."""
+
+    start: float = column(pa.float64())
+    end: float = column(pa.float64())
+    word: str = column(pa.string())
+    probability: float = column(pa.float32())
+
+
+@dataclass(slots=True)
 class Transcript:
+    """What `WhisperTranscriber.transcribe_batch` returns per clip; times are seconds from the clip's start.
+
+    The Whisper statistics are over the clip's decoded tokens (None where nothing was decoded):
+    `avg_logprob` (mean token log-probability), `no_speech_prob` (the decoder's no-speech
+    probability at the first step of the clip's first window), `compression_ratio` of the text
+    (zlib; loops compress well), `language_probability` (1.0 for an English-only model).
+    """
+
     text: str
     language: str
     segments: list[Segment] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
+    compression_ratio: float | None = None
+    language_probability: float | None = None
 
 
 SEGMENT_TYPE = pa.struct(arrow_fields(Segment))
@@ -138,6 +167,28 @@ def _tokens_from_arrow(array: pa.Array) -> list[np.ndarray]:
     return out
 
 
+# The struct of a `Word` (21a's dataclass above); times are absolute seconds in the source file.
+WORD_TYPE = pa.struct([pa.field("start", pa.float64()), pa.field("end", pa.float64()),
+                       pa.field("word", pa.string()), pa.field("probability", pa.float32())])
+_word_values = attrgetter("start", "end", "word", "probability")
+
+
+def _words_to_arrow(values: list[list[Any] | None]) -> list[list[tuple[Any, ...]] | None]:
+    return [None if ws is None else [_word_values(w) for w in ws] for ws in values]
+
+
+def _words_from_arrow(array: pa.Array) -> list[list[Any] | None]:
+    return [None if ws is None else [Word(**w) for w in ws] for ws in array.to_pylist()]
+
+
+def _embedding_to_arrow(values: list[np.ndarray | None]) -> list[list[float] | None]:
+    return [None if v is None else np.asarray(v, np.float32).tolist() for v in values]
+
+
+def _embedding_from_arrow(array: pa.Array) -> list[np.ndarray | None]:
+    return [None if v is None else np.asarray(v, np.float32) for v in array.to_pylist()]
+
+
 @dataclass(slots=True, kw_only=True)
 class TranscribedAudio:
     """One output row. The fields are the Parquet columns, in order, each with its Arrow type."""
@@ -164,6 +215,32 @@ class TranscribedAudio:
     kafka_partition: int = column(pa.int32())
     kafka_offset: int = column(pa.int64())
     processed_at: datetime = column(pa.timestamp("ms", tz="UTC"))
+    # --- one utterance (segmentation=utterances) or the whole file (segmentation=file, utterance 0) ---------
+    # Appended after the columns files held before them. Null in files written before they existed.
+    utterance: int = column(pa.int32(), default=0)  # 0-based within the object version
+    start_sec: float = column(pa.float64(), default=0.0)  # absolute seconds in the source file
+    end_sec: float = column(pa.float64(), default=0.0)
+    words: list[Any] | None = column(pa.list_(WORD_TYPE), to_arrow=_words_to_arrow, from_arrow=_words_from_arrow,
+                                     default=None)
+    speaker: str | None = column(pa.string(), default=None)  # S0, S1, ... within the object version
+    speaker_embedding: np.ndarray | None = column(pa.list_(pa.float32()), to_arrow=_embedding_to_arrow,
+                                                  from_arrow=_embedding_from_arrow, default=None)
+    dnsmos_ovrl: float | None = column(pa.float32(), default=None)  # DNSMOS P.835, 1-5
+    dnsmos_sig: float | None = column(pa.float32(), default=None)
+    dnsmos_bak: float | None = column(pa.float32(), default=None)
+    snr_db: float | None = column(pa.float32(), default=None)
+    bandwidth_hz: float | None = column(pa.float32(), default=None)
+    clipping_ratio: float | None = column(pa.float32(), default=None)
+    rms_dbfs: float | None = column(pa.float32(), default=None)
+    speech_ratio: float | None = column(pa.float32(), default=None)
+    avg_logprob: float | None = column(pa.float32(), default=None)  # Whisper's own confidences
+    no_speech_prob: float | None = column(pa.float32(), default=None)
+    compression_ratio: float | None = column(pa.float32(), default=None)
+    language_probability: float | None = column(pa.float32(), default=None)
+    flags: list[str] | None = column(pa.list_(pa.string()), default=None)  # e.g. hallucination_suspected
+    vad_model: str | None = column(pa.string(), default=None)  # the analysis models' names (also _manifest.json)
+    dnsmos_model: str | None = column(pa.string(), default=None)
+    speaker_model: str | None = column(pa.string(), default=None)
 
     @derived_column(pa.int16(), after="tokens")
     def token_codebooks(self) -> int:
@@ -207,6 +284,8 @@ _STORED = tuple(c for c in _COLUMNS if c.stored)
 _STORED_NAMES = [c.name for c in _STORED]
 
 SCHEMA = pa.schema([pa.field(c.name, c.type) for c in _COLUMNS])
+# Columns appended after files were first written, with what an older file's rows read as.
+_APPENDED = {f.name: f.default for f in fields(TranscribedAudio) if f.default is not MISSING}
 
 
 def to_table(rows: list[TranscribedAudio]) -> pa.Table:
@@ -258,12 +337,17 @@ def _batches(source: RecordSource, batch_size: int) -> Iterable[pa.RecordBatch]:
 
 def _file_batches(path: str | os.PathLike[str], batch_size: int) -> Iterator[pa.RecordBatch]:
     with pq.ParquetFile(path) as f:
-        yield from f.iter_batches(batch_size=batch_size, columns=_STORED_NAMES)
+        held = set(f.schema_arrow.names)  # a file written before the utterance columns lacks them
+        yield from f.iter_batches(batch_size=batch_size, columns=[n for n in _STORED_NAMES if n in held])
 
 
 def _records_of(batch: pa.RecordBatch) -> list[TranscribedAudio]:
     values = []
+    held = set(batch.schema.names)
     for c in _STORED:
+        if c.name not in held and c.name in _APPENDED:  # an older file: the column's default
+            values.append([_APPENDED[c.name]] * batch.num_rows)
+            continue
         array = batch.column(c.name)
         if not array.type.equals(c.type):
             raise ValueError(f"column {c.name!r} is {array.type}, not {c.type} as in SCHEMA")

@@ -49,6 +49,34 @@ class MinMaxSum:
         }
 
 
+# Utterance lengths are counted in these bins (upper edges in seconds; the last bin is everything longer).
+DURATION_BINS = (1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0)
+# Common selection cut-offs: summary.json says how many hours of rows pass each (and `metavoice report`
+# draws hours kept against the cut-off). Rows without the score pass none.
+DNSMOS_CUTOFF = 3.0
+SNR_CUTOFF_DB = 15.0
+CUTOFFS = (f"dnsmos_ovrl>={DNSMOS_CUTOFF}", f"snr_db>={SNR_CUTOFF_DB:g}", f"dnsmos_ovrl>={DNSMOS_CUTOFF} and snr_db>={SNR_CUTOFF_DB:g}")
+# The columns `add_columns` reads (a rebuild from row data; older files may lack the later ones).
+ROW_COLUMNS = ("duration_sec", "sampling_rate", "language", "transcription", "tokens", "bucket", "id", "etag",
+               "utterance", "speaker", "dnsmos_ovrl", "snr_db")
+
+
+def duration_bin(seconds: float) -> str:
+    """The label of the bin `seconds` falls in: `<1`, `1-2`, ..., `20-30`, `>30` (upper edge exclusive)."""
+    lower = 0.0
+    for edge in DURATION_BINS:
+        if seconds < edge:
+            return f"<{edge:g}" if lower == 0 else f"{lower:g}-{edge:g}"
+        lower = edge
+    return f">={DURATION_BINS[-1]:g}"
+
+
+def passed_cutoffs(dnsmos_ovrl: float | None, snr_db: float | None) -> list[str]:
+    good_mos = dnsmos_ovrl is not None and dnsmos_ovrl >= DNSMOS_CUTOFF
+    good_snr = snr_db is not None and snr_db >= SNR_CUTOFF_DB
+    return [name for name, ok in zip(CUTOFFS, (good_mos, good_snr, good_mos and good_snr)) if ok]
+
+
 @dataclass
 class Aggregates:
     """Everything summary.json says, in a form where merge(a, b) == aggregate(a ∪ b)."""
@@ -65,13 +93,58 @@ class Aggregates:
     superseded: int = 0  # events whose object was overwritten before it was read: no row, no dead letter
     # rows written without a transcript (transcription off); files written before this existed had none
     untranscribed: int = 0
+    # Rows: one per object version (segmentation=file) or per utterance; None in a state written before
+    # utterances existed, where every row was a file (see `from_state`).
+    utterances: int = 0
+    utterance_durations: MinMaxSum = field(default_factory=MinMaxSum)
+    duration_bins: Counter = field(default_factory=Counter)  # `duration_bin` label -> rows
+    seconds_passing: Counter = field(default_factory=Counter)  # `CUTOFFS` name -> seconds of rows passing
+    scored_seconds: float = 0.0  # seconds of rows that carry a DNSMOS or SNR score
+    speakers_per_file: Counter = field(default_factory=Counter)  # str(distinct speakers) -> object versions
+    # speakers of the object versions added row by row, folded into `speakers_per_file` on the way out:
+    # an object version's rows are all in one Parquet file (one aggregate), so folding before a merge is exact
+    _speakers: dict = field(default_factory=dict, repr=False, compare=False)
 
     def add_row(self, row: TranscribedAudio) -> None:
-        self.files += 1
-        self.total_duration_sec += row.duration_sec
-        self.sampling_rates[str(row.sampling_rate)] += 1
-        self.add_transcript(row.transcription, row.language)
-        self.token_frames.add(row.token_frames)
+        self.add_values(row.duration_sec, row.sampling_rate, row.transcription, row.language, row.token_frames,
+                        (row.bucket, row.id, row.etag), row.utterance, row.speaker, row.dnsmos_ovrl, row.snr_db)
+
+    def add_values(self, duration: float, sampling_rate: int, text: str | None, language: str | None, frames: int,
+                   version: tuple[str, str, str], utterance: int | None, speaker: str | None,
+                   dnsmos_ovrl: float | None, snr_db: float | None) -> None:
+        """One row's statistics (from a record, or from the columns of a file being rebuilt)."""
+        if not utterance:  # utterance 0 (or a file written before utterances): one per object version
+            self.files += 1
+            self.sampling_rates[str(sampling_rate)] += 1
+        self.utterances += 1
+        self.total_duration_sec += duration
+        self.utterance_durations.add(duration)
+        self.duration_bins[duration_bin(duration)] += 1
+        self.add_transcript(text, language)
+        self.token_frames.add(frames)
+        if dnsmos_ovrl is not None or snr_db is not None:
+            self.scored_seconds += duration
+            for name in passed_cutoffs(dnsmos_ovrl, snr_db):
+                self.seconds_passing[name] += duration
+        if speaker is not None:
+            self._speakers.setdefault(version, set()).add(speaker)
+
+    def add_columns(self, table: Any) -> None:
+        """Every row of an Arrow table holding (some of) `ROW_COLUMNS`; a missing column reads as null."""
+        cols = {n: table.column(n).to_pylist() if n in table.column_names else [None] * table.num_rows
+                for n in ROW_COLUMNS}
+        for i in range(table.num_rows):
+            toks = cols["tokens"][i]
+            self.add_values(cols["duration_sec"][i], cols["sampling_rate"][i], cols["transcription"][i],
+                            cols["language"][i], len(toks[0]) if toks else 0,
+                            (cols["bucket"][i], cols["id"][i], cols["etag"][i]), cols["utterance"][i],
+                            cols["speaker"][i], cols["dnsmos_ovrl"][i], cols["snr_db"][i])
+
+    def _fold_speakers(self) -> Counter:
+        for speakers in self._speakers.values():
+            self.speakers_per_file[str(len(speakers))] += 1
+        self._speakers.clear()
+        return self.speakers_per_file
 
     def add_transcript(self, text: str | None, language: str | None) -> None:
         """One row's transcript, or None when the row was written with transcription off."""
@@ -90,7 +163,7 @@ class Aggregates:
             return None
         if not self.untranscribed:
             return "on"
-        return "off" if self.untranscribed == self.files else "mixed"
+        return "off" if self.untranscribed == max(self.utterances, self.files) else "mixed"  # rows
 
     def add_error(self, error_type: str) -> None:
         self.errors[error_type] += 1
@@ -107,6 +180,12 @@ class Aggregates:
         self.duplicates += o.duplicates
         self.superseded += o.superseded
         self.untranscribed += o.untranscribed
+        self.utterances += o.utterances
+        self.utterance_durations.merge(o.utterance_durations)
+        self.duration_bins.update(o.duration_bins)
+        self.seconds_passing.update(o.seconds_passing)
+        self.scored_seconds += o.scored_seconds
+        self._fold_speakers().update(o._fold_speakers())
 
     # --- serialization (footer metadata and summary.json's "_state") ---------------------
     def to_state(self) -> dict[str, Any]:
@@ -122,6 +201,12 @@ class Aggregates:
             "duplicates": self.duplicates,
             "superseded": self.superseded,
             "untranscribed": self.untranscribed,
+            "utterances": self.utterances,
+            "utterance_durations": vars(self.utterance_durations),
+            "duration_bins": dict(self.duration_bins),
+            "seconds_passing": dict(self.seconds_passing),
+            "scored_seconds": self.scored_seconds,
+            "speakers_per_file": dict(self._fold_speakers()),
         }
 
     @classmethod
@@ -138,6 +223,13 @@ class Aggregates:
             duplicates=int(s.get("duplicates", 0)),
             superseded=int(s.get("superseded", 0)),
             untranscribed=int(s.get("untranscribed", 0)),
+            # a state from before utterances: every row was one file
+            utterances=int(s.get("utterances", s.get("files", 0))),
+            utterance_durations=MinMaxSum(**s.get("utterance_durations", {})),
+            duration_bins=Counter(s.get("duration_bins", {})),
+            seconds_passing=Counter(s.get("seconds_passing", {})),
+            scored_seconds=float(s.get("scored_seconds", 0.0)),
+            speakers_per_file=Counter(s.get("speakers_per_file", {})),
         )
 
     def report(self, parquet_files: Iterable[str]) -> dict[str, Any]:
@@ -155,10 +247,24 @@ class Aggregates:
             "skipped": self.skipped,
             "duplicates": self.duplicates,
             "superseded": self.superseded,
+            "total_utterances": self.utterances,
+            "utterance_durations": {**self.utterance_durations.report(),
+                                    "bins": {b: self.duration_bins[b] for b in _bin_labels() if self.duration_bins[b]}},
+            "hours_above_cutoffs": {
+                "scored_hours": round(self.scored_seconds / 3600, 4),
+                **{name: round(self.seconds_passing[name] / 3600, 4) for name in CUTOFFS},
+            },
+            "speakers_per_file": dict(sorted(self._fold_speakers().items(), key=lambda kv: int(kv[0]))),
             "parquet_files": len(names),
             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "_state": {"aggregates": self.to_state(), "files": names},
         }
+
+
+def _bin_labels() -> list[str]:
+    """Every `duration_bin` label, shortest first."""
+    edges = [0.0, *DURATION_BINS]
+    return [duration_bin((a + b) / 2) for a, b in zip(edges, edges[1:])] + [duration_bin(DURATION_BINS[-1])]
 
 
 def parse_summary(doc: bytes | None) -> tuple[Aggregates, set[str]] | None:

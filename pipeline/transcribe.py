@@ -23,7 +23,7 @@ from .config import Settings
 from .audio import WHISPER_SAMPLE_RATE
 from .device import device_fault, is_device_oom, resolve_compute_type, resolve_device
 from .errors import DeviceFault, ModelUnavailable, TranscriptionFailed
-from .records import Segment, Transcript
+from .records import Segment, Transcript, Word
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,18 @@ def resolve_model_source(configured: str) -> ModelSource:
 
 
 @dataclass
+class _Stats:
+    """Whisper's own numbers for one decode of one chunk (summed per file in `_transcribe_together`)."""
+
+    words: list[Word]  # in (VAD-filtered) file time
+    logprob_sum: float  # cumulative log-probability of the decoded tokens
+    tokens: int
+    no_speech_prob: float
+    language_probability: float
+    duration: float
+
+
+@dataclass
 class _Chunk:
     file_index: int
     audio: np.ndarray
@@ -69,6 +81,14 @@ SUSPICIOUS_COMPRESSION_RATIO = 2.4  # faster-whisper's own threshold for a repet
 # Speech runs at 2-3 words per second; far fewer in a short window usually means the decoder ended
 # early (seen: "6th" for a 4.3 s sentence). Quiet clips pay one 30 s window, as they would anyway.
 SPARSE_WORDS_PER_SECOND = 0.5
+# A tail shorter than this after the last timestamp holds no word worth another decode; the rounds
+# are bounded so a decoder that advances a little each time cannot loop (30 s / 3 rounds is plenty
+# for one or two unfinished sentences).
+MIN_TAIL_SECONDS = 0.3
+MAX_TAIL_ROUNDS = 4
+# faster-whisper's defaults (TranscriptionOptions) for attaching punctuation to words.
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
 
 def compression_ratio(text: str) -> float:
@@ -92,6 +112,9 @@ class WhisperTranscriber:
         self.fit_margin = settings.whisper_fit_margin_sec
         self.fit_step = settings.whisper_fit_step_sec
         self.language = settings.language
+        # Word times cost one batched alignment pass per decode (see README "cost per stage");
+        # `Settings.word_timestamps` (21b's, default on) can turn it off.
+        self.word_timestamps = bool(getattr(settings, "word_timestamps", True))
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         try:
             self.model = WhisperModel(
@@ -172,35 +195,85 @@ class WhisperTranscriber:
         outputs = self._decode_chunks(chunks)
         per_file: list[list[Segment]] = [[] for _ in clips]
         languages: list[list[str]] = [[] for _ in clips]
+        words: list[list[Word]] = [[] for _ in clips]
+        stats: list[list[_Stats]] = [[] for _ in clips]
         for k, chunk in enumerate(chunks):
-            segs, lang = outputs[k]
+            segs, lang, chunk_stats = outputs[k]
             restore = restorers[chunk.file_index]
             end_of_file = clips[chunk.file_index].shape[0] / SAMPLE_RATE
             per_file[chunk.file_index].extend(
                 Segment(max(0.0, restore(s.start)), min(end_of_file, restore(s.end)), s.text) for s in segs
             )
+            for st in chunk_stats:
+                words[chunk.file_index].extend(
+                    Word(max(0.0, restore(w.start)), min(end_of_file, restore(w.end)), w.word, w.probability)
+                    for w in st.words
+                )
+            stats[chunk.file_index].extend(chunk_stats)
             languages[chunk.file_index].append(lang)
         transcripts = []
-        for segs, langs in zip(per_file, languages):
+        for segs, langs, file_words, file_stats in zip(per_file, languages, words, stats):
             segs = [s for s in segs if s.text]
             language = max(set(langs), key=langs.count) if langs else (self.language or "en")
-            transcripts.append(Transcript(" ".join(s.text for s in segs).strip(), language, segs))
+            text = " ".join(s.text for s in segs).strip()
+            tokens = sum(st.tokens + 1 for st in file_stats)
+            weight = sum(st.duration for st in file_stats)
+            transcripts.append(Transcript(
+                text, language, segs, sorted(file_words, key=lambda w: w.start),
+                avg_logprob=sum(st.logprob_sum for st in file_stats) / tokens if tokens else None,
+                no_speech_prob=sum(st.no_speech_prob * st.duration for st in file_stats) / weight if weight else None,
+                compression_ratio=compression_ratio(text) if text else None,
+                language_probability=(sum(st.language_probability * st.duration for st in file_stats) / weight
+                                      if weight else None),
+            ))
         return transcripts
 
-    def _decode_chunks(self, chunks: list[_Chunk]) -> dict[int, tuple[list[Segment], str]]:
-        """Segments (in file time) per chunk: chunks with equal windows batched together."""
-        outputs: dict[int, tuple[list[Segment], str]] = {}
+    def _decode_chunks(self, chunks: list[_Chunk]) -> dict[int, tuple[list[Segment], str, list[_Stats]]]:
+        """Segments (in file time) per chunk, each chunk decoded until its audio is covered.
+
+        Whisper often stops at a timestamp before the end of the audio it was given (it leaves an
+        unfinished last sentence for the next window). faster-whisper's `transcribe()` then seeks to
+        that timestamp and decodes the rest; so do we: every chunk's tail is decoded again from its
+        last timestamp, the tails of all chunks batched together, until nothing is left.
+        """
+        decoded = self._decode_round(chunks)
+        outputs = {k: (segs, lang, [st]) for k, (segs, lang, _, st) in decoded.items()}
+        tails = {k: chunks[k] for k in decoded}
+        for _ in range(MAX_TAIL_ROUNDS):
+            pending = {}
+            for k, (_, _, covered, _) in decoded.items():
+                chunk = tails[k]
+                if 0.0 < covered and chunk.duration - covered >= MIN_TAIL_SECONDS:
+                    start = int(round(covered * SAMPLE_RATE))
+                    pending[k] = _Chunk(chunk.file_index, chunk.audio[start:], chunk.offset + covered,
+                                        chunk.duration - covered)
+            if not pending:
+                break
+            order = list(pending)
+            round_out = self._decode_round([pending[k] for k in order])
+            decoded = {}
+            for j, k in enumerate(order):
+                segs, lang, covered, st = round_out[j]
+                outputs[k][0].extend(segs)
+                outputs[k][2].append(st)
+                decoded[k] = (segs, lang, covered, st)
+                tails[k] = pending[k]
+        return outputs
+
+    def _decode_round(self, chunks: list[_Chunk]) -> dict[int, tuple[list[Segment], str, float, _Stats]]:
+        """One decode of each chunk: (segments, language, seconds covered, stats); equal windows batched."""
+        outputs: dict[int, tuple[list[Segment], str, float, _Stats]] = {}
         again: list[int] = []
         for frames, group in self._batches(range(len(chunks)), [self.window_frames(c.duration) for c in chunks]):
-            for k, (segs, lang, suspicious) in zip(group, self._generate([chunks[k] for k in group], frames)):
-                outputs[k] = (segs, lang)
+            for k, (segs, lang, suspicious, covered, st) in zip(group, self._generate([chunks[k] for k in group], frames)):
+                outputs[k] = (segs, lang, covered, st)
                 if suspicious and frames < FULL_WINDOW_FRAMES:
                     again.append(k)
         if again:
             log.info("%d chunk(s) looked degenerate in a short window; decoding them in 30 s", len(again))
             for frames, group in self._batches(again, [FULL_WINDOW_FRAMES] * len(again)):
-                for k, (segs, lang, _) in zip(group, self._generate([chunks[k] for k in group], frames)):
-                    outputs[k] = (segs, lang)
+                for k, (segs, lang, _, covered, st) in zip(group, self._generate([chunks[k] for k in group], frames)):
+                    outputs[k] = (segs, lang, covered, st)
         return outputs
 
     def window_frames(self, duration: float) -> int:
@@ -250,8 +323,13 @@ class WhisperTranscriber:
         padded[: audio.shape[0]] = audio
         return pad_or_trim(self.model.feature_extractor(padded, padding=0), frames)
 
-    def _generate(self, chunks: list[_Chunk], frames: int) -> list[tuple[list[Segment], str, bool]]:
-        """Decode chunks in windows of `frames`: (segments, language, looks degenerate) per chunk."""
+    def _generate(self, chunks: list[_Chunk], frames: int) -> list[tuple[list[Segment], str, bool, float, _Stats]]:
+        """Decode chunks in windows of `frames`: (segments, language, looks degenerate, seconds covered,
+        stats) per chunk.
+
+        Seconds covered: up to the last timestamp when Whisper left an unfinished segment after it,
+        else the whole chunk. Word times come from one batched cross-attention alignment of every
+        chunk's tokens against the same encoder output (faster-whisper's `add_word_timestamps`)."""
         model = self.model
         tok = self._tokenizer
         features = np.stack([self._features(c.audio, frames) for c in chunks]).astype(np.float32)
@@ -259,6 +337,7 @@ class WhisperTranscriber:
         prompt = model.get_prompt(tok, previous_tokens=[], without_timestamps=False)
         prompts = [list(prompt) for _ in chunks]
         languages = [self.language or "en"] * len(chunks)
+        language_probs = [1.0] * len(chunks)
         if self._multilingual and not self.language:
             detected = model.model.detect_language(encoder_output)
             lang_index = prompt.index(tok.language)
@@ -266,6 +345,7 @@ class WhisperTranscriber:
                 token = langs[0][0]  # e.g. "<|de|>"
                 prompts[i][lang_index] = tok.tokenizer.token_to_id(token)
                 languages[i] = token[2:-2]
+                language_probs[i] = float(langs[0][1])
         # Whisper emits ~3-5 tokens per second of speech; a short window that runs far past that is
         # looping, and stopping it early saves the decoder's time (it is then decoded again in 30 s).
         max_length = model.max_length if frames >= FULL_WINDOW_FRAMES else min(model.max_length, 32 + frames // 6)
@@ -276,14 +356,15 @@ class WhisperTranscriber:
             max_length=max_length,
             suppress_blank=True,
             suppress_tokens=[-1],
-            return_scores=False,
-            return_no_speech_prob=False,
+            return_scores=True,
+            return_no_speech_prob=True,
         )
         out = []
+        decoded = []
         for chunk, result, lang in zip(chunks, results, languages):
             tokens = result.sequences_ids[0]
             segment_size = int(np.ceil(chunk.duration) * model.frames_per_second)
-            subsegments, _, _ = model._split_segments_by_timestamps(
+            subsegments, seek, _ = model._split_segments_by_timestamps(
                 tokenizer=tok,
                 tokens=tokens,
                 time_offset=chunk.offset,
@@ -302,8 +383,37 @@ class WhisperTranscriber:
                 or compression_ratio(text) > SUSPICIOUS_COMPRESSION_RATIO  # a repetition loop
                 or len(text.split()) < SPARSE_WORDS_PER_SECOND * chunk.duration  # stopped early
             )
-            out.append((segs, lang, suspicious))
+            covered = min(chunk.duration, seek / model.frames_per_second)
+            stats = _Stats([], float(result.scores[0]) * len(tokens), len(tokens), float(result.no_speech_prob),
+                           1.0, chunk.duration)
+            decoded.append(subsegments)
+            out.append((segs, lang, suspicious, covered, stats))
+        if self.word_timestamps:
+            self._align_words(chunks, decoded, encoder_output, [o[4] for o in out])
+        for i, lp in enumerate(language_probs):
+            out[i][4].language_probability = lp
         return out
+
+    def _align_words(self, chunks: list[_Chunk], decoded: list[list[dict]], encoder_output, stats: list[_Stats]) -> None:
+        """Words of every chunk of a batch in one alignment; a chunk without text aligns a placeholder."""
+
+        tok = self._tokenizer
+        placeholder = tok.encode(" .")
+        segments = []
+        for chunk, subs in zip(chunks, decoded):
+            seek = int(round(chunk.offset * self.model.frames_per_second))
+            real = [dict(sub, seek=seek) for sub in subs if any(t < tok.eot for t in sub["tokens"])]
+            segments.append(real or [{"seek": seek, "start": chunk.offset, "end": chunk.offset, "tokens": placeholder,
+                                      "placeholder": True}])
+        num_frames = [int(round(c.duration * self.model.frames_per_second)) for c in chunks]
+        self.model.add_word_timestamps(segments, tok, encoder_output, num_frames,
+                                       PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, 0.0)
+        for chunk, segs, st in zip(chunks, segments, stats):
+            end = chunk.offset + chunk.duration
+            st.words = [
+                Word(float(w["start"]), float(min(w["end"], end)), w["word"].strip(), float(w["probability"]))
+                for seg in segs if not seg.get("placeholder") for w in seg.get("words", [])
+            ]
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

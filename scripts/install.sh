@@ -22,3 +22,5 @@ PY=${PYTHON:-python3}
 # enough for the demo and the tests; GPU images install a cu12 build instead (see Dockerfile).
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e '.[dev]'
+# Resemblyzer's weights without its dependencies (see pyproject.toml, consumer extra).
+$PY -m pip install -q --no-deps "resemblyzer==0.1.4"

@@ -81,11 +81,13 @@ class FakeWhisper:
 
 
 def fake_models() -> Models:
-    """Models for in-process consumers: FakeWhisper and the real synthetic tokenizer."""
+    """Models for in-process consumers: FakeWhisper, the real synthetic tokenizer and the real analysis
+    models, as a child started with the default settings loads them (the manifest must match)."""
+    from pipeline.models import Analysis
     from pipeline.tokenizers import load_tokenizer
 
     st = Settings(prefect_enabled=False, device="cpu", cpu_threads=1)
-    return Models(st, FakeWhisper(st), load_tokenizer(st))
+    return Models(st, FakeWhisper(st), load_tokenizer(st), Analysis.load(st) if st.analysis else None)
 
 
 def child_main() -> None:

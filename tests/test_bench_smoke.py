@@ -52,7 +52,7 @@ def test_quick_bench_measures_the_streams_ceiling_on_every_event_with_prefect_re
     out = tmp_path / "ceiling.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmark", "--quick", "--clips", "2", "--max-sec", "3", "--json", str(out),
-         "--skip", "seed,bare,model,pipeline,pipeline-no-prefect,latency", "--ceiling-events", "40",
+         "--skip", "seed,bare,model,model-segment,model-score,pipeline,pipeline-no-prefect,latency", "--ceiling-events", "40",
          "--batch-max-events", "8"],
         cwd=ROOT, capture_output=True, text=True, timeout=580,
     )

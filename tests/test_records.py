@@ -51,6 +51,28 @@ SCHEMA_AS_WRITTEN = pa.schema(
 )
 
 
+# The columns appended for issue 21 (utterance rows, words, speakers, quality), after the ones above: files
+# written before them hold `SCHEMA_AS_WRITTEN`, files written since hold both, in this order.
+_WORD = pa.struct([pa.field("start", pa.float64()), pa.field("end", pa.float64()),
+                   pa.field("word", pa.string()), pa.field("probability", pa.float32())])
+UTTERANCE_COLUMNS = [
+    pa.field("utterance", pa.int32()),
+    pa.field("start_sec", pa.float64()),
+    pa.field("end_sec", pa.float64()),
+    pa.field("words", pa.list_(pa.field("item", _WORD))),
+    pa.field("speaker", pa.string()),
+    pa.field("speaker_embedding", pa.list_(pa.field("item", pa.float32()))),
+    *(pa.field(n, pa.float32()) for n in ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "snr_db", "bandwidth_hz",
+                                         "clipping_ratio", "rms_dbfs", "speech_ratio", "avg_logprob",
+                                         "no_speech_prob", "compression_ratio", "language_probability")),
+    pa.field("flags", pa.list_(pa.field("item", pa.string()))),
+    pa.field("vad_model", pa.string()),
+    pa.field("dnsmos_model", pa.string()),
+    pa.field("speaker_model", pa.string()),
+]
+SCHEMA_NOW = pa.schema(list(SCHEMA_AS_WRITTEN) + UTTERANCE_COLUMNS)
+
+
 def _nested_fields(field: pa.Field, path: str = "") -> list[tuple[str, str, bool, object]]:
     """Every field down the type tree: (path, type, nullable, metadata), so names of list items count too."""
     here = f"{path}/{field.name}"
@@ -71,6 +93,11 @@ def row(i: int, *, transcribed: bool = True, tokens: np.ndarray | None = None) -
         tokens=np.arange(8 * (5 + i), dtype=np.int16).reshape(8, 5 + i) - i if tokens is None else tokens,
         tokenizer="synthetic", token_frame_rate=75.0, whisper_model="tiny.en" if transcribed else None,
         kafka_topic="events", kafka_partition=i % 3, kafka_offset=10 * i, processed_at=at,
+        utterance=i % 2, start_sec=0.5 * i, end_sec=0.5 * i + 1.25, speaker=f"S{i % 2}" if transcribed else None,
+        speaker_embedding=np.full(256, 0.0625, np.float32) if transcribed else None,
+        dnsmos_ovrl=3.25, dnsmos_sig=3.5, dnsmos_bak=4.0, snr_db=20.5, bandwidth_hz=4000.0, clipping_ratio=0.0,
+        rms_dbfs=-20.0, speech_ratio=0.75, flags=["overlap_suspected"] if i % 2 else [],
+        vad_model="silero_vad_v6", dnsmos_model="dnsmos-p835", speaker_model="resemblyzer",
     )
 
 
@@ -81,22 +108,32 @@ def assert_same_records(got: list[TranscribedAudio], want: list[TranscribedAudio
             a, b = getattr(g, f.name), getattr(w, f.name)
             if f.name == "tokens":
                 assert a.dtype == np.int16 and a.shape == b.shape and np.array_equal(a, b), f.name
+            elif f.name == "speaker_embedding" and a is not None:
+                assert a.dtype == np.float32 and np.array_equal(a, b), f.name
             else:
                 assert a == b and type(a) is type(b), (f.name, a, b)
 
 
-def test_derived_schema_is_exactly_the_schema_files_already_hold():
-    assert SCHEMA.equals(SCHEMA_AS_WRITTEN, check_metadata=True)
+def test_derived_schema_is_exactly_the_schema_files_already_hold_plus_the_appended_columns():
+    assert SCHEMA.equals(SCHEMA_NOW, check_metadata=True)
     assert SCHEMA.metadata is None
-    assert [_nested_fields(f) for f in SCHEMA] == [_nested_fields(f) for f in SCHEMA_AS_WRITTEN]
+    assert [_nested_fields(f) for f in SCHEMA] == [_nested_fields(f) for f in SCHEMA_NOW]
+
+
+def test_a_file_written_before_the_utterance_columns_reads_back_with_their_defaults(tmp_path):
+    old = to_table([row(0), row(1)]).select(SCHEMA_AS_WRITTEN.names)
+    pq.write_table(old, tmp_path / "old.parquet")
+    back = read_records(tmp_path / "old.parquet")
+    assert [r.utterance for r in back] == [0, 0] and back[0].words is None and back[0].dnsmos_ovrl is None
+    assert [r.kafka_offset for r in back] == [0, 10]
 
 
 def test_parquet_files_from_to_table_have_the_parquet_schema_of_the_literal(tmp_path):
     pq.write_table(to_table([row(0), row(1, transcribed=False)]), tmp_path / "new.parquet")
-    pq.write_table(SCHEMA_AS_WRITTEN.empty_table(), tmp_path / "literal.parquet")
+    pq.write_table(SCHEMA_NOW.empty_table(), tmp_path / "literal.parquet")
     new, literal = pq.ParquetFile(tmp_path / "new.parquet"), pq.ParquetFile(tmp_path / "literal.parquet")
     assert new.schema.equals(literal.schema)  # the Parquet (physical + logical) schema, column for column
-    assert new.schema_arrow.remove_metadata().equals(SCHEMA_AS_WRITTEN)  # (pyarrow adds its own ARROW:schema key)
+    assert new.schema_arrow.remove_metadata().equals(SCHEMA_NOW)  # (pyarrow adds its own ARROW:schema key)
 
 
 def test_every_dataclass_field_is_a_column_and_token_codebooks_is_derived_from_tokens():

@@ -103,3 +103,13 @@ def test_codes_per_row_follow_offsets_of_sliced_arrays():
     assert _codes_per_row(arr).tolist() == [6, 0, 20, 7]
     assert _codes_per_row(arr.slice(1, 3)).tolist() == [0, 20, 7]
     assert _codes_per_row(pa.chunked_array([arr.slice(0, 2), arr.slice(2)])).tolist() == [6, 0, 20, 7]
+
+
+def test_hours_kept_counts_only_rows_at_or_above_the_cut_off_and_never_unscored_ones():
+    import numpy as np
+
+    from metavoice.report import hours_kept
+
+    durations = np.array([3600.0, 1800.0, 900.0, 360.0])
+    scores = np.array([3.5, 2.0, np.nan, 3.0])  # the third row has no score (DNSMOS off)
+    assert hours_kept(durations, scores, np.array([1.0, 3.0, 4.0])).tolist() == [1.6, 1.1, 0.0]

@@ -16,11 +16,32 @@ from pipeline.summary import Aggregates
 from .test_parquet_writer import agg, row
 
 
-@given(st.lists(st.lists(st.integers(1, 50), max_size=5), max_size=6))
+# One object version: its utterances (token frames each), the speaker of each, DNSMOS OVRL and SNR per row
+_version = st.lists(st.tuples(st.integers(1, 50), st.sampled_from(["S0", "S1", "S2", None]),
+                              st.one_of(st.none(), st.floats(1.0, 5.0)), st.one_of(st.none(), st.floats(-5.0, 40.0))),
+                    min_size=1, max_size=4)
+
+
+def utterance_rows(version: int, utterances) -> list:
+    """The rows of one object version in utterances mode (utterance 0, 1, ...)."""
+    out = []
+    for u, (frames, speaker, mos, snr) in enumerate(utterances):
+        r = row(version, frames)
+        r.utterance, r.speaker, r.dnsmos_ovrl, r.snr_db = u, speaker, mos, snr
+        out.append(r)
+    return out
+
+
+@given(st.lists(st.lists(_version, max_size=4), max_size=6))
 def test_merging_parts_equals_aggregating_the_whole(parts):
-    rows, parts_rows = [], []
+    """Files (parts) hold whole object versions (each version's utterances in one file): merging their
+    aggregates equals aggregating every row at once, utterance counts, bins, cut-offs and speakers included."""
+    rows, parts_rows, versions = [], [], 0
     for p in parts:  # the same rows, split into files
-        part = [row(len(rows) + i, f) for i, f in enumerate(p)]
+        part = []
+        for utterances in p:
+            part += utterance_rows(versions, utterances)
+            versions += 1
         rows += part
         parts_rows.append(part)
     merged = Aggregates()
@@ -29,11 +50,29 @@ def test_merging_parts_equals_aggregating_the_whole(parts):
     whole = agg(rows)
     a, b = merged.to_state(), whole.to_state()
     # float sums may differ in the last bits with the order of addition; everything else is exact
-    for key in ("total_duration_sec",):
+    for key in ("total_duration_sec", "scored_seconds"):
         assert a.pop(key) == pytest.approx(b.pop(key))
-    for key in ("transcription_lengths", "token_frames"):
+    for key in ("transcription_lengths", "token_frames", "utterance_durations"):
         assert a[key].pop("total") == pytest.approx(b[key].pop("total"))
+    passing_a, passing_b = a.pop("seconds_passing"), b.pop("seconds_passing")
+    assert passing_a.keys() == passing_b.keys() and all(passing_a[k] == pytest.approx(passing_b[k]) for k in passing_a)
     assert a == b
+    assert whole.files == versions and whole.utterances == len(rows)
+    assert sum(b["speakers_per_file"].values()) == sum(any(r[1] for r in u) for p in parts for u in p)
+
+
+def test_summary_counts_utterances_bins_cutoff_hours_and_speakers_per_file():
+    rows = utterance_rows(0, [(75 * 2, "S0", 3.5, 20.0), (75 * 4, "S1", 2.5, 20.0), (75 * 12, "S0", 3.2, 10.0)])
+    rows += utterance_rows(1, [(75 * 6, "S0", None, None)])
+    doc = agg(rows).report([])
+    assert doc["total_files"] == 2 and doc["total_utterances"] == 4
+    assert doc["utterance_durations"]["bins"] == {"2-3": 1, "3-5": 1, "5-10": 1, "10-15": 1}
+    hours = doc["hours_above_cutoffs"]
+    assert hours["scored_hours"] == pytest.approx(18 / 3600, abs=1e-4)
+    assert hours["dnsmos_ovrl>=3.0"] == pytest.approx(14 / 3600, abs=1e-4)
+    assert hours["snr_db>=15"] == pytest.approx(6 / 3600, abs=1e-4)
+    assert hours["dnsmos_ovrl>=3.0 and snr_db>=15"] == pytest.approx(2 / 3600, abs=1e-4)
+    assert doc["speakers_per_file"] == {"1": 1, "2": 1}
 
 
 def write_file(tmp_path, first: int, n: int):

@@ -78,13 +78,13 @@ def test_a_degenerate_decode_in_a_fitted_window_is_decoded_again_in_30_s(models,
         windows.append(frames)
         results = real(chunks, frames)
         if frames < 3000:
-            return [(segs, lang, True) for segs, lang, _ in results]
+            return [(r[0], r[1], True, *r[3:]) for r in results]
         return results
 
     monkeypatch.setattr(tr, "_generate", looping_in_short_windows)
     (decoded_again,) = tr.transcribe_batch([clips16k[0]])
     monkeypatch.undo()
-    assert windows == [tr.window_frames(clips16k[0].shape[0] / WHISPER_SAMPLE_RATE), 3000]
+    assert windows[:2] == [tr.window_frames(clips16k[0].shape[0] / WHISPER_SAMPLE_RATE), 3000]
     tr.window = "full"
     try:
         (in_full_window,) = tr.transcribe_batch([clips16k[0]])
