@@ -13,6 +13,7 @@ import consumer.environment
 from consumer.committer import OutputCommitter
 from consumer.environment import FaultWatch
 from pipeline.errors import FatalError, StorageOutage
+from pipeline.ledger import OutputLedger
 from pipeline.parquet import RollingParquetWriter
 
 A, B, C = TopicPartition("t", 0), TopicPartition("t", 1), TopicPartition("t", 2)
@@ -40,7 +41,7 @@ class Broker:
 def committer(tmp_path):
     broker = Broker({A, B})
     writer = RollingParquetWriter(tmp_path, roll_max_rows=10, roll_max_seconds=60)
-    yield OutputCommitter(broker, writer, None, None), broker  # type: ignore[arg-type]
+    yield OutputCommitter(broker, writer, OutputLedger(tmp_path), None), broker  # type: ignore[arg-type]
     writer.close()
 
 
