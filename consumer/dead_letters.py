@@ -181,7 +181,8 @@ class DeadLetterWriter:
                 batch = await reader.getmany(*tps, timeout_ms=500)
                 for records in batch.values():
                     found.update(r.key for r in records)
-                if not batch and all(await reader.position(tp) >= ends[tp] for tp in tps):
+                positions = [await reader.position(tp) for tp in tps]
+                if not batch and all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
                     return found  # at the end, and a poll found nothing more
                 if time.monotonic() > deadline:
                     raise DeadLetterFailed(f"reading {self.topic} back did not reach its end in {READ_BACK_SECONDS:.0f} s")
