@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -61,6 +63,8 @@ REVOKE_BUDGET_SECONDS = 240
 # --exit-when-idle counts from the first assignment; a consumer that gets none (more consumers
 # than partitions) still exits this long after its idle time.
 JOIN_GRACE_SECONDS = 60
+# after a stop signal, past shutdown_timeout: time for the last finalize's commit before the backstop exits 1
+STOP_BACKSTOP_MARGIN_S = 10.0
 
 
 @dataclass
@@ -272,9 +276,27 @@ class StreamConsumer:
                 log.error("second %s: exiting now without committing", sig.name)
                 raise SystemExit(130)
             self.request_stop(sig.name)
+            self._stop_backstop()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+
+    def _stop_backstop(self) -> None:
+        """METAVOICE_SHUTDOWN_TIMEOUT bounds a signalled stop wherever it lands - in a join the
+        broker holds, a start-up, a drain that cannot end - not only once `run_consumer` returns:
+        past it (and a margin for the last commit) the process exits 1. Nothing is lost: offsets
+        are committed only after their files are durable, so this is a kill -9's outcome at worst."""
+        seconds = self.settings.shutdown_timeout + STOP_BACKSTOP_MARGIN_S
+
+        def hard_exit() -> None:
+            log.error("still running %.0fs after the stop signal: exiting 1 (a restart resumes from the files)", seconds)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(1)
+
+        timer = threading.Timer(seconds, hard_exit)
+        timer.daemon = True
+        timer.start()
 
     # --- stages --------------------------------------------------------------------------
     async def _fetch_loop(self) -> None:
