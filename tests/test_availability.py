@@ -433,7 +433,7 @@ def test_a_record_that_kills_the_process_is_dead_lettered_as_crash_loop_and_its_
 
 # --- memory follows the 16 kHz result ------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_25_minute_96khz_8_channel_file_is_processed_with_tiny_en_under_2_5_gb(
+def test_a_25_minute_96khz_8_channel_file_is_processed_with_tiny_en_under_3_gb(
     services, s3, bucket, settings_factory, tmp_path
 ):
     path = tmp_path / "long.flac"
@@ -455,7 +455,9 @@ def test_a_25_minute_96khz_8_channel_file_is_processed_with_tiny_en_under_2_5_gb
     with logs_on_failure(proc):
         assert proc.wait(timeout=900) == 0
         rss_kb = _peak_rss_kb(proc)
-        assert rss_kb < 2.5 * 1024 * 1024, f"peak RSS {rss_kb / 1024:.0f} MB"
+        # 2.5 GB before the analysis models (Silero VAD, Resemblyzer) and the whole-file scores of
+        # file mode: measured 2.57 GB with them; the bound still fails a source-sized decode (5.5 GB)
+        assert rss_kb < 3.0 * 1024 * 1024, f"peak RSS {rss_kb / 1024:.0f} MB"
     rows = output_rows(st.output_dir)
     assert [r["id"] for r in rows] == ["long.flac"]
 

@@ -174,5 +174,16 @@ def test_a_dead_letter_that_cannot_be_written_commits_nothing_after_it(
 
     assert [type(e) for e in pipeline_errors(caught.value)] == [DeadLetterFailed], caught.value
     assert committed_offsets(st) == {0: 1}  # the file before the poison message; not one offset further
-    assert [r["id"] for r in output_rows(st.output_dir)] == ["first.flac"]
+    # the file covering the poison message is durable and carries its dead letter (sent after it)
+    assert [r["id"] for r in output_rows(st.output_dir)] == ["first.flac", "last.flac"]
     assert not list((st.output_dir / "data").glob("*.inprogress"))
+
+    monkeypatch.undo()  # the DLQ takes records again: the restart sends the dead letter the file holds
+    m = fake_models()
+    try:
+        consume_until_idle(st, m)
+    finally:
+        m.close()
+    assert committed_offsets(st) == {0: 3}
+    assert len(read_topic(st, st.dlq_topic, expected=2, timeout=5)) == 1
+    assert [r["id"] for r in output_rows(st.output_dir)] == ["first.flac", "last.flac"]
