@@ -34,8 +34,9 @@ from .errors import (
 from .events import ObjectEvent
 from .faults import crash_point
 from .models import Models
-from .records import Transcript, TranscribedAudio
+from .records import Segment, Transcript, TranscribedAudio, Word
 from .storage import download_object, probe_access, probe_bucket
+from .transcribe import CHUNK_SECONDS, compression_ratio
 
 T = TypeVar("T")
 
@@ -226,12 +227,19 @@ Span = tuple[float, float]  # seconds in the source file
 @dataclass(slots=True)
 class Segmented:
     """One object version cut into the spans of its rows: the whole file (segmentation=file) or its
-    utterances. `crops` are each span's own audio (every decoded view cropped), what every model reads."""
+    utterances. `crops` are each span's own audio (every decoded view cropped), what every model reads.
+
+    In `utterances` mode with a transcript, `windows` are what Whisper decodes (regions joined up to
+    30 s, never across a long pause) and `cuts` the speaker changes inside them; `transcribe_stage`
+    then sets `spans` and `crops` to the utterances cut between the decoded words (the stages after
+    it read those). The spans `segment_stage` sets are the VAD's own, for a run without a transcript."""
 
     audio: DecodedAudio
     regions: list[Span]  # VAD speech regions of the whole file
     spans: list[Span]
     crops: list[DecodedAudio]
+    windows: list[Span] = field(default_factory=list)
+    cuts: list[float] = field(default_factory=list)
 
 
 def crop(audio: DecodedAudio, start: float, end: float) -> DecodedAudio:
@@ -269,17 +277,23 @@ def segment_stage(models: Models, slots: list[Slot[DecodedAudio]]) -> list[Slot[
 
 
 def _segment(models: Models, audio: DecodedAudio, whole: list[Span]) -> Segmented:
-    from .analysis.vad import speech_regions, utterance_spans
+    from .analysis.vad import speech_regions, utterance_spans, widen
 
     st = models.settings
     a16 = audio.at_rate(WHISPER_SAMPLE_RATE)
     regions = speech_regions(a16)
-    spans = whole
-    if st.segmentation == "utterances":
-        cuts = [t for r in regions for t in models.analysis.speakers.change_points(a16, r)]  # type: ignore[union-attr]
-        spans = utterance_spans(regions, audio.duration_sec, min_sec=st.utterance_min_sec,
-                                max_sec=st.utterance_max_sec, pause_sec=st.utterance_pause_sec, cuts=cuts) or whole
-    return Segmented(audio, regions, spans, [crop(audio, a, b) for a, b in spans])
+    if st.segmentation != "utterances":
+        return Segmented(audio, regions, whole, [audio])
+    # Whisper's windows: regions joined across short silences up to 30 s, short ones grown to the
+    # minimum length (a lone "Hello?" is decoded with the audio around it, never as a 0.2 s crop)
+    windows = [(round(a, 3), round(b, 3)) for a, b in
+               widen(utterance_spans(regions, audio.duration_sec, min_sec=0.0, max_sec=CHUNK_SECONDS,
+                                     pause_sec=st.utterance_pause_sec), st.utterance_min_sec, audio.duration_sec)
+               if b - a >= st.utterance_min_sec - 1e-6]
+    cuts = [t for w in windows for t in models.analysis.speakers.change_points(a16, w)]  # type: ignore[union-attr]
+    spans = utterance_spans(regions, audio.duration_sec, min_sec=st.utterance_min_sec,
+                            max_sec=st.utterance_max_sec, pause_sec=st.utterance_pause_sec, cuts=cuts) or whole
+    return Segmented(audio, regions, spans, [crop(audio, a, b) for a, b in spans], windows, cuts)
 
 
 def _isolate(exc: Exception) -> None:
@@ -303,14 +317,19 @@ def whisper_inputs(slots: list[Slot[DecodedAudio]]) -> list[np.ndarray]:
 
 def transcribe_stage(models: Models, slots: list[Slot[Segmented]]) -> list[Slot[list[Transcript]]]:
     """Every span of every file in one `transcribe_batch` call (Whisper batches them); a file whose
-    span fails is failed whole. Times are the crop's own (rows get absolute ones: `assemble_stage`)."""
+    span fails is failed whole. Times are the crop's own (rows get absolute ones: `assemble_stage`).
+
+    In `utterances` mode Whisper decodes each file's `windows` instead, and the utterances are cut
+    between the words it found (`cut_at_words`): the file's spans and crops become those utterances."""
     crash_point("transcribe")
     if not models.transcribes:  # transcription off: every slot goes on without a transcript (value None)
         return [Slot(s.item, error=s.error) for s in slots]
     good = [s for s in slots if s.ok]
-    clips = [c.at_rate(WHISPER_SAMPLE_RATE) for s in good for c in s.value.crops]  # type: ignore[union-attr]
+    pieces = [[crop(s.value.audio, a, b) for a, b in s.value.windows] if s.value.windows  # type: ignore[union-attr]
+              else s.value.crops for s in good]  # type: ignore[union-attr]
+    clips = [c.at_rate(WHISPER_SAMPLE_RATE) for p in pieces for c in p]
     flat = models.transcriber.transcribe_batch(clips) if clips else []
-    per = iter(_regroup(flat, [len(s.value.crops) for s in good]))  # type: ignore[union-attr]
+    per = iter(_regroup(flat, [len(p) for p in pieces]))
     out: list[Slot[list[Transcript]]] = []
     for s in slots:
         if not s.ok:
@@ -318,8 +337,64 @@ def transcribe_stage(models: Models, slots: list[Slot[Segmented]]) -> list[Slot[
             continue
         results = next(per)
         failed = next((r for r in results if isinstance(r, PermanentError)), None)
-        out.append(Slot(s.item, error=failed) if failed else Slot(s.item, results))
+        if failed:
+            out.append(Slot(s.item, error=failed))
+        elif s.value.windows:  # type: ignore[union-attr]
+            out.append(Slot(s.item, cut_at_words(models.settings, s.value, results)))  # type: ignore[arg-type]
+        else:
+            out.append(Slot(s.item, results))
     return out
+
+
+def cut_at_words(st: Settings, seg: Segmented, decoded: list[Transcript]) -> list[Transcript]:
+    """The utterances of one file from its decoded windows: sets `seg.spans` and `seg.crops`, and
+    returns each utterance's transcript (its words and Whisper's segments, in the crop's own time;
+    Whisper's statistics those of the window's decode). Recomputed from the windows on a rerun."""
+    from .analysis.vad import widen, word_utterances
+
+    duration = seg.audio.duration_sec
+    cut: list[tuple[float, float, list[Word], Transcript, float]] = []
+    for (ws, we), tr in zip(seg.windows, decoded):
+        words = [replace(w, start=w.start + ws, end=w.end + ws) for w in tr.words]
+        for a, b, group in word_utterances((ws, we), words, min_sec=st.utterance_min_sec,
+                                           max_sec=st.utterance_max_sec, pause_sec=st.utterance_pause_sec,
+                                           cuts=[c for c in seg.cuts if ws < c < we]):
+            cut.append((a, b, group, tr, ws))
+    bounds = widen([(a, b) for a, b, *_ in cut], st.utterance_min_sec, duration)
+    kept = [((round(a, 3), round(b, 3)), rest) for (a, b), (_, _, *rest) in zip(bounds, cut)
+            if b - a >= st.utterance_min_sec - 1e-6]
+    if not kept:  # no utterance long enough: the file is one row, as in `file` mode
+        kept = [((0.0, duration), ([w for (_, _, g, _, _) in cut for w in g], decoded[0] if decoded else None, 0.0))]
+    seg.spans = [span for span, _ in kept]
+    seg.crops = [crop(seg.audio, a, b) for a, b in seg.spans]
+    return [_utterance_transcript(a, words, tr, ws) for (a, _), (words, tr, ws) in kept]
+
+
+def _utterance_transcript(start: float, words: list[Word], window: Transcript | None, window_start: float) -> Transcript:
+    """An utterance's transcript from its words (absolute) and the decode of the window they came
+    from; times relative to `start`, each word under the Whisper segment its middle falls in."""
+    import bisect
+
+    rel = [replace(w, start=w.start - start, end=w.end - start) for w in words]
+    text = " ".join(w.word for w in rel if w.word).strip()
+    segs: list[Segment] = []
+    if window is not None and window.segments:
+        seg_starts = [sg.start + window_start for sg in window.segments]
+        owner = [max(0, bisect.bisect_right(seg_starts, (w.start + w.end) / 2) - 1) for w in words]
+        for i, w in enumerate(rel):
+            if i and owner[i] == owner[i - 1]:
+                last = segs[-1]
+                segs[-1] = Segment(last.start, w.end, f"{last.text} {w.word}".strip())
+            else:
+                segs.append(Segment(w.start, w.end, w.word))
+    lang = window.language if window is not None else ""
+    return Transcript(
+        text, lang, segs, rel,
+        avg_logprob=window.avg_logprob if window is not None else None,
+        no_speech_prob=window.no_speech_prob if window is not None else None,
+        compression_ratio=compression_ratio(text) if text else None,
+        language_probability=window.language_probability if window is not None else None,
+    )
 
 
 def tokenize_stage(models: Models, slots: list[Slot[Segmented]]) -> list[Slot[list[np.ndarray]]]:
@@ -479,7 +554,7 @@ def assemble_stage(
                 # no transcript (transcription off): null transcription, language and segments
                 transcription=tr.text if tr is not None else None,
                 language=tr.language if tr is not None else None,
-                segments=tr.segments if tr is not None else None,
+                segments=[replace(g, start=g.start + a, end=g.end + a) for g in tr.segments] if tr is not None else None,
                 tokens=codes,
                 tokenizer=models.tokenizer.name,
                 token_frame_rate=float(models.tokenizer.frame_rate),

@@ -130,15 +130,16 @@ class Settings(BaseSettings):
     whisper_fit_margin_sec: float = Field(2.0, ge=0.5, le=30)  # silence after the audio in a fitted window
     whisper_fit_step_sec: float = Field(2.0, gt=0, le=30)  # fitted windows are rounded up to this
     language: str | None = None
-    # file: one row per object version; utterances: one row per utterance (Silero VAD regions, cut at long
-    # pauses and speaker changes, each utterance transcribed and tokenized from its own crop).
+    # file: one row per object version; utterances: one row per utterance (Silero VAD regions decoded by
+    # Whisper in windows of up to 30 s, cut between the words at long pauses and speaker changes; each
+    # utterance tokenized and scored from its own crop).
     segmentation: Literal["file", "utterances"] = "file"
     # false: no VAD, DNSMOS or speaker model is loaded; file rows only, their quality and speaker columns null
     analysis: bool = True
     # DNSMOS P.835 (dnsmos_* columns): auto = on with CUDA only; on this 2-core CPU it scores ~1.6 audio-s/s,
     # slower than Whisper itself (README: cost per stage). off: the dnsmos_* columns are null.
     dnsmos: Literal["auto", "on", "off"] = "auto"
-    utterance_min_sec: float = Field(1.0, gt=0, le=30)  # shorter speech is merged into a neighbour
+    utterance_min_sec: float = Field(1.0, gt=0, le=30)  # shorter speech joins a neighbour or grows into the silence around it
     utterance_max_sec: float = Field(30.0, gt=0, le=30)  # Whisper's window: an utterance is never longer
     utterance_pause_sec: float = Field(0.5, ge=0)  # a pause at least this long always ends an utterance
     tokenizer: str = "synthetic"
