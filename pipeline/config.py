@@ -232,6 +232,18 @@ class Settings(BaseSettings):
         """The settings the user chose (code, environment, .env, flags); the rest are defaults or derived."""
         return frozenset(self.model_fields_set - self._derived)
 
+    def child_env(self) -> dict[str, str]:
+        """`METAVOICE_*` variables that give a child process these settings: every setting chosen
+        (`explicit()`), derived from the fields so none is forgotten (segmentation, dnsmos, ...).
+        Secrets are left out: a child takes them from its own environment."""
+        env = {}
+        for name in sorted(self.explicit()):
+            value = getattr(self, name)
+            if value is None or isinstance(value, SecretStr):
+                continue
+            env[f"METAVOICE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
     def allowed_bucket_set(self) -> frozenset[str] | None:
         """Buckets events may name; None: any."""
         names = [b.strip() for b in self.allowed_buckets.split(",") if b.strip()]

@@ -103,17 +103,7 @@ def child_main() -> None:
 # --- the consumer as a child process -------------------------------------------------------
 def settings_env(settings: Settings) -> dict[str, str]:
     """`METAVOICE_*` variables that reproduce `settings` in a child process (secrets excluded)."""
-    env = {}
-    for name in ("kafka_bootstrap", "topic", "dlq_topic", "group", "topic_partitions", "s3_endpoint_url",
-                 "s3_region", "output_dir", "spool_dir", "output_claim_ttl_s", "batch_max_events", "batch_max_events_backlog", "batch_linger_ms", "roll_max_rows",
-                 "roll_max_seconds", "exit_when_idle", "pipeline_depth", "min_duration_sec",
-                 "max_duration_sec", "s3_retry_attempts", "kafka_session_timeout_ms", "tokenizer",
-                 "shutdown_timeout", "fault_timeout_s", "bucket", "allowed_buckets", "max_events_per_message"):
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"METAVOICE_{name.upper()}"] = str(value)
-    env["METAVOICE_PREFECT_ENABLED"] = "true" if settings.prefect_enabled else "false"
-    return env
+    return settings.child_env()
 
 
 class ConsumerProcess:
