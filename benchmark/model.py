@@ -61,18 +61,63 @@ def count_encoder_seconds(transcriber: Any) -> Iterator[list[float]]:
 def run_analysis_stage(models: Any, decoded: dict[str, Any], stage: str) -> ModeResult:
     """`model-segment` / `model-score`: the pipeline's analysis stage beside the model call, on every clip at
     once (decoded in advance, no I/O). `segment` is VAD (plus speaker changes in utterances mode); `score`
-    is DNSMOS (where on), speaker embeddings and labels, signal measures, on the segment stage's spans."""
+    is DNSMOS (where on), speaker embeddings and labels, signal measures, on the segment stage's spans.
+    `details.model_seconds` / `model_audio_s_per_s` split the stage per model (the README's cost table)."""
     from pipeline.batch import Slot, score_stage, segment_stage
 
     slots = [Slot(None, a) for a in decoded.values()]  # type: ignore[arg-type]
     audio = sum(a.duration_sec for a in decoded.values())
     segmented = segment_stage(models, slots) if stage == "score" else slots
     fn = segment_stage if stage == "segment" else score_stage
-    with measured(f"model-{stage}") as info:
+    with measured(f"model-{stage}") as info, time_analysis_calls(models) as seconds:
         t0 = time.perf_counter()
         results = fn(models, segmented)  # type: ignore[arg-type]
         wall = time.perf_counter() - t0
     failed = sum(1 for r in results if not r.ok)
     names = models.analysis.names if models.analysis is not None else {}
     return ModeResult(f"model-{stage}", len(results) - failed, audio, wall, **info,
-                      details={"failed": failed, "segmentation": models.settings.segmentation, **names})
+                      details={"failed": failed, "segmentation": models.settings.segmentation, **names,
+                               "model_seconds": seconds,
+                               "model_audio_s_per_s": {k: audio / v for k, v in seconds.items() if v > 0}})
+
+
+@contextlib.contextmanager
+def time_analysis_calls(models: Any) -> Iterator[dict[str, float]]:
+    """Seconds inside each analysis model during one stage call (diagnostic: wraps the calls the stages
+    make; a call made inside another timed one, such as the encoder inside speaker changes, counts once)."""
+    import pipeline.analysis.quality as quality
+    import pipeline.analysis.vad as vad
+
+    seconds: dict[str, float] = {}
+    active: list[str] = []
+    targets = [(vad, "speech_regions", "vad"), (quality, "signal_measures", "signal_measures")]
+    an = models.analysis
+    if an is not None:
+        targets += [(an.speakers, "change_points", "speaker_changes"), (an.speakers, "embed", "speaker_embeddings")]
+        if an.dnsmos is not None:
+            targets.append((an.dnsmos, "score", "dnsmos"))
+
+    def timed(fn: Any, name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if active:
+                return fn(*args, **kwargs)
+            active.append(name)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+                active.pop()
+        return call
+
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in targets]
+    for obj, attr, name in targets:
+        setattr(obj, attr, timed(getattr(obj, attr), name))
+    try:
+        yield seconds
+    finally:
+        for obj, attr, original in saved:
+            if isinstance(obj, type(vad)):
+                setattr(obj, attr, original)
+            else:
+                delattr(obj, attr)  # the instance's wrapper: the class's method shows through again

@@ -45,6 +45,10 @@ def print_report(report: dict[str, Any]) -> None:
             console.print(f"{name}: {d['batches']} batches, model busy {d['model_busy_seconds']:.1f}s = "
                           f"{_f(d.get('device_utilisation'), '.0%')} of wall; stages {stages}; "
                           f"(untimed: consumer start to assignment {d['start_to_assignment_s']:.1f}s)")
+    for name in ("model-segment", "model-score"):
+        per = report.get("modes", {}).get(name, {}).get("details", {}).get("model_audio_s_per_s")
+        if per:
+            console.print(f"{name}, audio-s/s per model: " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()))
     _print_ceiling(console, report)
     ratios = "  ".join(f"{k} = {_f(v, '.2f')}" for k, v in report.get("ratios", {}).items())
     console.print(f"[bold]ratios[/]  {ratios}")

@@ -136,8 +136,9 @@ class Settings(BaseSettings):
     segmentation: Literal["file", "utterances"] = "file"
     # false: no VAD, DNSMOS or speaker model is loaded; file rows only, their quality and speaker columns null
     analysis: bool = True
-    # DNSMOS P.835 (dnsmos_* columns): auto = on with CUDA only; on this 2-core CPU it scores ~1.6 audio-s/s,
-    # slower than Whisper itself (README: cost per stage). off: the dnsmos_* columns are null.
+    # DNSMOS P.835 (dnsmos_* columns): auto = on with CUDA only; on this 2-core CPU it scores ~5 audio-s/s on
+    # short clips (each filled to its 9 s input), a fifth of Whisper tiny.en's speed, with ~3 GB more peak
+    # memory (README: cost per stage). off: the dnsmos_* columns are null.
     dnsmos: Literal["auto", "on", "off"] = "auto"
     utterance_min_sec: float = Field(1.0, gt=0, le=30)  # shorter speech joins a neighbour or grows into the silence around it
     utterance_max_sec: float = Field(30.0, gt=0, le=30)  # Whisper's window: an utterance is never longer

@@ -125,8 +125,8 @@ def word_utterances(
     """Utterances (start, end, their words) of one decoded window; times absolute, words in order.
 
     Words are grouped until a pause of `pause_sec` between two words, a speaker change (`_turn_gaps`)
-    or `max_sec`. The
-    window's edges bound the first and last utterance; inner bounds lie midway between the words.
+    or `max_sec`. The window's edges bound the first and last utterance; inner bounds lie midway
+    between the words.
     A group shorter than `min_sec` joins the neighbour across the smaller gap between words (a turn
     that short is below what the speaker encoder's 1.6 s windows resolve) unless that would exceed
     `max_sec`. A window without words is one utterance (speech the VAD found, Whisper did not)."""
