@@ -119,8 +119,12 @@ def run(args: BenchArgs) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+# The modes that run flow runs: the API is started early and warmed up before any of them is timed.
+PREFECT_MODES = ("pipeline", "stream-ceiling", "stream-ceiling-s3-output", "stream-ceiling-backfill", "latency", "backlog")
+
+
 def _wants_prefect(args: BenchArgs) -> bool:
-    return bool({"pipeline", "stream-ceiling", "latency", "backlog"} - args.skip)
+    return bool(set(PREFECT_MODES) - args.skip)
 
 
 def _wants_speech(args: BenchArgs) -> bool:
