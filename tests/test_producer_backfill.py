@@ -25,7 +25,7 @@ from botocore.exceptions import EndpointConnectionError
 from pipeline.errors import BucketMissing, StorageOutage
 from metavoice.local_services import MOTO_CREDENTIALS, MOTO_REGION
 from pipeline.storage import list_objects
-from producer.backfill import FIRST_PAGE_KEYS, run_backfill
+from producer.backfill import first_page_keys, run_backfill
 from producer.cli import main
 from producer.errors import CheckpointMismatch
 from tests.test_producer_support import cli_logging, read_topic  # noqa: F401  (fixture)
@@ -92,9 +92,9 @@ async def test_backfill_publishes_one_event_per_matching_object_across_all_listi
 async def test_a_backfill_sends_its_first_events_after_one_short_listing_page_then_lists_the_rest(
     big_bucket, settings_factory, services, monkeypatch
 ):
-    """Consumers get work after one short request, not after a full 1000-key page is listed and
-    parsed (~0.5 s): the first event is sent when at most FIRST_PAGE_KEYS keys have been listed;
-    every page is still listed and every .flac published once."""
+    """Consumers get their first micro-batch after one short request, not after a full 1000-key page
+    is listed and parsed (~0.5 s): the first event is sent when one micro-batch of keys
+    (`batch_max_events`) has been listed; every page is still listed and every .flac published once."""
     import pipeline.storage as storage
     import producer.kafka as kafka
 
@@ -117,7 +117,8 @@ async def test_a_backfill_sends_its_first_events_after_one_short_listing_page_th
     settings = settings_factory()
     result = await run_backfill(settings, big_bucket, [], ".flac")
 
-    assert at_first_send == [FIRST_PAGE_KEYS]  # AUDIO sorts first: sent from the short page
+    assert settings.batch_max_events < 1000
+    assert at_first_send == [first_page_keys(settings)] == [settings.batch_max_events]  # AUDIO sorts first
     assert sum(listed[1:]) == result.listed == len(EVERYTHING)
     records = await read_topic(services.kafka_bootstrap, settings.topic, len(FLAC))
     assert sorted(r["object"]["key"] for r in records) == sorted(FLAC)
