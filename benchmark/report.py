@@ -50,12 +50,12 @@ def print_report(report: dict[str, Any]) -> None:
         if per:
             console.print(f"{name}, audio-s/s per model: " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()))
     _print_ceiling(console, report)
-    ratios = "  ".join(f"{k} = {_f(v, '.2f')}" for k, v in report.get("ratios", {}).items())
-    console.print(f"[bold]ratios[/]  {ratios}")
+    _print_ratios(console, report)
     targets = report.get("targets", {})
     if targets:
         console.print("targets  " + "  ".join(
-            f"{k} {t['target']}: {_f(t['measured'], '.3g')} "
+            f"{k} {t['target']}: {_f(t['measured'], '.3g')}"
+            f"{'' if t.get('paired_median') is None else ' (paired ' + format(t['paired_median'], '.3g') + ', per CPU-s ' + _f(t.get('per_cpu_second'), '.3g') + ')'} "
             f"{'[green]met[/]' if t['met'] else '[red]not met[/]' if t['met'] is False else '(not measured)'}"
             for k, t in targets.items()))
     p = report.get("prefect", {})
@@ -97,7 +97,7 @@ def _print_ceiling(console: Any, report: dict[str, Any]) -> None:
     for col in ("mode", "events", "wall s", "events / s", "batches", "events / batch", "flow runs / 1000",
                 "task runs / 1000", "Prefect s / flow run", "bench CPU s", "broker+S3 CPU s", "Prefect server CPU s",
                 "others' CPU s"):
-        table.add_column(col, justify="left" if col == "mode" else "right")
+        table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=col == "mode")
     for name, m in ceiling.items():
         d, cpu = m["details"], m["cpu_seconds"]
         pb = d.get("per_batch", {})
@@ -114,3 +114,24 @@ def _print_ceiling(console: Any, report: dict[str, Any]) -> None:
     if on.get("bare_batches"):
         console.print(f"[red]stream-ceiling: {on['bare_batches']:g} micro-batches ran without Prefect "
                       f"({on['prefect_failures']:g} Prefect failures): its figure is not Prefect's alone[/]")
+
+
+def _print_ratios(console: Any, report: dict[str, Any]) -> None:
+    """Each ratio three ways, side by side: best round of each mode, paired per round (median), per
+    CPU-second of our own processes (robust to other work on the machine)."""
+    from rich.table import Table
+
+    ratios = report.get("ratios", {})
+    if not ratios:
+        return
+    paired, cpu = report.get("ratios_paired") or {}, report.get("ratios_cpu") or {}
+    table = Table(title="ratios (best of rounds; paired: the median of per-round ratios; per CPU-second of our processes)")
+    for col in ("ratio", "best of rounds", "paired median", "rounds", "per CPU-second"):
+        table.add_column(col, justify="left" if col == "ratio" else "right")
+    for k, v in ratios.items():
+        p = paired.get(k)
+        if v is None and p is None:
+            continue
+        table.add_row(k, _f(v, ".2f"), _f(p and p["median"], ".2f"),
+                      " ".join(f"{r:.2f}" for r in p["rounds"]) if p else "-", _f(cpu.get(k), ".2f"))
+    console.print(table)

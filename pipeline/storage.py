@@ -274,18 +274,23 @@ def _not_the_events(
 
 
 async def list_objects(
-    client: Any, bucket: str, prefix: str = "", start_after: str | None = None, attempts: int = 8
+    client: Any, bucket: str, prefix: str = "", start_after: str | None = None, attempts: int = 8,
+    first_page_keys: int | None = None,
 ) -> AsyncIterator[ListedObject]:
     """Every object under `prefix`, all pages, in key order.
 
     Each page is one request, retried like a download (`attempts`, capped exponential backoff
     with jitter); what still fails is raised typed, one line naming the bucket and the endpoint
-    (`list_page`)."""
+    (`list_page`). `first_page_keys` asks the first page for that many keys only (the later ones
+    are the server's full pages): the first objects are yielded after a short request instead of
+    a full page (1000 keys: ~0.3-0.6 s on the local test server)."""
     request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
     if start_after:
         request["StartAfter"] = start_after
+    first = {"MaxKeys": first_page_keys} if first_page_keys else {}
     while True:
-        page = await list_page(client, request, attempts)
+        page = await list_page(client, {**request, **first}, attempts)
+        first = {}
         for item in page.get("Contents", []):
             yield ListedObject(
                 key=item["Key"],

@@ -45,7 +45,7 @@ def test_quick_bench_reports_every_mode_with_positive_throughput_and_the_ratios(
     assert report["latency"]["rows"] == report["latency"]["events"]
     assert report["latency"]["p50_s"] > 0
     assert "backlog" not in report  # --quick skips it
-    assert "pipeline/seed =" in proc.stdout  # the printed table and ratios
+    assert "paired median" in proc.stdout and "pipeline/seed" in proc.stdout  # the printed tables and ratios
 
 
 def test_quick_bench_measures_the_streams_ceiling_on_every_event_with_prefect_recording_runs(tmp_path: Path):
@@ -77,7 +77,12 @@ def test_quick_bench_measures_the_streams_ceiling_on_every_event_with_prefect_re
     assert report["ratios"]["stream-ceiling/stream-ceiling-no-prefect"] > 0
     assert report["ratios"]["stream-ceiling-s3-output/stream-ceiling"] > 0
     assert ceiling["stream-ceiling-s3-output"]["details"]["output"].startswith("s3://")
-    assert "stream-ceiling/io-floor =" in proc.stdout and "stream-ceiling-backfill/plain-floor =" in proc.stdout
+    # the two floors' ratios side by side, three ways: best round, paired per round, per CPU-second
+    for key in ("stream-ceiling-backfill/plain-floor", "stream-ceiling-backfill/io-floor"):
+        assert report["ratios_paired"][key]["median"] > 0 and len(report["ratios_paired"][key]["rounds"]) == 1, key
+        assert report["ratios_cpu"][key] > 0, key
+        assert report["targets"].get(key, {"per_cpu_second": 1})["per_cpu_second"] is not None, key
+        assert key in proc.stdout, key
 
 
 def test_backlog_pass_compares_a_full_backlog_with_the_in_flight_batches_alone(tmp_path: Path):

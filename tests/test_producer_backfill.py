@@ -25,7 +25,7 @@ from botocore.exceptions import EndpointConnectionError
 from pipeline.errors import BucketMissing, StorageOutage
 from metavoice.local_services import MOTO_CREDENTIALS, MOTO_REGION
 from pipeline.storage import list_objects
-from producer.backfill import run_backfill
+from producer.backfill import first_page_keys, run_backfill
 from producer.cli import main
 from producer.errors import CheckpointMismatch
 from tests.test_producer_support import cli_logging, read_topic  # noqa: F401  (fixture)
@@ -87,6 +87,41 @@ async def test_backfill_publishes_one_event_per_matching_object_across_all_listi
         assert r["object"]["eTag"] == hashlib.md5(body_of(key)).hexdigest()  # the listing's etag
         assert r["object"]["size"] == len(body_of(key))
         assert r["_key"] == f"{big_bucket}/{key}"
+
+
+async def test_a_backfill_sends_its_first_events_after_one_short_listing_page_then_lists_the_rest(
+    big_bucket, settings_factory, services, monkeypatch
+):
+    """Consumers get their first micro-batch after one short request, not after a full 1000-key page
+    is listed and parsed (~0.5 s): the first event is sent when one micro-batch of keys
+    (`batch_max_events`) has been listed; every page is still listed and every .flac published once."""
+    import pipeline.storage as storage
+    import producer.kafka as kafka
+
+    listed: list[int] = []  # keys returned by each listing request, in order
+    at_first_send: list[int] = []
+    real_list_page, real_send = storage.list_page, kafka.EventPublisher.send
+
+    async def list_page(client, request, attempts=8):  # type: ignore[no-untyped-def]
+        page = await real_list_page(client, request, attempts)
+        listed.append(len(page.get("Contents", [])))
+        return page
+
+    async def send(self, event):  # type: ignore[no-untyped-def]
+        if not at_first_send:
+            at_first_send.append(sum(listed[1:]))  # listed[0] is the one-key bucket check
+        return await real_send(self, event)
+
+    monkeypatch.setattr(storage, "list_page", list_page)
+    monkeypatch.setattr(kafka.EventPublisher, "send", send)
+    settings = settings_factory()
+    result = await run_backfill(settings, big_bucket, [], ".flac")
+
+    assert settings.batch_max_events < 1000
+    assert at_first_send == [first_page_keys(settings)] == [settings.batch_max_events]  # AUDIO sorts first
+    assert sum(listed[1:]) == result.listed == len(EVERYTHING)
+    records = await read_topic(services.kafka_bootstrap, settings.topic, len(FLAC))
+    assert sorted(r["object"]["key"] for r in records) == sorted(FLAC)
 
 
 async def test_backfill_takes_repeatable_prefixes_and_an_empty_suffix_selects_every_object(
