@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # A finalize claims its offsets in the object store before uploading; a claim whose writer died
     # is taken over after this long (and a writer gives up its upload before its claim gets this old).
     output_claim_ttl_s: float = Field(120.0, ge=10)
+    # Conditional puts for the Delta log of an s3:// output (pipeline/output/table.py): auto = by ETag
+    # on any endpoint that is not AWS S3 (R2, MinIO need it so two writers never overwrite a log entry),
+    # AWS's own put-if-absent there.
+    output_conditional_put: Literal["auto", "etag", "none"] = "auto"
     batch_max_events: int = Field(32, ge=1)
     # Under a backlog (all pipeline_depth batches in flight, or a fetch came back full) a micro-batch
     # grows to this many events (still within batch_max_bytes and the linger): fewer flow runs per

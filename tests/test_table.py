@@ -1,0 +1,54 @@
+"""The dataset's Delta table: one root and one way to open it for a local directory and an s3:// prefix."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from deltalake import CommitProperties, DeltaTable, Transaction
+
+from pipeline.output.table import app_id, open_table, storage_options, table_uri
+
+SCHEMA = pa.schema([("id", pa.string()), ("tokens", pa.list_(pa.int16()))])
+
+
+def test_the_table_root_is_data_under_the_output(tmp_path):
+    assert table_uri(tmp_path) == str(tmp_path / "data")
+    assert table_uri("s3://bucket/some/prefix/") == "s3://bucket/some/prefix/data"
+    assert storage_options(tmp_path) == {}
+
+
+def test_storage_options_name_the_endpoint_keys_and_an_etag_conditional_put_off_aws(settings_factory):
+    st = settings_factory(s3_endpoint_url="http://127.0.0.1:9", s3_access_key_id="k", s3_secret_access_key="s")
+    opts = storage_options("s3://b/p", st)
+    assert opts["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and opts["AWS_ALLOW_HTTP"] == "true"
+    assert (opts["AWS_ACCESS_KEY_ID"], opts["AWS_SECRET_ACCESS_KEY"]) == ("k", "s")
+    assert opts["aws_conditional_put"] == "etag"
+    aws = settings_factory(s3_endpoint_url="https://s3.eu-west-1.amazonaws.com")
+    assert "aws_conditional_put" not in storage_options("s3://b/p", aws)
+    forced = settings_factory(s3_endpoint_url="https://s3.eu-west-1.amazonaws.com", output_conditional_put="etag")
+    assert storage_options("s3://b/p", forced)["aws_conditional_put"] == "etag"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_open_table_reads_back_app_transactions_and_int16_tokens(where, settings_factory, s3, unique, tmp_path):
+    if where == "s3":
+        s3.create_bucket(Bucket=f"out-{unique}")
+        st = settings_factory(output_dir=f"s3://out-{unique}/speech")
+    else:
+        st = settings_factory(output_dir=tmp_path / "out")
+    loc = st.output_dir
+    assert open_table(loc, st) is None  # no table yet
+    DeltaTable.create(table_uri(loc), SCHEMA, storage_options=storage_options(loc, st) or None)
+    from deltalake import write_deltalake
+
+    write_deltalake(table_uri(loc), pa.table({"id": ["a"], "tokens": [[-32768, 32767]]}, schema=SCHEMA), mode="append",
+                    storage_options=storage_options(loc, st) or None,
+                    commit_properties=CommitProperties(app_transactions=[Transaction(app_id("g", "t", 0), 41)]))
+    table = open_table(loc, st)
+    assert table.version() == 1 and table.transaction_version(app_id("g", "t", 0)) == 41
+    assert table.transaction_version(app_id("g", "t", 1)) is None
+    back = open_table(loc, st).to_pyarrow_table()
+    assert back.schema.field("tokens").type == pa.list_(pa.int16())
+    assert back.column("tokens").to_pylist() == [[-32768, 32767]]
+    assert open_table(loc, st, version=0).to_pyarrow_table().num_rows == 0
