@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     # on any endpoint that is not AWS S3 (R2, MinIO need it so two writers never overwrite a log entry),
     # AWS's own put-if-absent there.
     output_conditional_put: Literal["auto", "etag", "none"] = "auto"
+    # `metavoice compact` (pipeline/output/maintenance.py): small files are rewritten into files of
+    # about this size; removed files are deleted once a commit removed them this many hours ago (the
+    # time-travel window; below MIN_RETENTION_HOURS only with --force).
+    compact_target_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+    vacuum_retention_hours: int = Field(168, ge=0)
     batch_max_events: int = Field(32, ge=1)
     # Under a backlog (all pipeline_depth batches in flight, or a fetch came back full) a micro-batch
     # grows to this many events (still within batch_max_bytes and the linger): fewer flow runs per

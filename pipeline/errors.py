@@ -41,7 +41,10 @@
         ├── Fenced                     another consumer finalized these offsets first (this one lost
         │                              its partitions, e.g. paused past the session timeout)
         ├── ModelUnavailable           weights cannot be found or loaded (fails at start-up)
-        └── OutputConfigMismatch       the output directory was built with other settings
+        ├── OutputConfigMismatch       the output directory was built with other settings
+        └── MaintenanceRefused         `metavoice compact` / time travel cannot act safely: no table,
+                                       a vacuum retention below the safe minimum without --force,
+                                       a version the table no longer holds
 
 `error_type` in a dead-letter record is the class name of a `PermanentError`.
 """
@@ -196,3 +199,7 @@ class ModelUnavailable(FatalError):
 
 class OutputConfigMismatch(FatalError):
     pass
+
+
+class MaintenanceRefused(FatalError):
+    """A maintenance or time-travel command refused before changing anything; the message says why."""

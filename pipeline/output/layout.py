@@ -41,16 +41,23 @@ def writer_of(name: str) -> str:
     return parts[2] if len(parts) >= 4 else ""
 
 
-def dataset_card(schema: pa.Schema, location: str) -> str:
+def dataset_card(schema: pa.Schema, location: str, data_files: list[str] | None = None, version: int | None = None) -> str:
     """README.md for the output root: `datasets.load_dataset(<root>)` reads data/*.parquet through
-    its `configs:` (without it, the loader trips over summary.json), and people see the schema."""
+    its `configs:` (without it, the loader trips over summary.json), and people see the schema.
+
+    `data_files` (names under data/): the files of table `version` instead of the glob, so a loader
+    that cannot read the Delta log still reads one snapshot (`metavoice compact` writes it)."""
     rows = "\n".join(f"| `{f.name}` | `{f.type}` |" for f in schema)
+    paths = "\n".join(f"    - {DATA_DIR}/{name}" for name in data_files) if data_files else f"    - {DATA_DIR}/*.parquet"
+    snapshot = (f"\nThe `configs:` above name the files of table version {version} (`metavoice compact` rewrites "
+                "this card): newer rows are in the Delta table, read it with a Delta reader.\n") if data_files else ""
     return f"""---
 configs:
 - config_name: default
   data_files:
   - split: train
-    path: data/*.parquet
+    path:
+{paths}
 tags:
 - audio
 - speech
@@ -64,12 +71,12 @@ are complete Parquet files; new ones appear while the stream runs. `summary.json
 dataset's statistics and `_manifest.json` the models it was built with.
 
 Created {datetime.now(timezone.utc).isoformat(timespec="seconds")} at `{location}`.
-
+{snapshot}
 ```python
 import datasets
-ds = datasets.load_dataset("{location}")          # local path; for s3:// pass storage_options
-import duckdb
-duckdb.sql("select id, transcription from '{location}/data/*.parquet'").show()
+ds = datasets.load_dataset("{location}")          # the files `configs:` names; for s3:// pass storage_options
+from deltalake import DeltaTable                   # the live table, or any older version (version=N)
+DeltaTable("{location}/data").to_pyarrow_dataset()
 ```
 
 | column | type |

@@ -1,0 +1,122 @@
+"""`metavoice compact`: small files rewritten with the rows and the positions unchanged, vacuum only
+past a safe retention, a dataset card naming the current files, and all of it while a consumer
+appends (pipeline/output/maintenance.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import MaintenanceRefused
+from pipeline.output.layout import CARD_NAME
+from pipeline.output.maintenance import MIN_RETENTION_HOURS, compact
+from pipeline.output.table import app_id, open_table, table_uri
+from tests.delta_tables import GROUP, TOPIC, append, glob_rows, row, table_versions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_files(tmp_path) -> Path:
+    """An output whose table holds 12 one-row files, committed one by one like a quiet stream."""
+    out = tmp_path / "out"
+    for i in range(12):
+        append(out, [row(i)])
+    return out
+
+
+def card_files(out: Path) -> list[str]:
+    front = (out / CARD_NAME).read_text().split("---")[1]
+    [config] = yaml.safe_load(front)["configs"]
+    return config["data_files"][0]["path"]
+
+
+def test_compaction_rewrites_small_files_with_the_same_rows_and_positions(small_files):
+    before = table_versions(small_files)
+    report = compact(small_files)
+    table = open_table(small_files)
+    assert (report.files_before, report.files_after) == (12, 1) == (12, len(table.file_uris()))
+    assert report.rows_before == report.rows_after == 12
+    assert table_versions(small_files) == before  # same (bucket, id, etag, utterance) set, each once
+    assert table.transaction_version(app_id(GROUP, TOPIC, 0)) == 11  # the consumer's position survives
+    assert report.version_after == report.version_before + 1
+    assert table.history(1)[0]["operation"] == "OPTIMIZE"
+    assert report.vacuumed == []  # the small files were removed just now: kept for the retention
+
+
+def test_the_card_names_the_current_files_and_datasets_reads_each_row_once(small_files):
+    import datasets
+
+    compact(small_files)
+    [current] = [Path(u).name for u in open_table(small_files).file_uris()]
+    assert card_files(small_files) == [f"data/{current}"]
+    loaded = datasets.load_dataset(str(small_files), split="train")
+    assert sorted(loaded["id"]) == sorted(f"k{i}.flac" for i in range(12))
+
+
+def test_a_glob_reader_sees_replaced_files_beside_their_replacement_until_vacuum(small_files):
+    """What README "Reading the dataset" says: a glob of data/*.parquet is not a reader of the table."""
+    compact(small_files)
+    assert glob_rows(small_files) == 24  # the 12 small files and the compacted one, until vacuumed
+    report = compact(small_files, retention_hours=0, force=True)
+    assert len(report.vacuumed) == 12
+    assert glob_rows(small_files) == 12
+    assert sum(table_versions(small_files).values()) == 12
+    with pytest.raises(FileNotFoundError):  # the price of forcing: version 11's files are gone
+        table_versions(small_files, version=11)
+
+
+def test_a_retention_under_the_safe_minimum_is_refused_unless_forced(small_files):
+    version = open_table(small_files).version()
+    with pytest.raises(MaintenanceRefused, match=f"safe minimum of {MIN_RETENTION_HOURS} h"):
+        compact(small_files, retention_hours=MIN_RETENTION_HOURS - 1)
+    assert open_table(small_files).version() == version  # refused before changing anything
+    assert len(open_table(small_files).file_uris()) == 12
+    compact(small_files)
+    report = compact(small_files, retention_hours=0, force=True)
+    assert len(report.vacuumed) == 12
+
+
+def test_a_dry_run_changes_nothing_and_lists_what_vacuum_would_delete(small_files):
+    compact(small_files)
+    version = open_table(small_files).version()
+    report = compact(small_files, retention_hours=0, force=True, dry_run=True)
+    assert len(report.vacuumed) == 12 and report.small_files == 1
+    assert open_table(small_files).version() == version
+    assert glob_rows(small_files) == 24  # nothing deleted
+
+
+def test_vacuum_never_deletes_a_file_no_commit_named(small_files):
+    """A consumer's file written into data/ but not committed yet (or a zombie's) survives any vacuum."""
+    [first] = [Path(u) for u in open_table(small_files, version=0).file_uris()]
+    pending = first.with_name("part-pending-writer-00001.parquet")
+    pending.write_bytes(first.read_bytes())
+    compact(small_files)
+    compact(small_files, retention_hours=0, force=True)
+    assert pending.exists()
+
+
+def test_an_output_without_a_table_is_refused(tmp_path):
+    with pytest.raises(MaintenanceRefused, match="no Delta table"):
+        compact(tmp_path)
+
+
+def metavoice(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metavoice", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_command_compacts_and_refuses_in_one_line(small_files):
+    done = metavoice("compact", str(small_files), "--target-size", str(64 * 1024 * 1024))
+    assert done.returncode == 0, done.stderr
+    assert "files 12 -> 1" in done.stdout and len(open_table(small_files).file_uris()) == 1
+    refused = metavoice("compact", str(small_files), "--retention-hours", "1")
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and "MaintenanceRefused" in refused.stderr
+    bad = metavoice("compact", str(small_files), "--target-size", "12")
+    assert bad.returncode == 2 and "--target-size" in bad.stderr
+    assert table_uri(small_files).endswith("/data")
