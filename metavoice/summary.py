@@ -44,9 +44,9 @@ def run_summary(output_dir: Path | str, rebuild: bool = False) -> int:
     incremental = loaded[0].to_state() if loaded else {}
     recomputed, files = rebuild_aggregates(output)
     mismatches = [k for k in CHECKED if _norm(incremental.get(k)) != _norm(recomputed.to_state().get(k))]
-    if loaded and set(files) != loaded[1]:
+    if loaded and len(files) != loaded.parquet_files:
         mismatches.append("files included")
-    shown = recomputed.report(files)
+    shown = recomputed.report(files, loaded.table_version if loaded else None)
     mismatches += [k for k in shown if not k.startswith("_") and k != "updated_at" and _norm(doc.get(k)) != _norm(shown[k])]
     if mismatches:
         console.print(f"[red]summary.json disagrees with the Parquet files on: {', '.join(mismatches)}[/]")
