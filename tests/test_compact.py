@@ -4,8 +4,10 @@ appends (pipeline/output/maintenance.py)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from pipeline.errors import MaintenanceRefused
 from pipeline.output.layout import CARD_NAME
 from pipeline.output.maintenance import MIN_RETENTION_HOURS, compact
 from pipeline.output.table import app_id, open_table, table_uri
+from tests.consumer_process import (ConsumerProcess, Trickle, committed_offsets, create_topics, logs_on_failure,
+                                    partition_ends, upload_copies, versions)
 from tests.delta_tables import GROUP, TOPIC, append, glob_rows, row, table_versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,3 +124,80 @@ def test_the_command_compacts_and_refuses_in_one_line(small_files):
     bad = metavoice("compact", str(small_files), "--target-size", "12")
     assert bad.returncode == 2 and "--target-size" in bad.stderr
     assert table_uri(small_files).endswith("/data")
+
+
+# --- while a real consumer appends -------------------------------------------------------------
+
+
+def optimize_versions(location, settings) -> list[int]:
+    """The versions of the table's OPTIMIZE commits."""
+    return sorted(h["version"] for h in open_table(location, settings).history() if h.get("operation") == "OPTIMIZE")
+
+
+def wait_for_table(location, settings, proc, *, files: int = 0, rows: int = 0, timeout: float = 120) -> None:
+    """Until the latest version holds at least `files` files and `rows` rows (polling the log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        table = open_table(location, settings)
+        if table is not None and len(table.file_uris()) >= files and table.to_pyarrow_dataset().count_rows() >= rows:
+            return
+        assert proc.proc.poll() is None, f"the consumer exited ({proc.proc.returncode}):\n{proc.log()[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"the table did not reach {files} files / {rows} rows in {timeout}s")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_compaction_while_a_consumer_appends_keeps_every_row_exactly_once(
+    where, services, s3, bucket, settings_factory, speech_corpus, unique, tmp_path
+):
+    """Compactions land between a live consumer's commits; each leaves the rows as they were, the
+    file count drops, and a consumer restarted after them (kill -9) still writes every event once."""
+    output = {}
+    if where == "s3":
+        s3.create_bucket(Bucket=f"out-{unique}")
+        output = {"output_dir": f"s3://out-{unique}/dataset", "spool_dir": str(tmp_path / "spool")}
+    # one event per micro-batch and per file: a quiet stream's small files
+    st = settings_factory(batch_max_events=1, roll_max_rows=1, roll_max_seconds=1.0, exit_when_idle=None, **output)
+    loc = st.output_dir
+    create_topics(st)
+    trickle = Trickle(st, upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 36), interval=0.3)
+    slow = {"METAVOICE_TEST_WHISPER_DELAY": "0.05"}
+    first = ConsumerProcess(services, st, tmp_path / "first.log", **slow).start()
+    second = None
+    reports = []
+    try:
+        first.wait_for_log("partitions assigned", timeout=60)
+        trickle.start()
+        wait_for_table(loc, st, first, files=6)
+        reports.append(compact(loc, st))  # while the consumer appends
+        wait_for_table(loc, st, first, files=reports[-1].files_after + 3)
+        reports.append(compact(loc, st))
+        first.kill()  # the restart takes its positions from the compacted table
+        second = ConsumerProcess(services, st, tmp_path / "second.log", **slow).start()
+        events = trickle.finish(timeout=120)
+        wait_for_table(loc, st, second, rows=len(events))
+        reports.append(compact(loc, st))
+        second.signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+    with logs_on_failure(first, second):
+        optimized = optimize_versions(loc, st)
+        assert len(optimized) == 3
+        for v in optimized:  # each compaction changed no row: the same (bucket, id, etag, utterance) set
+            assert table_versions(loc, st, version=v) == table_versions(loc, st, version=v - 1), f"version {v}"
+        assert sum(r.compacted.get("numFilesRemoved", 0) for r in reports) > len(events) // 2
+        final = open_table(loc, st)
+        assert len(final.file_uris()) < len(events) // 2  # the 36 one-row files, compacted
+        expected = {(b, k, e) for b, k, e in versions(events)}
+        rows = table_versions(loc, st)
+        assert {(b, k, e) for b, k, e, _ in rows} == expected and set(rows.values()) == {1}
+        ends = partition_ends(st, expected=len(events))
+        assert committed_offsets(st) == {p: (end or None) for p, end in ends.items()}
+        for p, end in ends.items():  # the table's positions: the last offset of each partition
+            assert final.transaction_version(app_id(st.group, st.topic, p)) == (end - 1 if end else None)

@@ -35,10 +35,10 @@ class Snapshot:
 
     def report(self) -> dict[str, Any]:
         """summary.json's keys for this version, plus which version and when."""
-        shown = self.aggregates.report(self.files)
+        shown = self.aggregates.report(self.files, self.version)
         shown.pop("_state", None)
         shown["updated_at"] = self.committed_at.isoformat(timespec="seconds") if self.committed_at else None
-        return {"table_version": self.version, **shown}
+        return shown
 
 
 def read_snapshot(location: str | Path, settings: "Settings | None" = None, *, version: int | None = None,
