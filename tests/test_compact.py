@@ -14,11 +14,13 @@ import pytest
 import yaml
 
 from pipeline.errors import MaintenanceRefused
+from pipeline.ledger import load_summary
 from pipeline.output.layout import CARD_NAME
 from pipeline.output.maintenance import MIN_RETENTION_HOURS, compact
 from pipeline.output.table import app_id, open_table, table_uri
-from tests.consumer_process import (ConsumerProcess, Trickle, committed_offsets, create_topics, logs_on_failure,
-                                    partition_ends, upload_copies, versions)
+from pipeline.output import open_output
+from tests.consumer_process import (ConsumerProcess, Trickle, assert_summary_matches_files, committed_offsets,
+                                    create_topics, logs_on_failure, partition_ends, upload_copies, versions)
 from tests.delta_tables import GROUP, TOPIC, append, glob_rows, row, table_versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +52,13 @@ def test_compaction_rewrites_small_files_with_the_same_rows_and_positions(small_
     assert report.version_after == report.version_before + 1
     assert table.history(1)[0]["operation"] == "OPTIMIZE"
     assert report.vacuumed == []  # the small files were removed just now: kept for the retention
+
+
+def test_summary_json_follows_the_compaction(small_files):
+    """Its file count (these commits carry no aggregates of ours: the consumer's do, see below)."""
+    compact(small_files)
+    state = load_summary(small_files)
+    assert (state.table_version, state.parquet_files) == (open_table(small_files).version(), 1)
 
 
 def test_the_card_names_the_current_files_and_datasets_reads_each_row_once(small_files):
@@ -197,6 +206,7 @@ def test_compaction_while_a_consumer_appends_keeps_every_row_exactly_once(
         expected = {(b, k, e) for b, k, e in versions(events)}
         rows = table_versions(loc, st)
         assert {(b, k, e) for b, k, e, _ in rows} == expected and set(rows.values()) == {1}
+        assert_summary_matches_files(open_output(loc, st))  # counts follow the compaction, rows unchanged
         ends = partition_ends(st, expected=len(events))
         assert committed_offsets(st) == {p: (end or None) for p, end in ends.items()}
         for p, end in ends.items():  # the table's positions: the last offset of each partition

@@ -17,6 +17,8 @@ while consumers append:
 3. vacuum: deletes the files a commit removed more than `retention_hours` ago, and only those
    (delta-rs's lite mode). A file no commit ever named - a consumer's file written but not yet
    committed - is never touched. Below `MIN_RETENTION_HOURS` it runs only when forced.
+4. summary.json merges the commits since its version (pipeline/ledger.py `publish_summary`): the
+   file count follows the compaction even when no consumer commits after it.
 
 `dry_run` changes nothing: it reports the small files step 1 would consider and the files step 3
 would delete now.
@@ -119,6 +121,7 @@ def compact(location: str | Path, settings: "Settings | None" = None, *, target_
     report.files_after, report.rows_after = after["files"], after["rows"]
     report.card_files = write_card(location, table, st)
     report.vacuumed = _vacuum(table, retention, force, dry_run=False)
+    _refresh_summary(location, st)
     log.info("compacted %s: %s", report.table, "; ".join(report.lines()[:3]))
     return report
 
@@ -144,6 +147,15 @@ def write_card(location: str | Path, table: "DeltaTable", settings: "Settings | 
     card = dataset_card(SCHEMA, output.location, data_files=files, version=table.version()).encode()
     output.update_doc(CARD_NAME, lambda current: card)
     return len(files)
+
+
+def _refresh_summary(location: str | Path, settings: "Settings") -> None:
+    """summary.json brought up to the version compaction and vacuum left (its file count changed,
+    no aggregate did), so it never lags a table no consumer writes to any more."""
+    from . import open_output
+    from ..ledger import publish_summary
+
+    publish_summary(open_output(location, settings))
 
 
 def _snapshot(table: "DeltaTable", target: int) -> dict[str, int]:
