@@ -4,6 +4,7 @@ appends (pipeline/output/maintenance.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -103,12 +104,18 @@ def test_a_dry_run_changes_nothing_and_lists_what_vacuum_would_delete(small_file
     assert glob_rows(small_files) == 24  # nothing deleted
 
 
-def test_vacuum_never_deletes_a_file_no_commit_named(small_files):
-    """A consumer's file written into data/ but not committed yet (or a zombie's) survives any vacuum."""
+def test_vacuum_deletes_a_file_no_commit_names_only_once_it_is_older_than_the_retention(small_files):
+    """A killed consumer's upload that never got its commit goes with the default retention; a
+    consumer's file about to be committed (seconds old) survives any vacuum, a forced one too."""
     [first] = [Path(u) for u in open_table(small_files, version=0).file_uris()]
     pending = first.with_name("part-pending-writer-00001.parquet")
-    pending.write_bytes(first.read_bytes())
-    compact(small_files)
+    orphan = first.with_name("part-killed-writer-00001.parquet")
+    for f in (pending, orphan):
+        f.write_bytes(first.read_bytes())
+    week_ago = time.time() - (MIN_RETENTION_HOURS + 1) * 3600
+    os.utime(orphan, (week_ago, week_ago))
+    assert "part-killed-writer-00001.parquet" in compact(small_files).vacuumed
+    assert not orphan.exists() and pending.exists()
     compact(small_files, retention_hours=0, force=True)
     assert pending.exists()
 

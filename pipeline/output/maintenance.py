@@ -14,9 +14,12 @@ while consumers append:
 2. card: README.md's `configs:` name the files of the version step 1 left, so `datasets`
    (which has no Delta loader) reads one snapshot, never a replaced file next to its replacement.
    Written before step 3, so the card never names a file step 3 deletes.
-3. vacuum: deletes the files a commit removed more than `retention_hours` ago, and only those
-   (delta-rs's lite mode). A file no commit ever named - a consumer's file written but not yet
-   committed - is never touched. Below `MIN_RETENTION_HOURS` it runs only when forced.
+3. vacuum: deletes the files a commit removed more than `retention_hours` ago, and the files no
+   commit names that are older than that (a killed consumer's upload that never got its commit:
+   delta-rs's full mode goes by the file's modification time). A consumer's file between its
+   upload and its commit is seconds old, never that old. Below `MIN_RETENTION_HOURS` it runs only
+   when forced, and then in lite mode: removed files only, never a file no commit names (with a
+   retention of minutes, that could be an upload about to be committed).
 4. summary.json merges the commits since its version (pipeline/ledger.py `publish_summary`): the
    file count follows the compaction even when no consumer commits after it.
 
@@ -189,12 +192,13 @@ def _compact(table: "DeltaTable", target: int) -> dict[str, Any]:
 
 
 def _vacuum(table: "DeltaTable", retention: int, force: bool, *, dry_run: bool) -> list[str]:
-    """Lite vacuum (only files a commit removed); the table's own minimum retention is enforced
-    unless forced, like ours."""
+    """Full vacuum at a safe retention, lite under it (module docstring, step 3); the table's own
+    minimum retention is enforced unless forced, like ours."""
     from deltalake.exceptions import DeltaError
 
     try:
-        return sorted(table.vacuum(retention_hours=retention, dry_run=dry_run, enforce_retention_duration=not force))
+        return sorted(table.vacuum(retention_hours=retention, dry_run=dry_run, enforce_retention_duration=not force,
+                                   full=retention >= MIN_RETENTION_HOURS))
     except DeltaError as exc:
         if "retention" in str(exc).lower():  # the table asks for a longer one (delta.deletedFileRetentionDuration)
             raise MaintenanceRefused(f"{table.table_uri}: {exc}; pass --force to accept a shorter one") from exc
