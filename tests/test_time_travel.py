@@ -51,6 +51,7 @@ def test_the_summary_of_a_version_is_the_aggregate_of_its_rows(history, version,
     shown = snap.report()
     assert shown["table_version"] == version and shown["total_files"] == rows
     assert shown["languages"] == dict(aggregates_of(ROWS[:rows]).languages.most_common())
+    assert not {"errors", "skipped", "duplicates", "_state"} & shown.keys()  # no row holds them
 
 
 def test_as_of_picks_the_version_current_at_that_time(history):

@@ -5,7 +5,7 @@ summary.json follows the latest version only. To know what an older version held
 reprocessing run, before a delete, before yesterday's backfill - the rows of that snapshot are
 read back and summed with pipeline/summary.py's own `Aggregates.add_columns`, batch by batch, so
 the figures mean exactly what summary.json's mean. Counts that have no row (dead letters, skips,
-duplicates) are not in a snapshot's files: they stay zero here.
+duplicates) are not in a snapshot's files: the report leaves them out (`ROWLESS`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 BATCH_ROWS = 4096  # rows read at a time: the tokens column is the bulk of a row
+# summary.json's keys that count what made no row: not in a version's files, so not shown for one
+ROWLESS = ("errors", "skipped", "duplicates", "superseded")
 
 
 @dataclass
@@ -36,7 +38,8 @@ class Snapshot:
     def report(self) -> dict[str, Any]:
         """summary.json's keys for this version, plus which version and when."""
         shown = self.aggregates.report(self.files, self.version)
-        shown.pop("_state", None)
+        for key in ("_state", *ROWLESS):
+            shown.pop(key, None)
         shown["updated_at"] = self.committed_at.isoformat(timespec="seconds") if self.committed_at else None
         return shown
 
