@@ -270,3 +270,33 @@ def test_ledger_and_latency_memory_stay_bounded_over_10_million_events():
         stats.latencies.extend([0.5] * per_file)
     assert stats.latencies.total == 10_000_000 and len(stats.latencies) == LATENCY_WINDOW
     assert len(stats.latencies.since(10_000_000 - 3)) == 3
+
+
+def test_a_commit_whose_answer_is_lost_is_resolved_from_the_log_not_committed_twice(tmp_path, monkeypatch):
+    """The commit lands but its answer is lost (a timeout, a dropped connection): the ledger reads the
+    log, finds its own commit id there and goes on; a commit that did not land is tried again."""
+    from deltalake import DeltaTable
+
+    real = DeltaTable.create_write_transaction
+    calls = []
+
+    def lost_answer(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            real(self, *args, **kwargs)
+            raise OSError("connection reset after the PUT landed")
+        if len(calls) == 2:
+            raise OSError("connection refused: nothing was written")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", lost_answer)
+    ledger = OutputLedger(tmp_path)
+    ledger.commit_file(committed_file(tmp_path, 0, 2))  # landed, answer lost
+    ledger.commit_file(committed_file(tmp_path, 2, 2))  # refused once, then lands
+    monkeypatch.undo()
+    fresh = OutputLedger(tmp_path)
+    fresh.refresh()
+    assert fresh.next_offset("t", 0) == 4 and len(LocalOutput(tmp_path).finalized()) == 2
+    assert len(calls) == 3
+    offsets = [(r.first, r.last) for c in fresh.table.commits(None) for r in c.offsets]
+    assert offsets == [(0, 1), (2, 3)]  # each once
