@@ -300,3 +300,22 @@ def test_a_commit_whose_answer_is_lost_is_resolved_from_the_log_not_committed_tw
     assert len(calls) == 3
     offsets = [(r.first, r.last) for c in fresh.table.commits(None) for r in c.offsets]
     assert offsets == [(0, 1), (2, 3)]  # each once
+
+
+def test_a_0_1_output_is_migrated_into_a_table_that_resumes_where_its_footers_end(tmp_path):
+    """`migrate_output` commits 0.1's files with their footer offsets: the consumer then starts, the
+    positions and the dedupe index come from the table, and summary.json counts the migrated rows."""
+    from pipeline.ledger import migrate_output
+
+    for first in (0, 3):
+        committed_file(tmp_path, first, 3)  # 0.1: files under data/, no table
+    with pytest.raises(OutputNotMigrated):
+        recover(OutputLedger(tmp_path), IDENTITY)
+    assert migrate_output(tmp_path) is not None
+    ledger = OutputLedger(tmp_path)
+    recover(ledger, IDENTITY)
+    assert ledger.next_offset("t", 0) == 6 and ledger.already_written("b", "k5.flac", "e5")
+    assert sorted(LocalOutput(tmp_path).finalized()) == sorted(p.name for p in (tmp_path / "data").glob("*.parquet"))
+    assert orjson.loads((tmp_path / SUMMARY_NAME).read_bytes())["total_files"] == 6
+    with pytest.raises(Exception, match="already has a Delta table"):
+        migrate_output(tmp_path)
