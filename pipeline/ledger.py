@@ -203,10 +203,12 @@ class OutputLedger:
         return object_version_hash(bucket, key, etag) in self.index
 
     def check(self, offsets: list[OffsetRange]) -> list[str]:
-        """Before an upload: what in the table already holds any of `offsets` (another consumer
+        """Before an upload: what the snapshot says already holds any of `offsets` (another consumer
         committed them: this one lost the partitions). Raises `TableGap` when a partition's version
-        went back. Reads the log entries since the last read only."""
-        self.table.refresh()
+        went back. The snapshot as of the last read (the last commit, the last assignment): the
+        commit reads the log again and checks again, so this only spares a doomed upload."""
+        if self.table.version is None:
+            self.table.refresh()
         return self._conflicts(offsets, {(r.topic, r.partition): self.table.stored(self.app(r.topic, r.partition))
                                          for r in offsets})
 
@@ -371,15 +373,21 @@ def publish_summary(output: Output | str | Path) -> dict:
     One compare-and-swap: a writer that raced us is re-read and merged, never overwritten.
     """
     output = as_output(output)
-    if output.table.refresh() is None:
+    # the snapshot as the last commit left it (a finalize's own): the summary records the version it
+    # covers, and commits after it are merged by the next update
+    if output.table.version is None and output.table.refresh() is None:
         return {}
     latest = output.table.version
     read: dict[int, TableCommit] = {}  # commits read in an earlier attempt stay valid
 
     def change(current: bytes | None) -> bytes | None:
+        nonlocal latest
         state = parse_summary(current)
         if state is not None and state.table_version > latest:
-            state = None  # written for another table (a re-created output): rebuild
+            output.table.refresh()  # another writer's summary is ahead of our snapshot: catch up
+            latest = output.table.version
+            if state.table_version > latest:
+                state = None  # written for another table (a re-created output): rebuild
         if state is not None and state.table_version == latest:
             return None  # already up to date
         base = state or SummaryState(Aggregates(), -1, 0)
