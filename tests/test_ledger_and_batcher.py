@@ -168,7 +168,7 @@ def test_a_partition_whose_version_goes_back_stops_the_consumer(tmp_path):
     ledger.commit_file(committed_file(tmp_path, 0, 2))
     for entry in sorted((tmp_path / "data" / "_delta_log").glob("*.json"))[1:]:
         entry.unlink()  # the log rewritten under us: our commit vanished
-    ledger.table._dt = None  # noqa: SLF001 (a fresh read of the rewritten log)
+    ledger.table.forget()  # a fresh read of the rewritten log
     with pytest.raises(TableGap, match="went back"):
         ledger.check([OffsetRange("t", 0, 2, 3)])
 
@@ -275,9 +275,9 @@ def test_ledger_and_latency_memory_stay_bounded_over_10_million_events():
 def test_a_commit_whose_answer_is_lost_is_resolved_from_the_log_not_committed_twice(tmp_path, monkeypatch):
     """The commit lands but its answer is lost (a timeout, a dropped connection): the ledger reads the
     log, finds its own commit id there and goes on; a commit that did not land is tried again."""
-    from deltalake import DeltaTable
+    from pipeline.output.table import DatasetTable
 
-    real = DeltaTable.create_write_transaction
+    real = DatasetTable._create_entry  # noqa: SLF001
     calls = []
 
     def lost_answer(self, *args, **kwargs):
@@ -289,7 +289,7 @@ def test_a_commit_whose_answer_is_lost_is_resolved_from_the_log_not_committed_tw
             raise OSError("connection refused: nothing was written")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(DeltaTable, "create_write_transaction", lost_answer)
+    monkeypatch.setattr(DatasetTable, "_create_entry", lost_answer)
     ledger = OutputLedger(tmp_path)
     ledger.commit_file(committed_file(tmp_path, 0, 2))  # landed, answer lost
     ledger.commit_file(committed_file(tmp_path, 2, 2))  # refused once, then lands
