@@ -203,10 +203,12 @@ class OutputLedger:
         return object_version_hash(bucket, key, etag) in self.index
 
     def check(self, offsets: list[OffsetRange]) -> list[str]:
-        """Before an upload: what in the table already holds any of `offsets` (another consumer
+        """Before an upload: what the snapshot says already holds any of `offsets` (another consumer
         committed them: this one lost the partitions). Raises `TableGap` when a partition's version
-        went back. Reads the log entries since the last read only."""
-        self.table.refresh()
+        went back. The snapshot as of the last read (the last commit, the last assignment): the
+        commit reads the log again and checks again, so this only spares a doomed upload."""
+        if self.table.version is None:
+            self.table.refresh()
         return self._conflicts(offsets, {(r.topic, r.partition): self.table.stored(self.app(r.topic, r.partition))
                                          for r in offsets})
 
@@ -317,6 +319,37 @@ def recover(ledger: OutputLedger, identity: dict[str, str], force: bool = False)
         update_summary(ledger.output)
 
 
+def migrate_output(output: Output | str | Path, group: str = "metavoice-consumer") -> int | None:
+    """Make a 0.1 output (Parquet files under data/, no Delta log) a table: one commit adding every
+    file, its app transactions at the highest offset the footers hold per partition, its metadata
+    the merged footer aggregates (what `metavoice migrate OUTPUT` runs). Returns the version, or None
+    when there was nothing to migrate. Refuses an output that already has a table. Dead letters in
+    0.1 footers are not carried: 0.1 sent them before it committed the offsets that follow."""
+    output = as_output(output)
+    if output.table.refresh() is not None:
+        raise OutputWriteFailed(f"{output.location} already has a Delta table: nothing to migrate")
+    names = output.listed()
+    if not names:
+        return None
+    footers = [output.read_footer(n) for n in names]
+    spans: dict[tuple[str, int], OffsetRange] = {}
+    aggregates = Aggregates()
+    for f in footers:
+        aggregates.merge(f.aggregates)
+        for r in f.offsets:
+            have = spans.setdefault((r.topic, r.partition), OffsetRange(r.topic, r.partition, r.first, r.last))
+            have.first, have.last = min(have.first, r.first), max(have.last, r.last)
+    offsets = sorted(spans.values(), key=lambda r: (r.topic, r.partition))
+    commit_id = uuid.uuid4().hex
+    metadata = commit_metadata(commit_id, [(f.name, f.rows) for f in footers], offsets, aggregates)
+    adds = [add_action(f.name, output.data_size(f.name), f.rows) for f in footers]
+    apps = {(r.topic, r.partition): app_id(group, r.topic, r.partition) for r in offsets}
+    version = output.table.commit(adds, offsets, apps, metadata, lambda stored: None)
+    update_summary(output)
+    log.info("migrated %s: %d files committed as table version %d", output.location, len(names), version)
+    return version
+
+
 def update_summary(output: Output) -> None:
     """`publish_summary` where a failure stops the consumer: `OutputWriteFailed`."""
     try:
@@ -340,15 +373,21 @@ def publish_summary(output: Output | str | Path) -> dict:
     One compare-and-swap: a writer that raced us is re-read and merged, never overwritten.
     """
     output = as_output(output)
-    if output.table.refresh() is None:
+    # the snapshot as the last commit left it (a finalize's own): the summary records the version it
+    # covers, and commits after it are merged by the next update
+    if output.table.version is None and output.table.refresh() is None:
         return {}
     latest = output.table.version
     read: dict[int, TableCommit] = {}  # commits read in an earlier attempt stay valid
 
     def change(current: bytes | None) -> bytes | None:
+        nonlocal latest
         state = parse_summary(current)
         if state is not None and state.table_version > latest:
-            state = None  # written for another table (a re-created output): rebuild
+            output.table.refresh()  # another writer's summary is ahead of our snapshot: catch up
+            latest = output.table.version
+            if state.table_version > latest:
+                state = None  # written for another table (a re-created output): rebuild
         if state is not None and state.table_version == latest:
             return None  # already up to date
         base = state or SummaryState(Aggregates(), -1, 0)

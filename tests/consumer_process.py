@@ -402,7 +402,7 @@ def versions(events: Iterable[ObjectEvent]) -> set[ObjectVersion]:
 def output_rows(output_dir: Where) -> list[dict]:
     """(bucket, id, etag, kafka_partition, kafka_offset) of every row of the table's latest version,
     read as any Delta reader does (deltalake's dataset: only the files the log adds)."""
-    table = as_output(output_dir).table.refresh()
+    table = as_output(output_dir).table.snapshot()
     if table is None:
         return []
     rows = table.to_pyarrow_dataset().to_table(

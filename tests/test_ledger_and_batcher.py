@@ -168,7 +168,7 @@ def test_a_partition_whose_version_goes_back_stops_the_consumer(tmp_path):
     ledger.commit_file(committed_file(tmp_path, 0, 2))
     for entry in sorted((tmp_path / "data" / "_delta_log").glob("*.json"))[1:]:
         entry.unlink()  # the log rewritten under us: our commit vanished
-    ledger.table._dt = None  # noqa: SLF001 (a fresh read of the rewritten log)
+    ledger.table.forget()  # a fresh read of the rewritten log
     with pytest.raises(TableGap, match="went back"):
         ledger.check([OffsetRange("t", 0, 2, 3)])
 
@@ -270,3 +270,52 @@ def test_ledger_and_latency_memory_stay_bounded_over_10_million_events():
         stats.latencies.extend([0.5] * per_file)
     assert stats.latencies.total == 10_000_000 and len(stats.latencies) == LATENCY_WINDOW
     assert len(stats.latencies.since(10_000_000 - 3)) == 3
+
+
+def test_a_commit_whose_answer_is_lost_is_resolved_from_the_log_not_committed_twice(tmp_path, monkeypatch):
+    """The commit lands but its answer is lost (a timeout, a dropped connection): the ledger reads the
+    log, finds its own commit id there and goes on; a commit that did not land is tried again."""
+    from pipeline.output.table import DatasetTable
+
+    real = DatasetTable._create_entry  # noqa: SLF001
+    calls = []
+
+    def lost_answer(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            real(self, *args, **kwargs)
+            raise OSError("connection reset after the PUT landed")
+        if len(calls) == 2:
+            raise OSError("connection refused: nothing was written")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DatasetTable, "_create_entry", lost_answer)
+    ledger = OutputLedger(tmp_path)
+    ledger.commit_file(committed_file(tmp_path, 0, 2))  # landed, answer lost
+    ledger.commit_file(committed_file(tmp_path, 2, 2))  # refused once, then lands
+    monkeypatch.undo()
+    fresh = OutputLedger(tmp_path)
+    fresh.refresh()
+    assert fresh.next_offset("t", 0) == 4 and len(LocalOutput(tmp_path).finalized()) == 2
+    assert len(calls) == 3
+    offsets = [(r.first, r.last) for c in fresh.table.commits(None) for r in c.offsets]
+    assert offsets == [(0, 1), (2, 3)]  # each once
+
+
+def test_a_0_1_output_is_migrated_into_a_table_that_resumes_where_its_footers_end(tmp_path):
+    """`migrate_output` commits 0.1's files with their footer offsets: the consumer then starts, the
+    positions and the dedupe index come from the table, and summary.json counts the migrated rows."""
+    from pipeline.ledger import migrate_output
+
+    for first in (0, 3):
+        committed_file(tmp_path, first, 3)  # 0.1: files under data/, no table
+    with pytest.raises(OutputNotMigrated):
+        recover(OutputLedger(tmp_path), IDENTITY)
+    assert migrate_output(tmp_path) is not None
+    ledger = OutputLedger(tmp_path)
+    recover(ledger, IDENTITY)
+    assert ledger.next_offset("t", 0) == 6 and ledger.already_written("b", "k5.flac", "e5")
+    assert sorted(LocalOutput(tmp_path).finalized()) == sorted(p.name for p in (tmp_path / "data").glob("*.parquet"))
+    assert orjson.loads((tmp_path / SUMMARY_NAME).read_bytes())["total_files"] == 6
+    with pytest.raises(Exception, match="already has a Delta table"):
+        migrate_output(tmp_path)

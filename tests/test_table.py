@@ -52,3 +52,45 @@ def test_open_table_reads_back_app_transactions_and_int16_tokens(where, settings
     assert back.schema.field("tokens").type == pa.list_(pa.int16())
     assert back.column("tokens").to_pylist() == [[-32768, 32767]]
     assert open_table(loc, st, version=0).to_pyarrow_table().num_rows == 0
+
+
+def test_deltalake_polars_and_duckdb_read_the_rows_the_consumer_path_committed(tmp_path):
+    """Files through the rolling writer and `OutputLedger.commit_file`, as a finalize does: every
+    Delta reader sees the committed rows with int16 tokens, and not a file uploaded but never
+    committed (a consumer killed between its upload and its commit)."""
+    import duckdb
+    import polars as pl
+
+    from pipeline.ledger import OutputLedger
+    from pipeline.output import LocalOutput, OffsetRange
+    from pipeline.parquet import RollingParquetWriter
+    from pipeline.records import to_table
+
+    from .test_parquet_writer import agg, row
+
+    out = LocalOutput(tmp_path)
+    ledger = OutputLedger(out)
+    w = RollingParquetWriter(out, roll_max_rows=100, roll_max_seconds=60)
+    for first in (0, 2):
+        rows = [row(first), row(first + 1)]
+        w.append(to_table(rows), [OffsetRange("t", 0, first, first + 1)], agg(rows))
+        ledger.commit_file(w.finalize())
+    w.append(to_table([row(4)]), [OffsetRange("t", 0, 4, 4)], agg([row(4)]))
+    w.finalize()  # uploaded, never committed
+    w.close()
+    uri = table_uri(tmp_path)
+    want = ["k0.flac", "k1.flac", "k2.flac", "k3.flac"]
+    assert sorted(DeltaTable(uri).to_pyarrow_dataset().to_table(columns=["id"]).column("id").to_pylist()) == want
+    frame = pl.scan_delta(uri).select("id", "tokens").collect()
+    assert sorted(frame["id"].to_list()) == want and frame.schema["tokens"] == pl.List(pl.List(pl.Int16))
+    import os
+
+    import duckdb_extension_delta  # the delta extension ships as a wheel matching the duckdb version
+
+    ext = os.path.join(os.path.dirname(duckdb_extension_delta.__file__), "extensions", f"v{duckdb.__version__}",
+                       "delta.duckdb_extension")
+    con = duckdb.connect()
+    con.execute(f"LOAD '{ext}'")
+    got = sorted(r[0] for r in con.execute(f"select id from delta_scan('{uri}')").fetchall())
+    assert got == want
+    assert len(list((tmp_path / "data").glob("*.parquet"))) == 3  # what a glob reader would see

@@ -3,13 +3,13 @@
     <root>/README.md        dataset card: Hugging Face `configs:` pointing at data/*.parquet
     <root>/summary.json     dataset statistics (pipeline/summary.py)
     <root>/_manifest.json   the configuration the dataset was built with (pipeline/manifest.py)
-    <root>/data/            finalized Parquet files only: readers may glob it while the stream runs
+    <root>/_state/          the dedupe index's checkpoint (pipeline/ledger.py), outside the table root
+    <root>/data/            the Delta table (pipeline/output/table.py): data files + `_delta_log/`
     <root>/_tmp/            in-progress files of a local output (hidden from readers: `_` prefix)
-    <root>/_claims/         object-store output: a finalize's claim on its offsets (pipeline/output/s3.py)
     <root>/_attempts/       crash-loop markers of a local output (consumer/crash_guard.py)
 
 pyarrow, polars, duckdb and `datasets` skip names starting with `_` or `.`; `data/` never holds a
-partial file, so every reader sees whole files only.
+partial file, so every reader sees whole files only (a Delta reader: exactly the committed ones).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import pyarrow as pa
 
 DATA_DIR = "data"
 SPOOL_DIR = "_tmp"
-CLAIMS_DIR = "_claims"
 ATTEMPTS_DIR = "_attempts"
 SUMMARY_NAME = "summary.json"
 MANIFEST_NAME = "_manifest.json"

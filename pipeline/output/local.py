@@ -45,6 +45,9 @@ class LocalOutput(Output):
             return []
         return sorted(p.name for p in self.data_dir.glob(f"*{PARQUET_SUFFIX}") if p.is_file())
 
+    def data_size(self, name: str) -> int:
+        return (self.data_dir / name).stat().st_size
+
     def data_path(self, name: str) -> str:
         return str(self.data_dir / name)
 

@@ -93,6 +93,12 @@ class S3Output(Output):
             raise OutputWriteFailed(f"listing {self.location}/{DATA_DIR}/ failed: {exc}") from exc
         return sorted(names)
 
+    def data_size(self, name: str) -> int:
+        size = self._size_of(self.key(f"{DATA_DIR}/{name}"))
+        if size is None:
+            raise OutputWriteFailed(f"{self.data_path(name)} is gone")
+        return size
+
     def data_path(self, name: str) -> str:
         return f"s3://{self.bucket}/{self.key(f'{DATA_DIR}/{name}')}"
 

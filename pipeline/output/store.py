@@ -64,6 +64,10 @@ class Output(ABC):
     def read_columns(self, name: str, columns: list[str]) -> pa.Table: ...
 
     @abstractmethod
+    def data_size(self, name: str) -> int:
+        """Bytes of data/`name` (a migration's Add actions)."""
+
+    @abstractmethod
     def data_path(self, name: str) -> str:
         """Where a reader finds one finalized file (a path, or s3://…)."""
 

@@ -16,8 +16,10 @@ This module is the stable entry point for every reader and writer of the table (
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +36,6 @@ from .layout import DATA_DIR
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
-    from deltalake.transaction import AddAction
 
     from ..config import Settings
 
@@ -146,6 +147,7 @@ class TableCommit:
     dlq_marks: dict[int, int] = field(default_factory=dict)
     operation: str = ""
     metrics: dict = field(default_factory=dict)
+    txns: dict[str, int | None] = field(default_factory=dict)  # the app transactions it carries
 
     @classmethod
     def from_history(cls, info: dict) -> "TableCommit":
@@ -183,74 +185,120 @@ def commit_metadata(commit_id: str, files: list[tuple[str, int]], offsets: list[
 
 
 class DatasetTable:
-    """The output's Delta table as one consumer holds it: one snapshot, brought forward with
-    `refresh` (only the log entries since, never the data files), and commits that carry one app
-    transaction per source partition. Thread-safe: an assignment and a finalize may use it at once."""
+    """The output's Delta table as one consumer holds it, at a cost that does not grow with the files.
+
+    A snapshot of delta-rs is loaded once (the app transactions as of then); after that the log is
+    followed entry by entry (`refresh` reads the entries after the last known version, one small
+    read each, and a miss), and the app transactions they carry are applied on top. A commit is
+    the Delta protocol's own step, written here: create `_delta_log/<next version>.json` only if
+    absent (a hard link locally, a PUT with If-None-Match: * in an object store); losing that race
+    means another writer committed that version: read it, check again, try the next. delta-rs's
+    commit keeps the whole file list in memory and its cost grew with every file (twice as slow at
+    800 files); this one reads and writes one entry. Every `CHECKPOINT_INTERVAL` versions the writer
+    of that version has delta-rs write a checkpoint, so readers (and a restart) load a checkpoint
+    plus a few entries. Other writers (compaction) commit through delta-rs beside us: same protocol.
+    Thread-safe: an assignment and a finalize may use it at once."""
+
+    CHECKPOINT_INTERVAL = 100  # delta-rs's own default (delta.checkpointInterval)
 
     def __init__(self, uri: str, options: dict[str, str] | None = None) -> None:
         self.uri = uri
         self.options = options or {}
-        self._dt: "DeltaTable | None" = None
-        self._fs = None  # for reading log entries by name (`commits`)
+        self._base: "DeltaTable | None" = None  # the snapshot loaded once
+        self._version: int | None = None  # the latest version known (base + entries read)
+        self._txns: dict[str, int | None] = {}  # app id -> version, as of `_version`
+        self._entries: dict[int, TableCommit] = {}  # recent entries read, by version
+        self._fs = None  # for reading log entries by name
+        self._client = None  # s3: botocore, for the conditional PUT of an entry
         self._lock = threading.RLock()
 
-    def refresh(self) -> "DeltaTable | None":
-        """The latest snapshot (None: no table yet): the log entries since the last one only."""
+    def forget(self) -> None:
+        """Drop what is known: the next `refresh` loads a snapshot again."""
+        with self._lock:
+            self._base, self._version, self._txns, self._entries = None, None, {}, {}
+
+    def refresh(self) -> "DatasetTable | None":
+        """Bring the known state to the log's latest entry (None: no table yet): the entries since
+        the last known version only, never the file list."""
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
         with self._lock:
-            try:
-                if self._dt is None:
-                    self._dt = DeltaTable(self.uri, storage_options=self.options or None)
-                else:
-                    self._dt.update_incremental()
-            except TableNotFoundError:
-                return None
-            except OSError as exc:
-                raise OutputWriteFailed(f"reading the table log {self.uri} failed: {exc}") from exc
-            return self._dt
+            if self._base is None:
+                try:
+                    self._base = DeltaTable(self.uri, storage_options=self.options or None)
+                except TableNotFoundError:
+                    return None
+                except OSError as exc:
+                    raise OutputWriteFailed(f"reading the table log {self.uri} failed: {exc}") from exc
+                self._version, self._txns = self._base.version(), {}
+            while (entry := self._entry(self._version + 1)) is not None:
+                self._apply(entry)
+            return self
 
-    def ensure(self) -> "DeltaTable":
+    def _apply(self, entry: TableCommit) -> None:
+        self._txns.update(entry.txns)
+        self._version = entry.version
+        self._entries[entry.version] = entry
+        if len(self._entries) > 4096:
+            for v in sorted(self._entries)[:1024]:
+                del self._entries[v]
+
+    def ensure(self) -> "DatasetTable":
         """The table, created with the dataset's schema when missing (two creators race safely:
         the log's first entry is a put-if-absent; the loser opens the winner's table)."""
         from deltalake import DeltaTable
 
         with self._lock:
-            dt = self.refresh()
-            if dt is not None:
-                return dt
+            if self.refresh() is not None:
+                return self
             try:
                 DeltaTable.create(self.uri, SCHEMA, mode="ignore", storage_options=self.options or None)
             except Exception as exc:  # noqa: BLE001 - a racing creator: its table is as good as ours
                 log.info("creating the table %s: %s (opening the one there)", self.uri, exc)
-            dt = self.refresh()
-            if dt is None:
+            if self.refresh() is None:
                 raise OutputWriteFailed(f"could not create the table {self.uri}")
-            return dt
+            return self
 
     @property
     def version(self) -> int | None:
-        """The snapshot's version (None: no table); `refresh` first for the latest."""
+        """The latest version known (None: no table); `refresh` first for the log's latest."""
         with self._lock:
-            return self._dt.version() if self._dt is not None else None
+            return self._version
 
     def stored(self, app: str) -> int | None:
-        """The snapshot's version of app transaction `app` (the last offset committed), or None."""
+        """The version of app transaction `app` (the last offset committed) as of `version`, or None."""
         with self._lock:
-            return self._dt.transaction_version(app) if self._dt is not None else None
+            if self._base is None:
+                return None
+            if app not in self._txns:
+                self._txns[app] = self._base.transaction_version(app)
+            return self._txns[app]
+
+    def snapshot(self) -> "DeltaTable | None":
+        """A delta-rs snapshot of the latest version, for reading rows (readers, tests, tools)."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            return DeltaTable(self.uri, storage_options=self.options or None)
+        except TableNotFoundError:
+            return None
 
     def commits(self, after: int | None) -> list[TableCommit]:
-        """The commits after version `after` (None: all) up to the current snapshot, oldest first:
-        one small read of each log entry, never a data file. (`DeltaTable.history` numbers its
-        entries from the snapshot's version while listing the log's newest: with another writer
-        committing meanwhile its versions can be off, so the entries are read by name.)"""
+        """The commits after version `after` (None: all) up to the known version, oldest first:
+        one small read of each log entry not read yet, never a data file."""
         with self._lock:
-            latest = self._dt.version() if self._dt is not None else None
+            latest = self._version
         if latest is None:
             return []
         start = 0 if after is None else after + 1
-        return [c for c in (self._entry(v) for v in range(start, latest + 1)) if c is not None]
+        found = []
+        for v in range(start, latest + 1):
+            c = self._entries.get(v) or self._entry(v)
+            if c is not None:
+                found.append(c)
+        return found
 
     def _entry(self, version: int) -> TableCommit | None:
         fs, root = self._log_fs()
@@ -258,21 +306,25 @@ class DatasetTable:
             with fs.open_input_stream(f"{root}/_delta_log/{version:020d}.json") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return None  # cleaned up after a checkpoint (older than the log retention)
+            return None  # not written yet, or cleaned up after a checkpoint (past the log retention)
         except OSError as exc:
             raise OutputWriteFailed(f"reading the table log {self.uri} failed: {exc}") from exc
         info: dict = {}
         adds = removes = 0
+        txns: dict[str, int | None] = {}
         for line in raw.splitlines():
             if not line.strip():
                 continue
             action = orjson.loads(line)
             if "commitInfo" in action:
                 info = action["commitInfo"]
+            elif "txn" in action:
+                txns[action["txn"]["appId"]] = int(action["txn"]["version"])
             adds += "add" in action
             removes += "remove" in action
         commit = TableCommit.from_history({**info, "version": version})
         commit.metrics = {**commit.metrics, "num_added_files": adds, "num_removed_files": removes}
+        commit.txns = txns
         return commit
 
     def _log_fs(self):
@@ -296,69 +348,138 @@ class DatasetTable:
         return self._fs
 
     def file_names(self) -> list[str]:
-        """The data files of the latest snapshot, relative to the table root, sorted."""
-        with self._lock:
-            dt = self.refresh()
-            if dt is None:
-                return []
-            paths = dt.get_add_actions(flatten=True).column("path").to_pylist()
-        return sorted(paths)
+        """The data files of the latest version, relative to the table root, sorted (loads a
+        snapshot's file list: for readers and tests, not the consumer's hot path)."""
+        dt = self.snapshot()
+        return sorted(dt.get_add_actions(flatten=True).column("path").to_pylist()) if dt is not None else []
 
-    def commit(self, adds: "list[AddAction]", offsets: list[OffsetRange], apps: dict[tuple[str, int], str],
+    def commit(self, adds: list[dict], offsets: list[OffsetRange], apps: dict[tuple[str, int], str],
                metadata: dict[str, str], check: Callable[[dict[tuple[str, int], int | None]], None]) -> int:
-        """Commit `adds` (files already in the table directory) with one app transaction per range
-        of `offsets` (version = its last offset). Before each attempt the stored versions are read
-        again and handed to `check` (it raises to refuse: another writer got there first, a gap).
+        """Commit `adds` (Add actions of files already in the table directory, `add_action`) with one
+        app transaction per range of `offsets` (version = its last offset). Before each attempt the
+        log is read up to its latest entry and the stored versions handed to `check` (it raises to
+        refuse: another writer got there first, a gap).
 
-        A conflict (another commit touched one of our app ids since our read) is checked again; an
-        outcome we cannot know (a timeout, a dropped connection) is resolved by re-reading: our
-        commit id in the log since means it landed. Returns the version committed."""
-        from deltalake import CommitProperties, Transaction
-        from deltalake.exceptions import CommitFailedError
-
-        txns = [Transaction(apps[(r.topic, r.partition)], r.last) for r in offsets]
-        props = CommitProperties(app_transactions=txns, custom_metadata=metadata)
+        Losing the race for the next version (another writer committed it) reads that entry and
+        checks again; an outcome we cannot know (a timeout, a dropped connection) is resolved by
+        reading the log: our commit id there means it landed. Returns the version committed."""
+        now = int(time.time() * 1000)
+        lines = [orjson.dumps({"commitInfo": {"timestamp": now, "operation": "WRITE",
+                                              "operationParameters": {"mode": "Append"},
+                                              "clientVersion": "metavoice-stream", **metadata}})]
+        lines += [orjson.dumps({"txn": {"appId": apps[(r.topic, r.partition)], "version": r.last, "lastUpdated": now}})
+                  for r in offsets]
+        lines += [orjson.dumps({"add": a}) for a in adds]
+        body = b"\n".join(lines) + b"\n"
         last_error: Exception | None = None
-        for attempt in range(COMMIT_ATTEMPTS):
+        read_at: int | None = None
+        errors = 0
+        for _ in range(COMMIT_ATTEMPTS * 100):  # a lost race means another writer made progress
+            if errors >= COMMIT_ATTEMPTS:
+                break
             with self._lock:
-                dt = self.ensure()
-                read_at = dt.version()
-                check({(r.topic, r.partition): dt.transaction_version(apps[(r.topic, r.partition)]) for r in offsets})
+                self.ensure()
+                if read_at is not None and (mine := self._landed(metadata[META_COMMIT], read_at)) is not None:
+                    return mine  # an attempt whose answer was lost did land
+                read_at = self._version
+                check({(r.topic, r.partition): self.stored(apps[(r.topic, r.partition)]) for r in offsets})
+                version = read_at + 1
                 try:
                     delay_point("table_commit")
-                    dt.create_write_transaction(adds, mode="append", schema=SCHEMA, commit_properties=props)
-                    crash_point("after_table_commit")
-                except CommitFailedError as exc:
-                    log.info("the table moved under our commit (%s): reading it again", exc)
-                    last_error = exc
+                    created = self._create_entry(version, body)
+                except OSError as exc:  # the outcome is unknown: the log decides, at the next attempt
+                    last_error, errors = exc, errors + 1
+                    log.warning("committing version %d to %s: %s; reading the log to learn whether it landed",
+                                version, self.uri, exc)
+                    time.sleep(min(2.0, 0.1 * 2 ** errors))
                     continue
-                except Exception as exc:  # noqa: BLE001 - the outcome is unknown: the log decides
-                    last_error = exc
-                    log.warning("committing to %s: %s; reading the log to learn whether it landed", self.uri, exc)
-                    time.sleep(min(2.0, 0.1 * 2 ** attempt))
-                    mine = self._landed(metadata[META_COMMIT], read_at)
-                    if mine is not None:
-                        return mine
+                if not created:
+                    log.info("version %d of %s was committed by another writer: reading it, checking again",
+                             version, self.uri)
                     continue
-                mine = self._landed(metadata[META_COMMIT], read_at)
-                if mine is None:
-                    raise OutputWriteFailed(f"the commit to {self.uri} returned but its entry is not in the log")
-                return mine
-        raise OutputWriteFailed(f"committing to {self.uri} failed {COMMIT_ATTEMPTS} times: {last_error}")
+                crash_point("after_table_commit")
+                entry = self._entry(version)
+                if entry is None or entry.commit_id != metadata[META_COMMIT]:
+                    raise OutputWriteFailed(f"version {version} of {self.uri} was written but does not read back as ours")
+                self._apply(entry)
+            if version % self.CHECKPOINT_INTERVAL == 0:
+                self._checkpoint(version)
+            return version
+        raise OutputWriteFailed(f"committing to {self.uri} failed ({errors} unknown outcomes): {last_error}")
 
     def _landed(self, commit_id: str, after: int) -> int | None:
         """The version of our commit `commit_id` if it is in the log after `after`, else None."""
-        dt = self.refresh()
-        if dt is None:
-            return None
         for c in self.commits(after):
             if c.commit_id == commit_id:
                 return c.version
         return None
 
+    def _create_entry(self, version: int, body: bytes) -> bool:
+        """Write `_delta_log/<version>.json` only if it does not exist: False when it does."""
+        name = f"{version:020d}.json"
+        if self.uri.startswith("s3://"):
+            from botocore.exceptions import BotoCoreError, ClientError
 
-def add_action(name: str, size: int, rows: int) -> "AddAction":
+            bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
+            key = f"{prefix.rstrip('/')}/_delta_log/{name}".lstrip("/")
+            try:
+                self._s3().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                err = exc.response.get("Error", {})
+                code = str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise OSError(f"PUT {key}: {exc}") from exc
+            except BotoCoreError as exc:
+                raise OSError(f"PUT {key}: {exc}") from exc
+        log_dir = Path(self.uri) / "_delta_log"
+        tmp = log_dir / f".{name}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, log_dir / name)  # atomic, and fails if the name exists (no overwrite)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        fd = os.open(log_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _s3(self):
+        if self._client is None:
+            from botocore.config import Config
+            from botocore.session import get_session
+
+            o = self.options
+            kwargs: dict = {"region_name": o.get("AWS_REGION", "us-east-1")}
+            if o.get("AWS_ENDPOINT_URL"):
+                kwargs["endpoint_url"] = o["AWS_ENDPOINT_URL"]
+            if o.get("AWS_ACCESS_KEY_ID"):
+                kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"] = o["AWS_ACCESS_KEY_ID"], o["AWS_SECRET_ACCESS_KEY"]
+            config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60,
+                            s3={"addressing_style": "path"} if o.get("AWS_ENDPOINT_URL") else None)
+            self._client = get_session().create_client("s3", config=config, **kwargs)
+        return self._client
+
+    def _checkpoint(self, version: int) -> None:
+        """A Delta checkpoint at `version` (delta-rs writes it: the file list as of then), so a reader
+        loads it plus a few entries. Best effort: readers replay the entries without it."""
+        from deltalake import DeltaTable
+
+        try:
+            DeltaTable(self.uri, version=version, storage_options=self.options or None).create_checkpoint()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not write a checkpoint of %s at version %d: %s", self.uri, version, exc)
+
+
+def add_action(name: str, size: int, rows: int) -> dict:
     """The Add action of a file we uploaded into the table directory ourselves."""
-    from deltalake.transaction import AddAction
-
-    return AddAction(name, size, {}, int(time.time() * 1000), True, orjson.dumps({"numRecords": rows}).decode())
+    return {"path": name, "partitionValues": {}, "size": size, "modificationTime": int(time.time() * 1000),
+            "dataChange": True, "stats": orjson.dumps({"numRecords": rows}).decode()}
