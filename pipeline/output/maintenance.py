@@ -125,7 +125,7 @@ def compact(location: str | Path, settings: "Settings | None" = None, *, target_
     report.card_files = write_card(location, table, st)
     report.vacuumed = _vacuum(table, retention, force, dry_run=False)
     _refresh_summary(location, st)
-    log.info("compacted %s: %s", report.table, "; ".join(report.lines()[:3]))
+    log.info("compacted %s: %s", report.table, "; ".join(report.lines()[1:3]))
     return report
 
 
