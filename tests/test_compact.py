@@ -74,8 +74,13 @@ def test_the_card_names_the_current_files_and_datasets_reads_each_row_once(small
 
 def test_a_glob_reader_sees_replaced_files_beside_their_replacement_until_vacuum(small_files):
     """What README "Reading the dataset" says: a glob of data/*.parquet is not a reader of the table."""
+    import datasets
+
     compact(small_files)
     assert glob_rows(small_files) == 24  # the 12 small files and the compacted one, until vacuumed
+    globbed = datasets.load_dataset("parquet", data_files=f"{small_files}/data/*.parquet", split="train",
+                                    cache_dir=str(small_files.parent / "hf-cache"))
+    assert globbed.num_rows == 24  # `datasets` on a glob: the same
     report = compact(small_files, retention_hours=0, force=True)
     assert len(report.vacuumed) == 12
     assert glob_rows(small_files) == 12
