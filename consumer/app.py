@@ -133,7 +133,7 @@ class StreamConsumer:
         self.committer: OutputCommitter | None = None
         self.batcher: Batcher | None = None
         self.output = open_output(settings.output_dir, settings)  # a directory or s3://bucket/prefix
-        self.ledger = OutputLedger(self.output)
+        self.ledger = OutputLedger(self.output, group=settings.group)  # app transactions name the group
         self.guard: CrashGuard | None = None
         self.on_batch_done: list[Any] = []  # observers (metrics, progress): fn(batch, outcome, stats)
         self.s3: Any = None
@@ -244,7 +244,7 @@ class StreamConsumer:
                 )
         self._raise_if_failed()
         # the three loops drained everything; the open file is finalized and committed
-        await self.committer.finalize_and_commit()  # type: ignore[union-attr]
+        await self.committer.finalize_and_commit(final=True)  # type: ignore[union-attr]
         self._copy_stats()
 
     def fail(self, exc: BaseException) -> None:

@@ -5,25 +5,28 @@ drop object versions already written, append rows - and the encoded dead letters
 that made none - to the open file. When the file is due to roll - or on revoke, shutdown, idle
 exit - `finalize_and_commit` runs its steps in this order, each failure typed:
 
-    1. finalize the file (footer with offset ranges, dead letters and the DLQ's   OutputWriteFailed
-       marks, fsync, fenced publish: rename + fsync dir, or an upload)            Fenced
-    2. learn it in the ledger (offsets, object versions)
-    3. bring summary.json up to date (compare-and-swap)                         OutputWriteFailed
+    1. finalize the file (footer, fsync), check the table's versions of its       OutputWriteFailed
+       partitions, and upload it into the table directory (rename, or a PUT)     Fenced
+    2. commit it to the Delta table: its Add action, one app transaction per     Fenced, TableGap
+       partition (version = last offset), aggregates and dead letters in the     OutputWriteFailed
+       commit's metadata (`OutputLedger.commit_file`: checked again on a conflict)
+    3. bring summary.json up to the table's version (compare-and-swap)          OutputWriteFailed
     4. send the file's dead letters (acknowledged)                              DeadLetterFailed
-    5. commit the offsets the file covers                                        (logged: the file
+    5. commit the offsets the file covers to the broker                          (logged: the table
                                                                                   already proves them)
-A failure before step 5 never commits: a restart resumes from the files. One finalize runs at a
-time (`_finalizing`): a revoke that arrives while the roll timer's finalize is renaming waits for
-its commit, so the partitions reach their next owner with the files and the broker up to date.
-Step 1 refuses a file whose offsets another consumer's finalized file already holds (`Fenced`):
-a consumer that lost its partitions never finalizes or commits rows for them.
+A failure before step 2 leaves nothing in the dataset; before step 5 never commits to the broker:
+a restart resumes from the table. One finalize runs at a time (`_finalizing`): a revoke that
+arrives while the roll timer's finalize is uploading waits for its commits, so the partitions
+reach their next owner with the table and the broker up to date. Steps 1 and 2 refuse a file
+whose offsets another consumer already committed to the table (`Fenced`): a consumer that lost
+its partitions never adds rows for them, and its upload is removed.
 
-A crash between steps 1 and 5 leaves the file ahead of the broker: the partition's next owner
-sends the dead letters the DLQ lacks (`resend_dead_letters`), then commits what the file holds.
+A crash between steps 2 and 5 leaves the table ahead of the broker: the partition's next owner
+sends the dead letters the DLQ lacks (`resend_dead_letters`), then commits what the table holds.
 
 Offsets reach the broker one way (`_send`), for three reasons: step 5 (`commit`), and at an
-assignment the offsets finalized files hold but the broker lacks (`commit_recovered`) and where a
-rewind starts (`commit_rewind`). A failed commit is logged, never raised: the files are the proof.
+assignment the offsets the table holds but the broker lacks (`commit_recovered`) and where a
+rewind starts (`commit_rewind`). A failed commit is logged, never raised: the table is the proof.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from pipeline.batch import BatchOutcome, Failure
 from pipeline.errors import FatalError
 from pipeline.faults import crash_point
 from pipeline.ledger import OutputLedger, object_version_hash, update_summary
-from pipeline.output import OffsetRange
 from pipeline.parquet import BatchAppend, RollingParquetWriter
 
 from .batcher import PendingBatch
@@ -52,6 +54,9 @@ from .dead_letters import DeadLetterWriter
 log = logging.getLogger(__name__)
 
 
+# Table commits between two checkpoints of the dedupe index (a few MB per million rows, one PUT): a
+# restart after a crash reads at most this many files' three columns; after a clean stop, none.
+CHECKPOINT_EVERY = 100
 LATENCY_WINDOW = 10_000  # latest publish -> finalized latencies kept: quantiles of recent traffic, bounded memory
 
 
@@ -122,6 +127,7 @@ class OutputCommitter:
         self._committed_check: dict[TopicPartition, int] = {}
         self._aborted = False
         self._finalizing = asyncio.Lock()
+        self._since_checkpoint = 0  # table commits since the dedupe index was last checkpointed
 
     async def apply(self, batch: PendingBatch, outcome: BatchOutcome) -> AppliedCounts:
         """Write the batch's dead letters and rows; returns what it really added (rows already
@@ -142,7 +148,8 @@ class OutputCommitter:
         for r in rows:  # before a finalize on the way: a later batch's copy of these is a duplicate
             self.ledger.index.add(object_version_hash(r.bucket, r.id, r.etag))
         while not await asyncio.to_thread(self.writer.append_batch, part):
-            await self.finalize_and_commit()
+            # the batch's rest is in the index but in no commit yet: no dedupe checkpoint here
+            await self.finalize_and_commit(checkpoint=False)
         # --- end issue 22
         if batch.newest_record_ms:
             self._open_record_ms.append(batch.newest_record_ms)
@@ -169,52 +176,56 @@ class OutputCommitter:
             rows.append(r)
         return rows, dropped
 
-    async def finalize_and_commit(self) -> None:
+    async def finalize_and_commit(self, final: bool = False, checkpoint: bool = True) -> None:
+        """Steps 1-5 for the open file. Then, between batches (`checkpoint`) with no file open, the
+        dedupe index holds exactly what the table holds: every `CHECKPOINT_EVERY` commits, and at a
+        `final` stop, it is checkpointed beside the table, so a restart reads no data file (or at
+        most the files of the commits since the last checkpoint, after a crash)."""
         if self._finalizing.locked():
             log.info("waiting for the finalize in flight (its rename and commit) first")
         async with self._finalizing:
             await self._finalize_and_commit()
+            if (checkpoint and not self.writer.has_open_file and self._since_checkpoint
+                    and (final or self._since_checkpoint >= CHECKPOINT_EVERY)):
+                await asyncio.to_thread(self.ledger.checkpoint)
+                self._since_checkpoint = 0
 
     async def _finalize_and_commit(self) -> None:
         if not self.writer.has_open_file:
             return
         self._refuse_after_abort()
-        # 1. finalize: footer, fsync, fencing check + publish (rename or upload)
+        # 1. finalize: footer, fsync, the table's versions checked, upload (rename or PUT)
         crash_point("before_finalize")
         # where the DLQ ends before this file's dead letters are sent: a restart reads back from there
         marks = await self.dead_letters.marks() if self.writer.holds_dead_letters else None
-        finalized = await asyncio.to_thread(self.writer.finalize, self._fence, marks)
+        finalized = await asyncio.to_thread(self.writer.finalize, self.ledger.check, marks)
         if finalized is None:
             return
         crash_point("after_rename")
+        # 2. the table commit: from here the rows are the dataset's
+        await asyncio.to_thread(self.ledger.commit_file, finalized)
+        self._since_checkpoint += 1
         self.stats.files += 1
         now_ms = time.time() * 1000
         self.stats.latencies.extend((now_ms - t) / 1000 for t in self._open_record_ms)
         self._open_record_ms.clear()
-        # 2. ledger
-        self.ledger.record_finalized(finalized)
         # 3. summary
         await asyncio.to_thread(update_summary, self.writer.output)
         crash_point("after_summary")
         # 4. the dead letters the file carries (acknowledged; a restart sends any that are missing)
         await self.dead_letters.send_pending(finalized.dead_letters)
         crash_point("after_dead_letters")
-        # 5. commit what this file's footer holds (issue 22: a split batch commits file by file)
+        # 5. commit what this file holds (issue 22: a split batch commits file by file)
         for r in finalized.offsets:
             tp = TopicPartition(r.topic, r.partition)
             self._to_commit[tp] = max(self._to_commit.get(tp, 0), r.last + 1)
         await self.commit()
         crash_point("after_commit")
 
-    def _fence(self, offsets: list[OffsetRange]) -> list[str]:
-        """Runs in the writer's thread right before the publish: files finalized by others meanwhile."""
-        self.ledger.refresh()
-        return self.ledger.overlapping(offsets)
-
     async def commit(self) -> None:
         """Step 4: the offsets the finalized file covers, for the partitions still assigned. A
         commit never moves back (a paranoid check: it would be a bug), and a failed one is only
-        logged: the file's footer holds these offsets, recovery seeks past them."""
+        logged: the table holds these offsets, recovery seeks past them."""
         self._refuse_after_abort()
         offsets, self._to_commit = self._assigned(self._to_commit), {}
         for tp, off in offsets.items():
@@ -225,17 +236,19 @@ class OutputCommitter:
             self.stats.commits += 1
 
     async def resend_dead_letters(self, partitions: dict[TopicPartition, int | None]) -> int:
-        """At an assignment, before `commit_recovered`: the dead letters of finalized files ahead
-        of the broker's commit (`partitions`: tp -> committed offset) that the DLQ lacks, sent."""
-        names = sorted({n for tp, off in partitions.items() for n in self.ledger.dead_letter_files(tp.topic, tp.partition, off)})
-        if not names:
+        """At an assignment, before `commit_recovered`: the dead letters of table commits ahead of
+        the broker's commit (`partitions`: tp -> committed offset) that the DLQ lacks, sent."""
+        commits: dict[int, object] = {}
+        for tp, off in partitions.items():
+            for c in await asyncio.to_thread(self.ledger.dead_letter_commits, tp.topic, tp.partition, off):
+                commits[c.version] = c
+        if not commits:
             return 0
-        footers = [await asyncio.to_thread(self.writer.output.read_footer, n) for n in names]
-        return await self.dead_letters.resend_missing(footers)
+        return await self.dead_letters.resend_missing([commits[v] for v in sorted(commits)])
 
     async def commit_recovered(self, offsets: dict[TopicPartition, int]) -> None:
-        """Offsets that finalized files already hold but the broker lacks (a crash between a
-        publish and its commit), where they are ahead of what this process committed. Only these:
+        """Offsets that the table already holds but the broker lacks (a crash between a table
+        commit and the broker's), where they are ahead of what this process committed. Only these:
         what is applied to the open file is not touched."""
         ahead = {tp: off for tp, off in offsets.items() if off > self._committed_check.get(tp, -1)}
         await self._send(self._assigned(ahead), "committing recovered offsets", "the finalized files still hold them")

@@ -15,12 +15,13 @@ The message key names the source position and the object: `topic:partition:offse
 One message may hold several events (an S3 `Records[]` list), hence the object part.
 
 Exactly once, durable together with the rows: a dead letter is not sent when its batch is
-applied but carried in the footer of the file that covers its offset (pipeline/output/footer.py),
-and sent after that file is durable, before its offsets are committed. A crash, fence or drain
-timeout before the file is durable loses the file and its dead letters together (the restart
-decides the input again: one row or one dead letter). A crash after it leaves the file ahead of
-the broker's commit; the next owner of the partition reads the topic from the marks the footer
-holds (`resend_missing`) and sends only the dead letters not found there. The topic is created
+applied but carried in the table commit that covers its offset (its commitInfo metadata,
+pipeline/output/table.py; the file's footer holds a copy), and sent after that commit is durable,
+before its offsets are committed to the broker. A crash, fence or drain timeout before the commit
+loses the rows and their dead letters together (the restart decides the input again: one row or
+one dead letter). A crash after it leaves the table ahead of the broker's commit; the next owner
+of the partition reads the topic from the marks the commit holds (`resend_missing`) and sends only
+the dead letters not found there. The topic is created
 with `cleanup.policy=delete` (broker/topics.py), never compacted. When that key's UTF-8
 would exceed `max_key_bytes`, or the object's name is not valid UTF-8 (a lone surrogate), the
 object part becomes `sha256:<hex of "bucket/key">`: `topic:partition:offset:sha256:<hex>`; it
@@ -48,6 +49,7 @@ from broker.dead_letter import dead_letter_record as bounded_record
 from pipeline.batch import Failure, WorkItem
 from pipeline.errors import DeadLetterFailed
 from pipeline.output.footer import FileFooter, PendingDeadLetter
+from pipeline.output.table import TableCommit
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +143,9 @@ class DeadLetterWriter:
             raise DeadLetterFailed(f"could not read where {self.topic} ends: {exc}") from exc
         return {tp.partition: off for tp, off in ends.items()}
 
-    async def resend_missing(self, footers: list[FileFooter]) -> int:
-        """The dead letters these finalized files carry that the topic lacks (read from the files'
-        marks to its end), sent now. Returns how many were sent."""
+    async def resend_missing(self, footers: "list[FileFooter | TableCommit]") -> int:
+        """The dead letters these table commits (or files) carry that the topic lacks (read from
+        their marks to its end), sent now. Returns how many were sent."""
         wanted = [d for f in footers for d in f.dead_letters]
         if not wanted:
             return 0

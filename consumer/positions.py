@@ -2,11 +2,12 @@
 tested alone (tests/test_offset_recovery_property.py drives these same objects).
 
 Two sources say how far a partition has been handled: the group's committed offset (the
-broker) and the finalized files' footers (`OutputLedger.next_offset`). A crash between a
-file's rename and its commit leaves the broker behind the files; the files are the proof, so
-a partition resumes at the later of the two and never re-processes what a file already holds.
-A rewind (--from-beginning / --from-timestamp) replaces the committed offset on the first
-assignment, and still never goes back before what the files hold.
+broker) and the Delta table's app transaction for the partition (`OutputLedger.next_offset`:
+the last offset committed to the table, plus one; the parameters below still say "files"). A
+crash between a table commit and the broker's leaves the broker behind the table; the table is
+the proof, so a partition resumes at the later of the two and never re-processes what the table
+already holds. A rewind (--from-beginning / --from-timestamp) replaces the committed offset on
+the first assignment, and still never goes back before what the table holds.
 
 An assignment, in order (consumer/app.py: on_assigned does the broker's part):
 

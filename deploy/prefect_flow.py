@@ -1,4 +1,5 @@
-"""Prefect deployment entrypoint: one streaming consumer process as one long-running flow run.
+"""Prefect deployment entrypoints: one streaming consumer process as one long-running flow run
+(`stream_consumer`), and the scheduled compaction of the dataset's table (`compact_output`).
 
 `deploy/prefect.yaml` points at `stream_consumer`. Every flow run joins the same Kafka consumer
 group, so starting N runs of the deployment (on N GPUs) spreads the topic's partitions over N
@@ -85,3 +86,21 @@ async def run_until_stopped(app: StreamConsumer) -> RunStats:
     if cancelled is not None:
         raise cancelled  # drained and committed; the run ends Cancelled as asked
     return stats
+
+
+@flow(name="metavoice-compact", log_prints=True, persist_result=False)
+def compact_output(output_dir: str | None = None, target_size: int | None = None,
+                   retention_hours: int | None = None) -> dict[str, Any]:
+    """`metavoice compact OUTPUT` as a scheduled flow run (deploy/prefect.yaml, README "Maintenance").
+
+    No `force`: a schedule never vacuums under the safe minimum retention (`MIN_RETENTION_HOURS`)."""
+    from pipeline.output.maintenance import compact
+
+    settings = Settings().with_overrides(output_dir=output_dir, compact_target_bytes=target_size,
+                                         vacuum_retention_hours=retention_hours)
+    setup_logging(settings)
+    report = compact(settings.output_dir, settings)
+    for line in report.lines():
+        print(line)
+    return {"version": report.version_after, "files_before": report.files_before, "files_after": report.files_after,
+            "rows": report.rows_after, "vacuumed": len(report.vacuumed)}

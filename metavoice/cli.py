@@ -5,7 +5,9 @@
     demo      the whole system on embedded defaults (broker, S3, sample speech)
     bench     throughput, ceiling, latency and memory                         (python -m benchmark)
     report    an HTML report with figures about an output directory
-    summary   an output directory's summary.json; --rebuild checks it against the data
+    summary   an output directory's summary.json; --rebuild checks it against the data;
+              --version N / --as-of TIME: the summary of an older table version
+    compact   compact the dataset's small files, vacuum files removed long ago
     tokens    listen to a row's audio tokens (tokens decode)
 
 Every command reads the METAVOICE_* settings (pipeline/config.py) and its flags before it
@@ -108,6 +110,22 @@ def build_parser(prog: str = "metavoice") -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="print an output directory's summary; --rebuild checks it against the data")
     s.add_argument("output", help="output directory (or s3://bucket/prefix)")
     s.add_argument("--rebuild", action="store_true", help="recompute from the Parquet files and report mismatches")
+    when = s.add_mutually_exclusive_group()
+    when.add_argument("--version", dest="table_version", type=_table_version, metavar="N",
+                      help="the summary of table version N, from its rows (time travel)")
+    when.add_argument("--as-of", type=_as_of, metavar="TIME",
+                      help="the summary of the table version current at TIME (ISO 8601, UTC unless it says)")
+
+    c = sub.add_parser("compact", help="compact the dataset's small files, then vacuum files removed long ago")
+    c.add_argument("output", help="output directory (or s3://bucket/prefix)")
+    c.add_argument("--target-size", dest="compact_target_bytes", type=int, metavar="BYTES",
+                   help="rewrite small files into files of about this size")
+    c.add_argument("--retention-hours", dest="vacuum_retention_hours", type=int, metavar="HOURS",
+                   help="delete files a commit removed more than this long ago (older versions stay readable this long)")
+    c.add_argument("--force", dest="force_retention", action="store_true",
+                   help="accept a retention under the safe minimum (7 days): readers of older versions may fail")
+    c.add_argument("--dry-run", action="store_true", help="change nothing: list what compaction and vacuum would touch")
+    document_settings(c)
 
     from .tokens import add_tokens_parser
 
@@ -133,12 +151,22 @@ def main(argv: list[str] | None = None, prog: str = "metavoice") -> int:
 
         return run_demo(args.output, args.clips, settings)
     tokens_flags = {"device": getattr(args, "device", None), "tokenizer_weights": getattr(args, "weights", None)}
-    settings = settings_from(tokens_flags if args.command == "tokens" else {}, parser)
+    settings = settings_from(tokens_flags if args.command == "tokens" else args if args.command == "compact" else {}, parser)
     _setup_logging(settings)
     if args.command == "summary":
-        from .summary import run_summary
+        from .summary import run_summary, run_summary_of_version
 
+        if args.table_version is not None or args.as_of is not None:
+            if args.rebuild:
+                raise CliError("--rebuild checks summary.json (the latest version): leave out --version / --as-of")
+            return run_summary_of_version(_output_location(args.output), settings, args.table_version, args.as_of)
         return run_summary(_output_location(args.output), rebuild=args.rebuild)
+    if args.command == "compact":
+        from pipeline.output.maintenance import compact
+
+        report = compact(_output_location(args.output), settings, force=args.force_retention, dry_run=args.dry_run)
+        print("\n".join(report.lines()))
+        return 0
     if args.command == "report":
         location = _output_location(args.output)
         if isinstance(location, Path) and not location.is_dir():
@@ -151,6 +179,25 @@ def main(argv: list[str] | None = None, prog: str = "metavoice") -> int:
 
         return run_tokens_command(args, settings)
     raise AssertionError(args.command)
+
+
+def _table_version(text: str) -> int:
+    try:
+        version = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a table version is a whole number, got {text!r}") from None
+    if version < 0:
+        raise argparse.ArgumentTypeError(f"a table version is >= 0, got {version}")
+    return version
+
+
+def _as_of(text: str):
+    from pipeline.timeutil import parse_iso_time
+
+    try:
+        return parse_iso_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
 
 
 def _output_location(text: str) -> Path | str:

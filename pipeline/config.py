@@ -80,9 +80,18 @@ class Settings(BaseSettings):
     spool_dir: str = ""
     # Multipart part size for uploads (R2: every part but the last must be this same size).
     output_part_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024 * 1024 * 1024)
-    # A finalize claims its offsets in the object store before uploading; a claim whose writer died
-    # is taken over after this long (and a writer gives up its upload before its claim gets this old).
+    # A multipart upload under data/ older than this (by the server's clock) belongs to a dead writer and
+    # is aborted at the next start. (0.1 claimed offsets with leases this long; the Delta log replaced them.)
     output_claim_ttl_s: float = Field(120.0, ge=10)
+    # Conditional puts for the Delta log of an s3:// output (pipeline/output/table.py): auto = by ETag
+    # on any endpoint that is not AWS S3 (R2, MinIO need it so two writers never overwrite a log entry),
+    # AWS's own put-if-absent there.
+    output_conditional_put: Literal["auto", "etag", "none"] = "auto"
+    # `metavoice compact` (pipeline/output/maintenance.py): small files are rewritten into files of
+    # about this size; removed files are deleted once a commit removed them this many hours ago (the
+    # time-travel window; below MIN_RETENTION_HOURS only with --force).
+    compact_target_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+    vacuum_retention_hours: int = Field(168, ge=0)
     batch_max_events: int = Field(32, ge=1)
     # Under a backlog (all pipeline_depth batches in flight, or a fetch came back full) a micro-batch
     # grows to this many events (still within batch_max_bytes and the linger): fewer flow runs per

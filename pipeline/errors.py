@@ -38,10 +38,15 @@
     └── FatalError                     the process cannot go on safely: stop without committing
         ├── OutputWriteFailed          a Parquet write/fsync/rename failed (disk full, read-only)
         ├── DeadLetterFailed           the DLQ could not be written: the offset must not commit
-        ├── Fenced                     another consumer finalized these offsets first (this one lost
-        │                              its partitions, e.g. paused past the session timeout)
+        ├── Fenced                     another consumer committed these offsets to the table first (this
+        │                              one lost its partitions, e.g. paused past the session timeout)
+        ├── TableGap                   a partition's version in the table went back: a commit vanished
         ├── ModelUnavailable           weights cannot be found or loaded (fails at start-up)
-        └── OutputConfigMismatch       the output directory was built with other settings
+        ├── OutputConfigMismatch       the output directory was built with other settings
+        ├── OutputNotMigrated          a 0.1 output (Parquet files, no Delta table): `metavoice migrate` it
+        └── MaintenanceRefused         `metavoice compact` / time travel cannot act safely: no table,
+                                       a vacuum retention below the safe minimum without --force,
+                                       a version the table no longer holds
 
 `error_type` in a dead-letter record is the class name of a `PermanentError`.
 """
@@ -190,9 +195,22 @@ class Fenced(FatalError):
     pass
 
 
+class TableGap(FatalError):
+    """The table's version of a partition is older than one this process saw: a bug or a rewritten
+    log. Going on could write offsets twice or skip them."""
+
+
 class ModelUnavailable(FatalError):
     pass
 
 
 class OutputConfigMismatch(FatalError):
     pass
+
+
+class OutputNotMigrated(FatalError):
+    """data/ holds Parquet files but no Delta table (an output written by 0.1)."""
+
+
+class MaintenanceRefused(FatalError):
+    """A maintenance or time-travel command refused before changing anything; the message says why."""

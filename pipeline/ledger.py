@@ -1,32 +1,37 @@
-"""What an output already holds, rebuilt from its finalized Parquet files (local or object store).
+"""What an output already holds, read from its Delta table (local or object store).
 
-Two questions recovery must answer from the files themselves, never from the broker alone:
-- how far has each source partition been handled? (footer offset ranges; a commit can be lost
-  in a crash after the rename, the file cannot)
-- was this object version `(bucket, key, etag)` already written? (3 columns read once at
-  start-up, then kept as 8-byte hashes: a few MB for millions of rows)
+Two questions recovery must answer from the table, never from the broker alone:
+- how far has each source partition been handled? The app transaction of each partition in the
+  latest snapshot (`next_offset`): a commit to the broker can be lost in a crash after the table
+  commit, the table commit cannot. Nothing lists data/ or reads a footer.
+- was this object version `(bucket, key, etag)` already written? A checkpoint of 8-byte hashes
+  beside the table (`_state/dedupe.bin`, outside data/ so VACUUM leaves it alone) with the table
+  version it covers, plus three columns of only the files added since (named by the commits'
+  metadata): a restart reads the files of the last few commits, not every file.
 
 `recover` is a consumer's start-up on the output side; `OutputLedger.catch_up` what each
-assignment repeats of it (other consumers may have finalized files, or died, meanwhile).
+assignment repeats of it (other consumers may have committed meanwhile); `commit_file` the
+finalize's table commit with its checks.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pyarrow as pa
 
-from .errors import OutputWriteFailed
+from .errors import Fenced, OutputNotMigrated, OutputWriteFailed, TableGap
 from .manifest import check_manifest
 from .output import FileFooter, OffsetRange, Output, as_output
 from .output.layout import SUMMARY_NAME
-from .summary import ROW_COLUMNS, Aggregates, parse_summary, render_summary
+from .output.table import TableCommit, add_action, app_id, commit_metadata
+from .summary import ROW_COLUMNS, Aggregates, SummaryState, parse_summary, render_summary
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,12 @@ class DedupeIndex:
             self._merge()
 
     def add_many(self, hashes: np.ndarray) -> None:
+        """Merge many at once: one sort of the whole index however many there are."""
         self._merge(np.asarray(hashes, dtype=np.uint64))
+
+    def hashes(self) -> np.ndarray:
+        self._merge()
+        return self._sorted
 
     def _merge(self, extra: np.ndarray | None = None) -> None:
         parts = [self._sorted, np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))]
@@ -74,156 +84,209 @@ class DedupeIndex:
         return int(self._sorted.nbytes) + len(self._recent) * 64
 
 
-def file_name_hash(name: str) -> int:
-    """A finalized file's name as 8 bytes, for the set of files already indexed."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=False)
+STATE_DEDUPE = "_state/dedupe.bin"  # beside the table: VACUUM never touches it
 
 
-class Spans:
-    """The offsets finalized files hold, per partition, as disjoint ranges: a file whose range
-    touches or overlaps one already known merges into it. Files cover each partition's offsets
-    one after another, so a partition is a handful of ranges however long the consumer runs
-    (a list of every file's span grew per file). Each range names its lowest and highest file,
-    for the fencing message."""
+def dedupe_checkpoint(version: int, hashes: np.ndarray) -> bytes:
+    """`<json header>\n<little-endian uint64 hashes>`: the index as of table `version`."""
+    head = orjson.dumps({"format": 1, "table_version": version, "count": int(hashes.size)})
+    return head + b"\n" + np.ascontiguousarray(hashes, dtype="<u8").tobytes()
 
-    def __init__(self) -> None:
-        self._by_key: dict[tuple[str, int], list[list]] = {}  # sorted [first, last, low_name, high_name]
 
-    def add(self, key: tuple[str, int], first: int, last: int, name: str) -> None:
-        spans = self._by_key.setdefault(key, [])
-        i = bisect.bisect_left(spans, first, key=lambda s: s[0])
-        start = i - 1 if i > 0 and spans[i - 1][1] >= first - 1 else i
-        end = i
-        while end < len(spans) and spans[end][0] <= last + 1:
-            end += 1
-        touched = spans[start:end]
-        low = min(touched, key=lambda s: s[0], default=None)
-        high = max(touched, key=lambda s: s[1], default=None)
-        spans[start:end] = [[
-            min(first, low[0]) if low else first,
-            max(last, high[1]) if high else last,
-            low[2] if low and low[0] < first else name,
-            high[3] if high and high[1] > last else name,
-        ]]
-
-    def holding(self, key: tuple[str, int], first: int, last: int) -> list[tuple[int, int, str]]:
-        """(first, last, files) of each known range that shares an offset with [first, last]."""
-        spans = self._by_key.get(key, [])
-        i = bisect.bisect_right(spans, last, key=lambda s: s[0])
-        found = []
-        while i > 0 and spans[i - 1][1] >= first:
-            a, b, low, high = spans[i - 1]
-            found.append((a, b, low if low == high else f"{low}..{high}"))
-            i -= 1
-        return found[::-1]
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._by_key.values())
+def parse_dedupe_checkpoint(doc: bytes | None) -> tuple[int, np.ndarray] | None:
+    if not doc:
+        return None
+    try:
+        head, _, body = doc.partition(b"\n")
+        meta = orjson.loads(head)
+        hashes = np.frombuffer(body, dtype="<u8").astype(np.uint64)
+        if meta.get("format") != 1 or hashes.size != meta["count"]:
+            return None
+        return int(meta["table_version"]), hashes
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 class OutputLedger:
-    def __init__(self, output: Output | str | Path) -> None:
+    """One consumer's view of the table: positions, the dedupe index, and the commit with its checks.
+
+    `group` names the app transactions (`<group>:<topic>:<partition>`, pipeline/output/table.py)."""
+
+    def __init__(self, output: Output | str | Path, group: str = "metavoice-consumer") -> None:
         self.output = as_output(output)
+        self.table = self.output.table
+        self.group = group
         self.index = DedupeIndex()
-        self._indexed = DedupeIndex()  # finalized files already read: their names' hashes (8 bytes each)
-        self._known_files = 0
-        self._next_offsets: dict[tuple[str, int], int] = {}
-        # the offsets finalized files hold, per partition: what fencing checks a new file against
-        self._spans = Spans()
-        # files carrying dead letters whose offsets may not be committed yet: partition -> {name: last offset}
-        # (pruned by `settle` as commits pass them, so it stays a handful)
-        self._dead_letter_files: dict[tuple[str, int], dict[str, int]] = {}
+        self._read_version: int | None = None  # commits up to this table version are in the index
+        self._own: set[str] = set()  # our own commits not read back yet: their rows are in the index
+        self._seen: dict[tuple[str, int], int] = {}  # the highest version seen per partition (gap check)
         self._refreshing = threading.Lock()
+        self.files_read = 0  # data files read for the index (three columns each): the restart's cost
+
+    def app(self, topic: str, partition: int) -> str:
+        return app_id(self.group, topic, partition)
+
+    def load_checkpoint(self) -> int | None:
+        """Start the index from `_state/dedupe.bin` (a start-up, before any row is applied)."""
+        found = parse_dedupe_checkpoint(self.output.read_doc(STATE_DEDUPE))
+        if found is None:
+            return None
+        version, hashes = found
+        with self._refreshing:
+            self.index = DedupeIndex()
+            self.index.add_many(hashes)
+            self._read_version = version
+        return version
+
+    def save_checkpoint(self) -> None:
+        """Write the index as of the commits read (call before any row of ours is applied: the
+        index must hold the table's object versions only)."""
+        if self._read_version is None:
+            return
+        with self._refreshing:
+            data = dedupe_checkpoint(self._read_version, self.index.hashes())
+        self.output.update_doc(STATE_DEDUPE, lambda current: data)
+
+    def checkpoint(self) -> None:
+        """Catch up with every commit (others' too), then checkpoint the index. Only when no row of
+        ours is applied but uncommitted: the index must hold the table's object versions alone."""
+        self.refresh()
+        self.save_checkpoint()
 
     def refresh(self) -> int:
-        """Index finalized files not seen yet (written by us or by other consumers). Returns how many.
+        """Read the table's commits since the last read (whoever wrote them): offsets, and the
+        object versions of the files they added. Returns how many commits were new.
 
-        Thread-safe: an assignment and a finalize's fencing check may refresh at the same time."""
+        Thread-safe: an assignment and a finalize may refresh at the same time."""
         with self._refreshing:
-            new = [n for n in self.output.finalized() if file_name_hash(n) not in self._indexed]
-            for name in new:
-                self._index_file(self.output.read_footer(name))
-        if new:
-            log.info("indexed %d finalized files (%d object versions)", len(new), len(self.index))
-        return len(new)
+            if self.table.refresh() is None:
+                return 0
+            commits = self.table.commits(self._read_version)
+            batches = []
+            for c in commits:
+                if c.commit_id in self._own:  # ours: its rows entered the index when they were applied
+                    self._own.discard(c.commit_id)
+                    continue
+                for name, rows in c.files:
+                    if rows:
+                        batches.append(self._hashes_of(name))
+            if batches:  # one merge for all the files: merging per file rebuilt the array per file
+                self.index.add_many(np.concatenate(batches))
+            self._read_version = self.table.version
+        if commits:
+            log.info("read %d table commits (%d object versions indexed)", len(commits), len(self.index))
+        return len(commits)
+
+    def _hashes_of(self, name: str) -> np.ndarray:
+        t = self.output.read_columns(name, ["bucket", "id", "etag"])
+        self.files_read += 1
+        return np.fromiter(
+            (object_version_hash(b, k, e or "") for b, k, e in zip(*(t.column(c).to_pylist() for c in ("bucket", "id", "etag")))),
+            dtype=np.uint64, count=t.num_rows)
 
     def catch_up(self) -> int:
         """Discard the in-progress files of dead writers (their events were never committed), then
-        `refresh`: what the output holds now, whoever wrote it. Returns how many files are new."""
+        `refresh`: what the table holds now, whoever wrote it. Returns how many commits are new."""
         self.output.discard_orphans()
         return self.refresh()
 
-    def record_finalized(self, footer: FileFooter) -> None:
-        """Our own file was finalized: learn its offsets without reading it back (its object
-        versions entered the index when their rows were appended)."""
-        with self._refreshing:
-            if file_name_hash(footer.name) not in self._indexed:  # a concurrent refresh may have read it already
-                self._learn(footer.name)
-                self._advance(footer)
-
-    def _learn(self, name: str) -> None:
-        self._indexed.add(file_name_hash(name))
-        self._known_files += 1
-
     @property
-    def known_files(self) -> int:
-        return self._known_files
-
-    @property
-    def span_count(self) -> int:
-        """How many offset ranges fencing keeps (a handful per partition, whatever the uptime)."""
-        return len(self._spans)
+    def table_version(self) -> int | None:
+        return self.table.version
 
     def next_offset(self, topic: str, partition: int) -> int | None:
-        """First offset of the partition not yet held by any finalized file."""
-        return self._next_offsets.get((topic, partition))
+        """First offset of the partition not yet committed to the table (as of the last refresh)."""
+        v = self.table.stored(self.app(topic, partition))
+        return None if v is None else v + 1
 
     def already_written(self, bucket: str, key: str, etag: str) -> bool:
         return object_version_hash(bucket, key, etag) in self.index
 
-    def overlapping(self, ranges: list[OffsetRange]) -> list[str]:
-        """Finalized files (as known now) that already hold an offset of `ranges`: one is proof
-        that another consumer owned these offsets and finalized them first. Call `refresh` before,
-        under the output lock, to know every file."""
+    def check(self, offsets: list[OffsetRange]) -> list[str]:
+        """Before an upload: what the snapshot says already holds any of `offsets` (another consumer
+        committed them: this one lost the partitions). Raises `TableGap` when a partition's version
+        went back. The snapshot as of the last read (the last commit, the last assignment): the
+        commit reads the log again and checks again, so this only spares a doomed upload."""
+        if self.table.version is None:
+            self.table.refresh()
+        return self._conflicts(offsets, {(r.topic, r.partition): self.table.stored(self.app(r.topic, r.partition))
+                                         for r in offsets})
+
+    def _conflicts(self, offsets: list[OffsetRange], stored: dict[tuple[str, int], int | None]) -> list[str]:
         found = []
-        for r in ranges:
-            for first, last, names in self._spans.holding((r.topic, r.partition), r.first, r.last):
-                found.append(f"{names} holds {r.topic}[{r.partition}] {first}-{last}")
+        for r in offsets:
+            key = (r.topic, r.partition)
+            v, seen = stored.get(key), self._seen.get(key)
+            if seen is not None and (v is None or v < seen):
+                raise TableGap(f"the table's version of {r.topic}[{r.partition}] went back from {seen} to {v}: "
+                               f"a commit vanished from {self.table.uri} (restored or rewritten log?); stopping "
+                               "so nothing is written twice or lost")
+            if v is not None:
+                self._seen[key] = v
+                if v >= r.first:
+                    found.append(f"the table holds {r.topic}[{r.partition}] up to {v}, this file starts at {r.first}")
         return found
 
-    def _index_file(self, footer: FileFooter) -> None:
-        self._learn(footer.name)
-        self._advance(footer)
-        if footer.rows:
-            t = self.output.read_columns(footer.name, ["bucket", "id", "etag"])
-            hashes = np.fromiter(
-                (object_version_hash(b, k, e or "") for b, k, e in zip(*(t.column(c).to_pylist() for c in ("bucket", "id", "etag")))),
-                dtype=np.uint64,
-                count=t.num_rows,
-            )
-            self.index.add_many(hashes)
+    def commit_file(self, footer: FileFooter) -> int:
+        """The finalize's table commit: the file's Add action (none for a file of no row) and one app
+        transaction per partition it covers, version = its last offset; its aggregates and dead
+        letters in the commit's metadata. Checked against the stored versions before each attempt;
+        a file another consumer beat is removed from data/ and `Fenced` raised. Returns the version."""
+        commit_id = uuid.uuid4().hex
+        files = [(footer.name, footer.rows)] if footer.rows else []
+        metadata = commit_metadata(commit_id, files, footer.offsets, footer.aggregates, footer.dead_letters,
+                                   footer.dlq_marks)
+        apps = {(r.topic, r.partition): self.app(r.topic, r.partition) for r in footer.offsets}
 
-    def _advance(self, footer: FileFooter) -> None:
+        def check(stored: dict[tuple[str, int], int | None]) -> None:
+            conflicts = self._conflicts(footer.offsets, stored)
+            if conflicts:
+                raise Fenced(f"another consumer already committed offsets of {footer.name} ({'; '.join(conflicts[:3])}): "
+                             "this consumer lost those partitions; its file is removed and nothing is committed - "
+                             "restart it to resume from the table")
+
+        adds = [add_action(footer.name, footer.size, footer.rows)] if footer.rows else []
+        self._own.add(commit_id)
+        try:
+            version = self.table.commit(adds, footer.offsets, apps, metadata, check)
+        except BaseException:
+            self._own.discard(commit_id)
+            if footer.rows:
+                self.output.remove(footer.name)
+            raise
         for r in footer.offsets:
-            key = (r.topic, r.partition)
-            self._next_offsets[key] = max(self._next_offsets.get(key, 0), r.last + 1)
-            self._spans.add(key, r.first, r.last, footer.name)
-            if footer.dead_letters:
-                self._dead_letter_files.setdefault(key, {})[footer.name] = r.last
+            self._seen[(r.topic, r.partition)] = r.last
+        return version
 
-    def dead_letter_files(self, topic: str, partition: int, committed: int | None) -> list[str]:
-        """Finalized files carrying dead letters that hold offsets of the partition at or after
-        `committed` (the broker's commit; None: nothing committed): their dead letters may not
-        have been sent (a crash between the file and its commit)."""
-        files = self._dead_letter_files.get((topic, partition), {})
-        return sorted(n for n, last in files.items() if committed is None or last >= committed)
+    def dead_letter_commits(self, topic: str, partition: int, committed: int | None) -> list[TableCommit]:
+        """The table's commits carrying dead letters of the partition at offsets at or after
+        `committed` (the broker's commit; None: nothing committed): their dead letters may not have
+        been sent (a crash between the table commit and the broker's). Walks the log back from its
+        latest entry only as far as the partition's offsets reach `committed`."""
+        self.table.refresh()
+        latest = self.table.version
+        if latest is None:
+            return []
+        depth = 16
+        while True:
+            commits = self.table.commits(max(-1, latest - depth))
+            found, reached = [], False
+            for c in commits:
+                for r in c.offsets:
+                    if (r.topic, r.partition) != (topic, partition):
+                        continue
+                    if committed is not None and r.first <= committed:
+                        reached = True
+                    if c.dead_letters and (committed is None or r.last >= committed):
+                        found.append(c)
+            if reached or latest - depth < 0:
+                return [c for c in found
+                        if any(d.topic == topic and d.partition == partition for d in c.dead_letters)]
+            depth *= 4
 
     def settle(self, topic: str, partition: int, committed: int) -> None:
-        """The broker holds `committed` for the partition: files below it need no reconciling."""
-        files = self._dead_letter_files.get((topic, partition))
-        if files:
-            for n in [n for n, last in files.items() if last < committed]:
-                del files[n]
+        """The broker holds `committed` for the partition (kept for the committer's interface: the
+        table needs no bookkeeping of what the broker has)."""
 
 
 def recover(ledger: OutputLedger, identity: dict[str, str], force: bool = False) -> None:
@@ -231,17 +294,60 @@ def recover(ledger: OutputLedger, identity: dict[str, str], force: bool = False)
 
         1. the manifest: create it, or refuse an output built with another      OutputConfigMismatch
            configuration (`identity`: topic, group, models) unless `force`
-        2. discard dead writers' in-progress files, index the finalized ones
-           (`OutputLedger.catch_up`)
-        3. repair summary.json when the files are ahead of it (a crash between   OutputWriteFailed
-           a publish and the summary write, or in the middle of it)
+        2. refuse an output of 0.1 (Parquet files under data/, no table)         OutputNotMigrated
+        3. the table: open it, or create it with the dataset's schema
+        4. the dedupe index: the checkpoint beside the table, then the files the commits since
+           added; a new checkpoint when it read any
+        5. discard dead writers' in-progress files (`OutputLedger.catch_up`)
+        6. bring summary.json up to the table's version (commits since only;   OutputWriteFailed
+           none for a table with no commit yet)
 
     Blocking (file and object-store I/O): run it in a thread.
     """
     check_manifest(ledger.output, identity, force=force)
+    if ledger.table.refresh() is None and ledger.output.listed():
+        raise OutputNotMigrated(
+            f"{ledger.output.location}/data/ holds Parquet files of metavoice 0.1 but no Delta table: run "
+            f"`metavoice migrate {ledger.output.location}` once (it commits the files with their footer offsets), "
+            "then start the consumer again")
+    ledger.table.ensure()
+    ledger.load_checkpoint()
     ledger.catch_up()
-    if ledger.known_files:
+    if ledger.files_read:  # the next start reads only what is committed after this
+        ledger.save_checkpoint()
+    if ledger.table_version:  # anything committed since the table was created
         update_summary(ledger.output)
+
+
+def migrate_output(output: Output | str | Path, group: str = "metavoice-consumer") -> int | None:
+    """Make a 0.1 output (Parquet files under data/, no Delta log) a table: one commit adding every
+    file, its app transactions at the highest offset the footers hold per partition, its metadata
+    the merged footer aggregates (what `metavoice migrate OUTPUT` runs). Returns the version, or None
+    when there was nothing to migrate. Refuses an output that already has a table. Dead letters in
+    0.1 footers are not carried: 0.1 sent them before it committed the offsets that follow."""
+    output = as_output(output)
+    if output.table.refresh() is not None:
+        raise OutputWriteFailed(f"{output.location} already has a Delta table: nothing to migrate")
+    names = output.listed()
+    if not names:
+        return None
+    footers = [output.read_footer(n) for n in names]
+    spans: dict[tuple[str, int], OffsetRange] = {}
+    aggregates = Aggregates()
+    for f in footers:
+        aggregates.merge(f.aggregates)
+        for r in f.offsets:
+            have = spans.setdefault((r.topic, r.partition), OffsetRange(r.topic, r.partition, r.first, r.last))
+            have.first, have.last = min(have.first, r.first), max(have.last, r.last)
+    offsets = sorted(spans.values(), key=lambda r: (r.topic, r.partition))
+    commit_id = uuid.uuid4().hex
+    metadata = commit_metadata(commit_id, [(f.name, f.rows) for f in footers], offsets, aggregates)
+    adds = [add_action(f.name, output.data_size(f.name), f.rows) for f in footers]
+    apps = {(r.topic, r.partition): app_id(group, r.topic, r.partition) for r in offsets}
+    version = output.table.commit(adds, offsets, apps, metadata, lambda stored: None)
+    update_summary(output)
+    log.info("migrated %s: %d files committed as table version %d", output.location, len(names), version)
+    return version
 
 
 def update_summary(output: Output) -> None:
@@ -252,56 +358,76 @@ def update_summary(output: Output) -> None:
         raise OutputWriteFailed(f"updating summary.json failed: {exc}") from exc
 
 
-def load_summary(output: Output | str | Path) -> tuple[Aggregates, set[str]] | None:
-    """summary.json's aggregates and file set, or None if missing or unreadable."""
+def load_summary(output: Output | str | Path) -> SummaryState | None:
+    """summary.json's aggregates and the table version they cover, or None if missing or unreadable."""
     output = as_output(output)
     return parse_summary(output.read_doc(SUMMARY_NAME))
 
 
 def publish_summary(output: Output | str | Path) -> dict:
-    """Bring summary.json up to date with every finalized file, merging only the ones it lacks.
+    """Bring summary.json up to the table's latest version, merging only the aggregates of the
+    commits since the version it covers (from the commits' metadata; no data file, no listing).
 
-    Called after each finalize; also repairs a summary left behind by a crash between the
-    publish and the summary write (or a missing/corrupt summary: rebuilt from footers). One
-    compare-and-swap: a writer that raced us is re-read and merged, never overwritten.
+    Called after each finalize; also repairs a summary left behind by a crash between a table
+    commit and the summary write (or a missing/corrupt one: rebuilt from every commit's metadata).
+    One compare-and-swap: a writer that raced us is re-read and merged, never overwritten.
     """
     output = as_output(output)
-    footers: dict[str, Aggregates] = {}  # footers read in an earlier attempt stay valid
+    # the snapshot as the last commit left it (a finalize's own): the summary records the version it
+    # covers, and commits after it are merged by the next update
+    if output.table.version is None and output.table.refresh() is None:
+        return {}
+    latest = output.table.version
+    read: dict[int, TableCommit] = {}  # commits read in an earlier attempt stay valid
 
     def change(current: bytes | None) -> bytes | None:
-        loaded = parse_summary(current)
-        aggregates, included = loaded if loaded else (Aggregates(), set())
-        on_store = set(output.finalized())
-        if not included <= on_store:  # a file vanished: trust only what is there
-            aggregates, included = Aggregates(), set()
-        missing = sorted(on_store - included)
-        if not missing and loaded is not None:
+        nonlocal latest
+        state = parse_summary(current)
+        if state is not None and state.table_version > latest:
+            output.table.refresh()  # another writer's summary is ahead of our snapshot: catch up
+            latest = output.table.version
+            if state.table_version > latest:
+                state = None  # written for another table (a re-created output): rebuild
+        if state is not None and state.table_version == latest:
             return None  # already up to date
-        for name in missing:
-            if name not in footers:
-                footers[name] = output.read_footer(name).aggregates
-            aggregates.merge(footers[name])
-            included.add(name)
-        return render_summary(aggregates, included)
+        base = state or SummaryState(Aggregates(), -1, 0)
+        missing = [v for v in range(base.table_version + 1, latest + 1) if v not in read]
+        if missing:
+            for c in output.table.commits(min(missing) - 1):
+                read[c.version] = c
+        aggregates, files = base.aggregates, base.parquet_files
+        for v in range(base.table_version + 1, latest + 1):
+            c = read.get(v)
+            if c is None:
+                continue
+            if c.aggregates is not None:
+                aggregates.merge(c.aggregates)
+            files += commit_file_delta(c)
+        return render_summary(aggregates, SummaryState(aggregates, latest, files))
 
     return orjson.loads(output.update_doc(SUMMARY_NAME, change) or b"{}")
 
 
+def commit_file_delta(c: TableCommit) -> int:
+    """How a commit changed the number of data files (ours add one; a compaction, a delete remove some)."""
+    return int(c.metrics.get("num_added_files", 0)) - int(c.metrics.get("num_removed_files", 0))
+
+
 def rebuild_aggregates(output: Output | str | Path) -> tuple[Aggregates, list[str]]:
-    """Aggregates recomputed from the row data itself (checks the incremental summary)."""
+    """Aggregates recomputed from the row data of the table's files (checks the incremental
+    summary); what made no row (errors, skips, duplicates) from the commits' metadata."""
     output = as_output(output)
     agg = Aggregates()
-    names = []
-    for name in output.finalized():
-        names.append(name)
-        footer = output.read_footer(name)
-        # errors/skips live only in footers; row statistics are recomputed from the data
-        agg.errors.update(footer.aggregates.errors)
-        agg.skipped += footer.aggregates.skipped
-        agg.duplicates += footer.aggregates.duplicates
-        agg.superseded += footer.aggregates.superseded
-        if not footer.rows:
-            continue
+    if output.table.refresh() is None:
+        return agg, []
+    for c in output.table.commits(None):
+        if c.aggregates is not None:
+            agg.errors.update(c.aggregates.errors)
+            agg.skipped += c.aggregates.skipped
+            agg.duplicates += c.aggregates.duplicates
+            agg.superseded += c.aggregates.superseded
+    names = output.finalized()
+    for name in names:
         try:
             t = output.read_columns(name, list(ROW_COLUMNS))
         except (pa.ArrowInvalid, KeyError):  # a file written before the utterance columns

@@ -11,14 +11,15 @@ limit gets a file of its own. Finalizing follows one order, each step a typed fa
 
     1. write the footer: rows + the source offset ranges and aggregates of the epoch
     2. close and fsync the spooled file
-    3. publish it (pipeline/output/): the fencing check - no finalized file may already hold
-       any of its offsets (a consumer that lost its partitions while paused finds the new
-       owner's files there): if one does, the file is discarded and `Fenced` raised      Fenced
-    4. ... then it becomes data/<name> in one step: a rename + directory fsync (local),
-       one PUT or a completed multipart upload (object store)               OutputWriteFailed
+    3. the check before the upload (`fence`): the table's stored versions of the file's
+       partitions (pipeline/ledger.py): another consumer already committed these offsets
+       (a consumer that lost its partitions while paused): the file is discarded        Fenced
+    4. a file with rows becomes data/<name> in one step: a rename + directory fsync
+       (local), one PUT or a completed multipart upload (object store)     OutputWriteFailed
+       (a file with no row - dead letters and duplicates only - is not uploaded at all)
 
-Only then may the caller commit offsets. The footer's offset ranges are what crash recovery
-reads back: a finalized file is proof its events were handled, whatever the broker remembers.
+Only then may the caller commit it to the table (`OutputLedger.commit_file`) and then the offsets.
+A file under data/ that no commit added is not part of the dataset (a crash before the commit).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OutputWriteFailed
+from .errors import Fenced, OutputWriteFailed
 from .faults import delay_point
 from .output import Output, as_output
 from .output.footer import FileFooter, OffsetRange, PendingDeadLetter, footer_metadata
@@ -237,9 +238,9 @@ class RollingParquetWriter:
     # --- finalizing ------------------------------------------------------------------
     def finalize(self, fence: Callable[[list[OffsetRange]], list[str]] | None = None,
                  dlq_marks: dict[int, int] | None = None) -> FileFooter | None:
-        """Steps 1-4. `fence(offsets)` names finalized files that already hold any of the offsets;
-        the output runs it right before the file becomes visible (see Output.publish). `dlq_marks`:
-        where the dead-letter topic ended before this file's dead letters are sent (footer.py)."""
+        """Steps 1-4. `fence(offsets)` names what already holds any of the offsets ([]: go on);
+        it runs right before the upload. `dlq_marks`: where the dead-letter topic ended before
+        this file's dead letters are sent (footer.py)."""
         f, self._open = self._open, None
         if f is None:
             return None
@@ -253,13 +254,29 @@ class RollingParquetWriter:
             f.writer.close()
             with open(f.path, "rb+") as fh:
                 os.fsync(fh.fileno())
+            size = f.path.stat().st_size
         except OSError as exc:
             discard(f.path)
             raise OutputWriteFailed(f"finalizing {f.name} failed: {exc}") from exc
-        # 3-4. fencing check, then visible in one step (the output discards the spooled file either way)
-        self.output.publish(f.path, f.name, offsets, fence)
-        log.info("finalized %s (%d rows)", self.output.data_path(f.name), f.rows)
-        return FileFooter(f.name, f.rows, offsets, f.aggregates, f.dead_letters, dict(dlq_marks or {}))
+        # 3. the check before the upload
+        try:
+            conflicts = fence(offsets) if fence is not None else []
+        except BaseException:
+            discard(f.path)
+            raise
+        if conflicts:
+            discard(f.path)
+            raise Fenced(
+                f"another consumer already committed offsets of {f.name} ({'; '.join(conflicts[:3])}): this "
+                "consumer lost those partitions (paused past the session timeout?); its file is discarded and "
+                "nothing is committed - restart it to resume from the table")
+        # 4. into the table directory in one step (the output discards the spooled file either way)
+        if f.rows:
+            self.output.publish(f.path, f.name)
+            log.info("uploaded %s (%d rows)", self.output.data_path(f.name), f.rows)
+        else:
+            discard(f.path)
+        return FileFooter(f.name, f.rows, offsets, f.aggregates, f.dead_letters, dict(dlq_marks or {}), size)
 
     def abort(self) -> None:
         """Drop the open file: its events were never committed and will be processed again."""

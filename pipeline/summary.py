@@ -1,11 +1,12 @@
 """`summary.json`: dataset statistics from mergeable aggregates.
 
-Each finalized Parquet file carries the aggregates of what its epoch handled (rows, errors,
-skips) in its footer. `summary.json` is the merge of exactly the finalized files' aggregates,
-so it can be updated incrementally (merge one file's aggregates) and rebuilt from footers alone,
-without re-reading any row data. Several consumers may share one output: updates re-read, add
-every finalized file not yet included, and replace the document in one compare-and-swap
-(pipeline/ledger.py `publish_summary`, pipeline/output/).
+Each table commit of a file carries the aggregates of what its epoch handled (rows, errors,
+skips) in its metadata (pipeline/output/table.py). `summary.json` is the merge of the aggregates
+of every commit up to the table version it records (`_state.table_version`), so it is updated
+incrementally (merge the commits since) and rebuilt from the log alone, without re-reading any row
+data or listing any file. Several consumers may share one output: updates re-read, merge the
+commits since, and replace the document in one compare-and-swap (pipeline/ledger.py
+`publish_summary`, pipeline/output/).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import orjson
 
@@ -232,8 +233,9 @@ class Aggregates:
             speakers_per_file=Counter(s.get("speakers_per_file", {})),
         )
 
-    def report(self, parquet_files: Iterable[str]) -> dict[str, Any]:
-        names = sorted(parquet_files)
+    def report(self, parquet_files: "Iterable[str] | int", table_version: int | None = None) -> dict[str, Any]:
+        """The document's keys; `parquet_files`: the data files' names or how many there are."""
+        count = parquet_files if isinstance(parquet_files, int) else len(list(parquet_files))
         return {
             "total_files": self.files,
             "transcription": self.transcription,
@@ -255,9 +257,10 @@ class Aggregates:
                 **{name: round(self.seconds_passing[name] / 3600, 4) for name in CUTOFFS},
             },
             "speakers_per_file": dict(sorted(self._fold_speakers().items(), key=lambda kv: int(kv[0]))),
-            "parquet_files": len(names),
+            "parquet_files": count,
+            "table_version": table_version,
             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "_state": {"aggregates": self.to_state(), "files": names},
+            "_state": {"aggregates": self.to_state(), "table_version": table_version, "parquet_files": count},
         }
 
 
@@ -267,16 +270,25 @@ def _bin_labels() -> list[str]:
     return [duration_bin((a + b) / 2) for a, b in zip(edges, edges[1:])] + [duration_bin(DURATION_BINS[-1])]
 
 
-def parse_summary(doc: bytes | None) -> tuple[Aggregates, set[str]] | None:
-    """The aggregates and file set of a summary.json, or None if missing or unreadable."""
+class SummaryState(NamedTuple):
+    """What summary.json covers: the merged aggregates up to `table_version`, and the data files then."""
+
+    aggregates: Aggregates
+    table_version: int
+    parquet_files: int
+
+
+def parse_summary(doc: bytes | None) -> SummaryState | None:
+    """The state of a summary.json, or None if missing, unreadable, or of 0.1 (a file list, no version)."""
     if doc is None:
         return None
     try:
         state = orjson.loads(doc)["_state"]
-        return Aggregates.from_state(state["aggregates"]), set(state["files"])
+        return SummaryState(Aggregates.from_state(state["aggregates"]), int(state["table_version"]),
+                            int(state["parquet_files"]))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 
 
-def render_summary(aggregates: Aggregates, files: Iterable[str]) -> bytes:
-    return orjson.dumps(aggregates.report(files), option=orjson.OPT_INDENT_2)
+def render_summary(aggregates: Aggregates, state: SummaryState) -> bytes:
+    return orjson.dumps(aggregates.report(state.parquet_files, state.table_version), option=orjson.OPT_INDENT_2)

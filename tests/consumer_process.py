@@ -390,12 +390,14 @@ def versions(events: Iterable[ObjectEvent]) -> set[ObjectVersion]:
 
 # --- reading back the guarantees ---------------------------------------------------------------
 def output_rows(output_dir: Where) -> list[dict]:
-    """(bucket, id, etag, kafka_partition, kafka_offset) of every row of every finalized file."""
-    out = as_output(output_dir)
-    rows: list[dict] = []
-    for name in out.finalized():
-        rows.extend(out.read_columns(name, ["bucket", "id", "etag", "kafka_partition", "kafka_offset"]).to_pylist())
-    return rows
+    """(bucket, id, etag, kafka_partition, kafka_offset) of every row of the table's latest version,
+    read as any Delta reader does (deltalake's dataset: only the files the log adds)."""
+    table = as_output(output_dir).table.snapshot()
+    if table is None:
+        return []
+    rows = table.to_pyarrow_dataset().to_table(
+        columns=["bucket", "id", "etag", "kafka_partition", "kafka_offset"]).to_pylist()
+    return sorted(rows, key=lambda r: (r["kafka_partition"], r["kafka_offset"]))  # a table has no row order
 
 
 def assert_exactly_once(output_dir: Where, expected: set[ObjectVersion]) -> None:
@@ -415,9 +417,12 @@ def assert_summary_matches_files(output_dir: Where) -> dict:
     """summary.json's aggregates equal those recomputed from the finalized files' rows."""
     loaded = load_summary(output_dir)
     assert loaded is not None, "summary.json is missing or unreadable"
-    summary, included = loaded
+    summary = loaded.aggregates
     rebuilt, names = rebuild_aggregates(output_dir)
-    assert included == set(names), f"summary covers {sorted(included)}, the directory holds {names}"
+    table = as_output(output_dir).table
+    table.refresh()
+    assert loaded.table_version == table.version, f"summary covers version {loaded.table_version}, the table is at {table.version}"
+    assert loaded.parquet_files == len(names), f"summary counts {loaded.parquet_files} files, the table holds {len(names)}"
     assert summary.files == rebuilt.files
     assert abs(summary.total_duration_sec - rebuilt.total_duration_sec) < 1e-3
     assert summary.sampling_rates == rebuilt.sampling_rates
@@ -430,18 +435,20 @@ def assert_summary_matches_files(output_dir: Where) -> dict:
 
 
 def footer_offsets(output_dir: Where) -> dict[int, list[tuple[int, int, str]]]:
-    """Per partition, the [first, last] offset ranges the finalized files' footers claim, and the file."""
-    store = as_output(output_dir)
+    """Per partition, the [first, last] offset ranges the table's commits hold, and the commit."""
+    table = as_output(output_dir).table
     out: dict[int, list[tuple[int, int, str]]] = {}
-    for name in store.finalized():
-        footer = store.read_footer(name)
-        for r in footer.offsets:
-            out.setdefault(r.partition, []).append((r.first, r.last, f"{name} ({footer.rows} rows)"))
+    if table.refresh() is None:
+        return out
+    for c in table.commits(None):
+        rows = sum(n for _, n in c.files)
+        for r in c.offsets:
+            out.setdefault(r.partition, []).append((r.first, r.last, f"v{c.version} {[n for n, _ in c.files]} ({rows} rows)"))
     return {k: sorted(v) for k, v in out.items()}
 
 
 def assert_offsets_contiguous(output_dir: Where, ends: dict[int, int]) -> None:
-    """Footers cover every offset [0, end) of each partition once: no gap, no overlap."""
+    """The table's commits cover every offset [0, end) of each partition once: no gap, no overlap."""
     spans = footer_offsets(output_dir)
     for partition, end in ends.items():
         nxt = 0

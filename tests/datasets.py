@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.ledger import publish_summary
+from pipeline.ledger import OutputLedger, publish_summary
 from pipeline.parquet import OffsetRange, RollingParquetWriter
 from pipeline.records import Segment, TranscribedAudio, to_table
 from pipeline.summary import Aggregates
@@ -40,10 +40,11 @@ def make_row(i: int, rng: np.random.Generator, partition: int = 0) -> Transcribe
 
 def write_dataset(output_dir: Path, rows: int = 120, files: int = 3, errors: dict[str, int] | None = None,
                   skipped: int = 2, duplicates: int = 1, seed: int = 7) -> Path:
-    """`files` finalized Parquet files holding `rows` rows, plus dead-letter counts; summary.json published."""
+    """`files` Parquet files committed to the table holding `rows` rows, plus dead-letter counts; summary.json published."""
     rng = np.random.default_rng(seed)
     errors = dict(errors if errors is not None else {"NotAudio": 3, "ObjectMissing": 1, "DurationOutOfRange": 2})
     writer = RollingParquetWriter(output_dir, roll_max_rows=10**9, roll_max_seconds=10**6)
+    ledger = OutputLedger(output_dir)
     try:
         per_file = max(1, rows // files)
         offset = 0
@@ -58,7 +59,7 @@ def write_dataset(output_dir: Path, rows: int = 120, files: int = 3, errors: dic
                     for _ in range(n):
                         agg.add_error(error_type)
             writer.append(to_table(batch), [OffsetRange("events", 0, offset, offset + max(count, 1) - 1)], agg)
-            writer.finalize()
+            ledger.commit_file(writer.finalize())
             offset += max(count, 1)
     finally:
         writer.close()

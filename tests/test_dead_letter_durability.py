@@ -1,10 +1,11 @@
 """Every input ends as exactly one row or one dead letter, durable together (issue 19 item 4).
 
-A dead letter travels in the footer of the file that covers its offset and is sent once that file
-is durable, before the commit. The three crash windows of that order are each killed with -9 in a
-real child consumer (Tansu + moto), then a restart finishes; the dead-letter topic is read back:
+A dead letter travels in the table commit that covers its offset and is sent once that commit
+is durable, before the broker's commit. The crash windows of that order are each killed with -9
+in a real child consumer (Tansu + moto), then a restart finishes; the dead-letter topic is read back:
     before_finalize     rows and dead letters applied, file not durable: both are decided again
-    after_rename        file durable, dead letters not sent: the restart sends them (from the footer)
+    after_rename        file uploaded, not in the table: both are decided again
+    after_table_commit  rows in the table, dead letters not sent: the restart sends them (from the commit)
     after_dead_letters  dead letters sent, offsets not committed: the restart sends none again
 """
 
@@ -54,7 +55,7 @@ def s3_admin(services):
                         aws_secret_access_key=MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
 
 
-@pytest.mark.parametrize("point", ["before_finalize", "after_rename", "after_dead_letters"])
+@pytest.mark.parametrize("point", ["before_finalize", "after_rename", "after_table_commit", "after_dead_letters"])
 def test_kill_9_around_a_files_dead_letters_leaves_each_bad_input_one_dead_letter_and_each_good_one_row(
         point, services, s3_admin, tmp_path, speech_corpus, models):
     unique = uuid.uuid4().hex[:10]
@@ -72,7 +73,7 @@ def test_kill_9_around_a_files_dead_letters_leaves_each_bad_input_one_dead_lette
     with logs_on_failure(child):
         assert child.proc.returncode == -signal.SIGKILL, "the crash point did not kill the consumer"
     durable = bool(finalized_files(st.output_dir))
-    assert durable == (point != "before_finalize")
+    assert durable == (point in ("after_table_commit", "after_dead_letters"))
 
     consume_until_idle(st, models)  # the restart, without METAVOICE_CRASH_AT
 

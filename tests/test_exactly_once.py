@@ -51,7 +51,8 @@ pytestmark = pytest.mark.integration
 CRASHES = [
     ("download", 11),  # mid-download of the 6th micro-batch
     ("transcribe", 5),  # mid-transcription of the 5th micro-batch
-    ("after_rename", 2),  # the 2nd file is renamed into place, its offsets never committed
+    ("after_rename", 2),  # the 2nd file is renamed into place, never committed to the table
+    ("after_table_commit", 2),  # the 2nd file is in the table, its offsets never committed to the broker
     ("mid_summary_write", 3),  # half of summary.json's temp file written (the 1st write is _manifest.json)
 ]
 
@@ -90,7 +91,7 @@ def crashed(services, s3_admin, tmp_path_factory, speech_corpus):
     """Every crash scenario's consumer, started at once: each dies by a count, not by timing, so
     they need not take turns. name -> (settings, events, the dead child)."""
     scenarios = {point: (dict(pipeline_depth=3), 12, f"{point}:{nth}") for point, nth in CRASHES}
-    scenarios["last_rename"] = (dict(roll_max_rows=100), 4, "after_rename:1")  # one file, finalized at the idle exit
+    scenarios["last_commit"] = (dict(roll_max_rows=100), 4, "after_table_commit:1")  # one file, finalized at the idle exit
     runs = {}
     for name, (overrides, count, crash_at) in scenarios.items():
         root, unique = tmp_path_factory.mktemp(f"crash-{name}"), uuid.uuid4().hex[:10]
@@ -124,10 +125,10 @@ def test_kill_9_then_restart_keeps_every_event_exactly_once(point, crashed, mode
 
 
 @pytest.mark.slow
-def test_kill_after_the_last_rename_restart_commits_and_repairs_the_summary(crashed, models):
-    """The worst spot for the *last* file: renamed, but no summary and no commit, and no event
-    left to process. The restart must still bring summary.json and the broker up to the files."""
-    st, events, child = crashed["last_rename"]
+def test_kill_after_the_last_table_commit_restart_commits_and_repairs_the_summary(crashed, models):
+    """The worst spot for the *last* file: in the table, but no summary and no broker commit, and no
+    event left to process. The restart must still bring summary.json and the broker up to the table."""
+    st, events, child = crashed["last_commit"]
     with logs_on_failure(child):
         assert child.proc.returncode == -signal.SIGKILL
         assert len(finalized_files(st.output_dir)) == 1
@@ -202,7 +203,7 @@ def test_sigterm_mid_stream_exits_0_promptly_and_a_restart_finishes_exactly_once
     assert "stopping: SIGTERM" in proc.log()
 
     # Everything the broker has as committed is in the files (nothing committed is lost) ...
-    held = OutputLedger(st.output_dir)
+    held = OutputLedger(st.output_dir, group=st.group)
     held.refresh()
     stopped_at = committed_offsets(st)
     assert any(o is not None for o in stopped_at.values())

@@ -8,9 +8,10 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from consumer.batcher import Batcher
-from pipeline.errors import OutputConfigMismatch
-from pipeline.ledger import DedupeIndex, OutputLedger, object_version_hash, publish_summary, rebuild_aggregates, recover
-from pipeline.output import OffsetRange
+from pipeline.errors import Fenced, OutputConfigMismatch, OutputNotMigrated, TableGap
+from pipeline.ledger import (STATE_DEDUPE, DedupeIndex, OutputLedger, object_version_hash, publish_summary,
+                             rebuild_aggregates, recover)
+from pipeline.output import LocalOutput, OffsetRange
 from pipeline.output.layout import MANIFEST_NAME, SUMMARY_NAME
 from pipeline.parquet import RollingParquetWriter
 from pipeline.records import to_table
@@ -32,16 +33,26 @@ def test_dedupe_index_answers_membership_across_merges():
     assert len(idx) == 36 and idx.nbytes < 36 * 64 + 1024
 
 
-def test_ledger_rebuilds_positions_and_object_versions_from_files(tmp_path):
+def test_ledger_rebuilds_positions_and_object_versions_from_the_table(tmp_path):
     write_file(tmp_path, 0, 3)
     write_file(tmp_path, 3, 2)
     ledger = OutputLedger(tmp_path)
-    assert ledger.refresh() == 2
+    assert ledger.refresh() >= 2 and ledger.files_read == 2
     assert ledger.next_offset("t", 0) == 5
     assert ledger.next_offset("t", 1) is None
     assert ledger.already_written("b", "k4.flac", "e4")
     assert not ledger.already_written("b", "k4.flac", "new-etag")
-    assert ledger.refresh() == 0  # nothing new
+    assert ledger.refresh() == 0 and ledger.files_read == 2  # nothing new: nothing read
+
+
+def test_positions_are_per_group_app_transactions(tmp_path):
+    write_file(tmp_path, 0, 3, group="g1")
+    ledger = OutputLedger(tmp_path, group="g1")
+    ledger.refresh()
+    assert ledger.next_offset("t", 0) == 3
+    other = OutputLedger(tmp_path, group="g2")
+    other.refresh()
+    assert other.next_offset("t", 0) is None and other.already_written("b", "k0.flac", "e0")
 
 
 IDENTITY = {"topic": "t", "group": "g", "whisper_model": "tiny.en", "tokenizer": "synthetic"}
@@ -57,7 +68,7 @@ def dead_writers_file(output_dir, first: int) -> None:
 def test_start_up_recovery_drops_dead_writers_files_indexes_the_rest_and_repairs_a_summary_behind_them(tmp_path):
     write_file(tmp_path, 0, 2)
     publish_summary(tmp_path)
-    write_file(tmp_path, 2, 3)  # a crash between this file's publish and the summary write
+    write_file(tmp_path, 2, 3)  # a crash between this file's table commit and the summary write
     dead_writers_file(tmp_path, 5)
     assert orjson.loads((tmp_path / SUMMARY_NAME).read_bytes())["parquet_files"] == 1 and inprogress_files(tmp_path)
 
@@ -65,10 +76,31 @@ def test_start_up_recovery_drops_dead_writers_files_indexes_the_rest_and_repairs
     recover(ledger, IDENTITY)
 
     assert not inprogress_files(tmp_path)
-    assert ledger.known_files == 2 and ledger.next_offset("t", 0) == 5 and ledger.already_written("b", "k4.flac", "e4")
+    assert ledger.next_offset("t", 0) == 5 and ledger.already_written("b", "k4.flac", "e4")
     summary = orjson.loads((tmp_path / SUMMARY_NAME).read_bytes())
     assert summary["parquet_files"] == 2 and summary["total_files"] == rebuild_aggregates(tmp_path)[0].files == 5
+    assert summary["table_version"] == ledger.table_version
     assert orjson.loads((tmp_path / MANIFEST_NAME).read_bytes())["whisper_model"] == "tiny.en"
+
+
+def test_a_restart_reads_only_the_files_added_since_the_dedupe_checkpoint(tmp_path):
+    """The index is checkpointed beside the table (outside data/) with the version it covers: the
+    next start reads the checkpoint and the files of the commits since, never every file."""
+    for first in range(0, 10, 2):
+        write_file(tmp_path, first, 2)
+    first = OutputLedger(tmp_path)
+    recover(first, IDENTITY)
+    assert first.files_read == 5 and (tmp_path / STATE_DEDUPE).exists()
+    assert not str(STATE_DEDUPE).startswith("data/")  # VACUUM of the table root never touches it
+
+    again = OutputLedger(tmp_path)
+    recover(again, IDENTITY)
+    assert again.files_read == 0 and again.already_written("b", "k9.flac", "e9") and again.next_offset("t", 0) == 10
+
+    write_file(tmp_path, 10, 3)
+    third = OutputLedger(tmp_path)
+    recover(third, IDENTITY)
+    assert third.files_read == 1 and third.already_written("b", "k12.flac", "e12") and third.already_written("b", "k0.flac", "e0")
 
 
 def test_start_up_recovery_refuses_an_output_built_with_another_configuration_before_touching_it(tmp_path):
@@ -80,7 +112,20 @@ def test_start_up_recovery_refuses_an_output_built_with_another_configuration_be
     assert inprogress_files(tmp_path)  # refused first: nothing else was done
     recover(OutputLedger(tmp_path), other, force=True)
     assert not inprogress_files(tmp_path)
-    assert not (tmp_path / SUMMARY_NAME).exists()  # no finalized file: nothing to summarize
+    assert not (tmp_path / SUMMARY_NAME).exists()  # nothing committed: nothing to summarize
+
+
+def test_start_up_refuses_a_0_1_output_naming_the_migrate_command(tmp_path):
+    """Parquet files under data/ without a Delta log: the consumer refuses rather than resume from
+    nothing (it would write every event again)."""
+    (tmp_path / "data").mkdir()
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([row(0)]), [OffsetRange("t", 0, 0, 0)], agg([row(0)]))
+    w.finalize()
+    w.close()
+    with pytest.raises(OutputNotMigrated, match="metavoice migrate"):
+        recover(OutputLedger(tmp_path), IDENTITY)
+    assert not (tmp_path / "data" / "_delta_log").exists()
 
 
 def test_an_assignment_catches_up_with_files_other_writers_finalized_or_left_behind(tmp_path):
@@ -88,8 +133,62 @@ def test_an_assignment_catches_up_with_files_other_writers_finalized_or_left_beh
     assert ledger.catch_up() == 0
     write_file(tmp_path, 0, 3)
     dead_writers_file(tmp_path, 3)
-    assert ledger.catch_up() == 1 and ledger.next_offset("t", 0) == 3
+    assert ledger.catch_up() >= 1 and ledger.next_offset("t", 0) == 3
     assert not inprogress_files(tmp_path)
+
+
+def committed_file(tmp_path, first: int, n: int):
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    rows = [row(first + i) for i in range(n)]
+    w.append(to_table(rows), [OffsetRange("t", 0, first, first + n - 1)], agg(rows))
+    out = w.finalize()
+    w.close()
+    return out
+
+
+def test_a_file_whose_offsets_another_consumer_committed_first_is_fenced_and_removed(tmp_path):
+    """Two ledgers read the table at the same version; both upload a file for the same offsets. The
+    first commit wins; the second is refused by the table (its app transactions moved), finds the
+    stored version past its first offset, removes its upload and raises `Fenced`."""
+    a, b = OutputLedger(tmp_path), OutputLedger(tmp_path)
+    a.table.ensure()
+    a.refresh(), b.refresh()
+    mine, theirs = committed_file(tmp_path, 0, 2), committed_file(tmp_path, 0, 2)
+    a.commit_file(mine)
+    with pytest.raises(Fenced, match="already committed"):
+        b.commit_file(theirs)
+    assert not (tmp_path / "data" / theirs.name).exists() and (tmp_path / "data" / mine.name).exists()
+    assert LocalOutput(tmp_path).finalized() == [mine.name]
+    assert b.check([OffsetRange("t", 0, 0, 1)])  # the check before an upload says so too
+    assert not b.check([OffsetRange("t", 0, 2, 3)])
+
+
+def test_a_partition_whose_version_goes_back_stops_the_consumer(tmp_path):
+    ledger = OutputLedger(tmp_path)
+    ledger.commit_file(committed_file(tmp_path, 0, 2))
+    for entry in sorted((tmp_path / "data" / "_delta_log").glob("*.json"))[1:]:
+        entry.unlink()  # the log rewritten under us: our commit vanished
+    ledger.table.forget()  # a fresh read of the rewritten log
+    with pytest.raises(TableGap, match="went back"):
+        ledger.check([OffsetRange("t", 0, 2, 3)])
+
+
+def test_a_commit_with_no_row_advances_the_partition_without_a_file(tmp_path):
+    """A micro-batch of dead letters and duplicates only: no file uploaded, an empty commit with the
+    partition's app transaction (and the dead letters in its metadata)."""
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    a = agg([])
+    a.skipped = 2
+    w.append(to_table([]), [OffsetRange("t", 0, 0, 1)], a)
+    footer = w.finalize()
+    w.close()
+    ledger = OutputLedger(tmp_path)
+    ledger.commit_file(footer)
+    assert not (tmp_path / "data" / footer.name).exists() and ledger.output.finalized() == []
+    fresh = OutputLedger(tmp_path)
+    fresh.refresh()
+    assert fresh.next_offset("t", 0) == 2
+    assert publish_summary(tmp_path)["skipped"] == 2
 
 
 def record(offset: int, value: bytes | None, partition: int = 0) -> ConsumerRecord:
@@ -146,54 +245,77 @@ def test_under_a_backlog_a_micro_batch_grows_past_its_idle_size_and_shrinks_back
     assert batcher.event_limit == 4
 
 
-def test_fencing_ranges_merged_from_files_find_exactly_the_offsets_some_file_holds():
-    """`Spans` against a brute force over every file's span, for files in any order (gaps too)."""
-    from hypothesis import given, settings, strategies as st
-
-    from pipeline.ledger import Spans
-
-    @settings(max_examples=300, deadline=None)
-    @given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 6)), min_size=1, max_size=25),
-           st.integers(0, 70), st.integers(0, 8))
-    def check(files, q_first, q_len):
-        spans, held = Spans(), set()
-        for n, (first, length) in enumerate(files):
-            spans.add(("t", 0), first, first + length, f"f{n}")
-            held.update(range(first, first + length + 1))
-        found = spans.holding(("t", 0), q_first, q_first + q_len)
-        assert bool(found) == bool(held & set(range(q_first, q_first + q_len + 1)))
-        covered = {o for a, b, _ in found for o in range(a, b + 1)}
-        assert held & set(range(q_first, q_first + q_len + 1)) <= covered <= held
-        assert len(spans) <= len(files)
-
-    check()
-
-
-def test_ledger_and_latency_memory_stay_bounded_over_10_million_events(tmp_path):
-    """10 million events in 10,000 files over 4 partitions: fencing keeps one range per partition,
-    the indexed file names 8 bytes each, the latency window its fixed size - not one entry per
-    file or batch for the whole uptime."""
-    from consumer.committer import LATENCY_WINDOW, CommitStats
-    from pipeline.output import FileFooter
-    from pipeline.summary import Aggregates
-
+def test_catching_up_with_many_files_merges_the_index_once(tmp_path, monkeypatch):
+    """Merging per file re-sorted the whole index once per file (quadratic: 145 s for 2 M hashes in
+    200 files); a catch-up merges every new file's hashes in one sort."""
+    for first in range(0, 20, 2):
+        write_file(tmp_path, first, 2)
+    merges = []
+    real = DedupeIndex._merge
+    monkeypatch.setattr(DedupeIndex, "_merge", lambda self, extra=None: (merges.append(1), real(self, extra))[1])
     ledger = OutputLedger(tmp_path)
-    per_file, files, partitions = 1_000, 10_000, 4
-    next_offset = [0] * partitions
-    for n in range(files):
-        p = n % partitions
-        first = next_offset[p]
-        next_offset[p] += per_file
-        ledger.record_finalized(FileFooter(f"part-{n:08d}.parquet", per_file, [OffsetRange("t", p, first, first + per_file - 1)],
-                                           Aggregates()))
-    assert ledger.known_files == files
-    assert ledger.span_count == partitions
-    assert ledger._indexed.nbytes <= 64 * 50_000  # hashes; the set of names held ~100 bytes per file
-    assert [ledger.next_offset("t", p) for p in range(partitions)] == next_offset
-    assert ledger.overlapping([OffsetRange("t", 1, 5, 5)]) and not ledger.overlapping([OffsetRange("t", 1, next_offset[1], next_offset[1] + 9)])
+    ledger.refresh()
+    assert ledger.files_read == 10 and len(merges) == 1 and len(ledger.index) == 20
 
+
+def test_ledger_and_latency_memory_stay_bounded_over_10_million_events():
+    """The latency window keeps its fixed size over 10 million events in 10,000 files - not one entry
+    per batch for the whole uptime. (The ledger keeps one version per partition: the table holds the
+    rest.)"""
+    from consumer.committer import LATENCY_WINDOW, CommitStats
+
+    per_file, files = 1_000, 10_000
     stats = CommitStats()
     for _ in range(files):  # one finalize per file, one latency per batch: 10 million in all
         stats.latencies.extend([0.5] * per_file)
     assert stats.latencies.total == 10_000_000 and len(stats.latencies) == LATENCY_WINDOW
     assert len(stats.latencies.since(10_000_000 - 3)) == 3
+
+
+def test_a_commit_whose_answer_is_lost_is_resolved_from_the_log_not_committed_twice(tmp_path, monkeypatch):
+    """The commit lands but its answer is lost (a timeout, a dropped connection): the ledger reads the
+    log, finds its own commit id there and goes on; a commit that did not land is tried again."""
+    from pipeline.output.table import DatasetTable
+
+    real = DatasetTable._create_entry  # noqa: SLF001
+    calls = []
+
+    def lost_answer(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            real(self, *args, **kwargs)
+            raise OSError("connection reset after the PUT landed")
+        if len(calls) == 2:
+            raise OSError("connection refused: nothing was written")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DatasetTable, "_create_entry", lost_answer)
+    ledger = OutputLedger(tmp_path)
+    ledger.commit_file(committed_file(tmp_path, 0, 2))  # landed, answer lost
+    ledger.commit_file(committed_file(tmp_path, 2, 2))  # refused once, then lands
+    monkeypatch.undo()
+    fresh = OutputLedger(tmp_path)
+    fresh.refresh()
+    assert fresh.next_offset("t", 0) == 4 and len(LocalOutput(tmp_path).finalized()) == 2
+    assert len(calls) == 3
+    offsets = [(r.first, r.last) for c in fresh.table.commits(None) for r in c.offsets]
+    assert offsets == [(0, 1), (2, 3)]  # each once
+
+
+def test_a_0_1_output_is_migrated_into_a_table_that_resumes_where_its_footers_end(tmp_path):
+    """`migrate_output` commits 0.1's files with their footer offsets: the consumer then starts, the
+    positions and the dedupe index come from the table, and summary.json counts the migrated rows."""
+    from pipeline.ledger import migrate_output
+
+    for first in (0, 3):
+        committed_file(tmp_path, first, 3)  # 0.1: files under data/, no table
+    with pytest.raises(OutputNotMigrated):
+        recover(OutputLedger(tmp_path), IDENTITY)
+    assert migrate_output(tmp_path) is not None
+    ledger = OutputLedger(tmp_path)
+    recover(ledger, IDENTITY)
+    assert ledger.next_offset("t", 0) == 6 and ledger.already_written("b", "k5.flac", "e5")
+    assert sorted(LocalOutput(tmp_path).finalized()) == sorted(p.name for p in (tmp_path / "data").glob("*.parquet"))
+    assert orjson.loads((tmp_path / SUMMARY_NAME).read_bytes())["total_files"] == 6
+    with pytest.raises(Exception, match="already has a Delta table"):
+        migrate_output(tmp_path)

@@ -85,16 +85,19 @@ def test_two_consumers_with_no_shared_directory_write_one_prefix_every_event_onc
         assert_nothing_lost_nothing_doubled(st, events)
 
 
-@pytest.mark.parametrize("crash_at", ["after_upload:2", "after_summary:2"])
+@pytest.mark.parametrize("crash_at, in_table", [("after_upload:2", 1), ("after_table_commit:2", 2), ("after_summary:2", 2)])
 def test_kill_9_between_upload_and_commit_then_restart_keeps_every_event_once(
-    services, s3_stream, models, tmp_path, crash_at
+    services, s3_stream, models, tmp_path, crash_at, in_table
 ):
+    """Killed after the 2nd upload (not in the table: its events are processed again), after its table
+    commit (before the broker's commit: the restart seeks past it from the app transactions), and
+    after its summary write."""
     st, events = s3_stream(12)
     child = ConsumerProcess(services, st, tmp_path / "crashed.log", METAVOICE_CRASH_AT=crash_at).start()
     rc = child.wait(timeout=120)
     with logs_on_failure(child):
         assert rc == -signal.SIGKILL, "the crash point did not kill the consumer"
-        assert len(open_output(st.output_dir, st).finalized()) == 2  # uploaded, its offsets never committed
+        assert len(open_output(st.output_dir, st).finalized()) == in_table
 
     consume_until_idle(st.model_copy(update={"exit_when_idle": 1.0}), models)  # the restart, same spool
 

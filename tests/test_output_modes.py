@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.durable import atomic_write_bytes
-from pipeline.ledger import publish_summary
+from pipeline.ledger import OutputLedger, publish_summary
 from pipeline.manifest import check_manifest
 from pipeline.output import LocalOutput, OffsetRange
 from pipeline.output.layout import CARD_NAME, MANIFEST_NAME, SUMMARY_NAME
@@ -41,7 +41,7 @@ def test_summary_card_manifest_and_data_files_get_the_umask_mode(tmp_path, umask
     w.append(to_table([row(0)]), [OffsetRange("t", 0, 0, 0)], agg([row(0)]))
     inprogress = next((out.root / "_tmp").glob("*.inprogress"))
     assert mode(inprogress) == 0o666 & ~umask  # the spool too
-    w.finalize()
+    OutputLedger(out).commit_file(w.finalize())
     w.close()
     publish_summary(out)
 

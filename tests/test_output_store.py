@@ -1,9 +1,9 @@
 """The dataset in object storage: the same promises as a local directory, against a real S3 server.
 
-Files appear under data/ whole or not at all (one PUT, or a multipart upload of equal parts);
-footers come back with ranged reads; summary.json and _manifest.json are compare-and-swap writes
-that no racing writer can undo; a finalize's offsets are claimed, so two writers never both
-publish the same offsets.
+Files appear under data/ whole or not at all (one PUT, or a multipart upload of equal parts) and
+join the dataset with a Delta table commit; the log and three columns come back with ranged reads;
+summary.json and _manifest.json are compare-and-swap writes that no racing writer can undo; two
+writers holding the same offsets never both commit them (the table's app transactions decide).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def write_file(out, first: int, count: int, partition: int = 0, noise: bool = Fa
     w.append(to_table(rows), [OffsetRange("t", partition, first, first + count - 1)], aggregates(rows))
     footer = w.finalize()
     w.close()
+    OutputLedger(out).commit_file(footer)
     return footer.name
 
 
@@ -77,21 +78,23 @@ def keys(s3, out: S3Output) -> list[str]:
 def test_a_finalized_file_is_uploaded_whole_under_data_and_read_back_from_its_footer(store, s3):
     name = write_file(store, 0, 3)
     assert isinstance(store, S3Output)
-    assert keys(s3, store) == [f"data/{name}"]  # no spool file, no claim left behind
+    assert [k for k in keys(s3, store) if not k.startswith("data/_delta_log/")] == [f"data/{name}"]  # no spool file, no claim
+    assert store.finalized() == [name]
     footer = store.read_footer(name)
     assert footer.rows == 3 and [(r.first, r.last) for r in footer.offsets] == [(0, 2)]
     assert store.read_columns(name, ["id"]).column("id").to_pylist() == ["k0.flac", "k1.flac", "k2.flac"]
     assert not list(store.spool.glob("*.inprogress"))
 
 
-def test_recovery_reads_footers_and_three_columns_never_whole_files(store, s3, services):
+def test_recovery_reads_the_log_and_three_columns_never_whole_files(store, s3, services):
     """The ledger learns offsets and object versions from an object store through a byte-counting
-    relay: ranged reads of footers and of three small columns, a fraction of the files' bytes."""
+    relay: the table's log and ranged reads of three small columns, a fraction of the files' bytes."""
     names = [write_file(store, 0, 50, noise=True, frames=3000), write_file(store, 50, 50, noise=True, frames=3000)]
     total = sum(s3.head_object(Bucket=store.bucket, Key=store.key(f"data/{n}"))["ContentLength"] for n in names)
     relay = TcpOutage(int(services.s3_endpoint_url.rsplit(":", 1)[1]))
     try:
         counted = S3Output(store.location, spool=store.spool, client_kwargs={**_client_kwargs(store), "endpoint_url": relay.url})
+        counted.table = store.table  # the log read directly: the relay counts what is read of the data files
         ledger = OutputLedger(counted)
         ledger.refresh()
         fetched = relay.bytes_from_server
@@ -168,8 +171,10 @@ def test_two_summary_writers_racing_lose_no_update(store, monkeypatch):
     for t in threads:
         t.join()
     assert not errors
-    summary, included = load_summary(store)
-    assert included == set(store.finalized()) and len(included) == 8
+    state = load_summary(store)
+    store.table.refresh()
+    assert state.parquet_files == len(store.finalized()) == 8 and state.table_version == store.table.version
+    summary = state.aggregates
     assert summary.files == 16
     assert conflicts, "the writers never raced: the test proves nothing"
     rebuilt, _ = rebuild_aggregates(store)
@@ -232,37 +237,58 @@ def test_the_manifest_is_created_once_and_a_different_configuration_is_refused(s
     assert "configs:" in card and "data/*.parquet" in card
 
 
-def test_a_writer_whose_offsets_another_writer_published_is_fenced_and_publishes_nothing(store, s3):
+def test_a_writer_whose_offsets_another_writer_committed_is_fenced_and_publishes_nothing(store, s3):
     stale = RollingParquetWriter(store, roll_max_rows=10**6, roll_max_seconds=3600)
     rows = [row(i) for i in range(5)]
     stale.append(to_table(rows), [OffsetRange("t", 0, 0, 4)], aggregates(rows))
-    owner = write_file(store, 0, 3)  # the partition's new owner finalizes offsets 0-2 first
+    owner = write_file(store, 0, 3)  # the partition's new owner commits offsets 0-2 first
     ledger = OutputLedger(store)
-
-    def fence(offsets):
-        ledger.refresh()
-        return ledger.overlapping(offsets)
-
     with pytest.raises(Fenced):
-        stale.finalize(fence)
+        stale.finalize(ledger.check)
     assert store.finalized() == [owner]
-    assert not [k for k in keys(s3, store) if k.startswith("_claims/")], "a fenced writer releases its claims"
+    assert [k for k in keys(s3, store) if not k.startswith("data/_delta_log/")] == [f"data/{owner}"]
     assert not list(store.spool.glob("*.inprogress"))
 
 
-def test_a_claim_held_by_a_live_writer_is_waited_for_and_a_dead_writers_claim_is_taken_over(settings_factory, s3, unique, tmp_path):
+def test_two_writers_committing_the_same_offsets_at_once_leave_one_file_and_remove_the_other(settings_factory, s3, unique, tmp_path):
+    """Both read the table at the same version and upload a file for offsets 0-2; their commits race
+    through the log's conditional put. One commit lands, the other is refused by the table, re-reads,
+    finds the offsets taken, removes its upload and raises `Fenced`: never two files for one offset."""
     s3.create_bucket(Bucket=f"out-{unique}")
-    st = settings_factory(output_dir=f"s3://out-{unique}/p", spool_dir=str(tmp_path / "spool"), output_claim_ttl_s=10)
-    out = open_output(st.output_dir, st)
-    claim = out.key("_claims/t/0/00000000000000000000")
-    # a writer that died between its claim and its upload
-    s3.put_object(Bucket=out.bucket, Key=claim, Body=orjson.dumps({"file": "part-dead.parquet", "first": 0, "last": 9}))
-    t0 = time.monotonic()
-    name = write_file(out, 0, 3)
-    waited = time.monotonic() - t0
-    assert 9 <= waited < 20, f"a fresh claim must be waited for until its TTL (10 s), took {waited:.1f}s"
-    assert out.finalized() == [name]
-    assert not [k for k in keys(s3, out) if k.startswith("_claims/")]
+    st = settings_factory(output_dir=f"s3://out-{unique}/p", spool_dir=str(tmp_path / "spool"))
+    outs = [open_output(st.output_dir, st) for _ in range(2)]
+    outs[0].table.ensure()
+    ledgers = [OutputLedger(o) for o in outs]
+    footers = []
+    for o in outs:
+        w = RollingParquetWriter(o, roll_max_rows=10**6, roll_max_seconds=3600)
+        rows = [row(i) for i in range(3)]
+        w.append(to_table(rows), [OffsetRange("t", 0, 0, 2)], aggregates(rows))
+        footers.append(w.finalize())
+        w.close()
+    for ledger in ledgers:
+        ledger.refresh()
+    barrier, results = threading.Barrier(2), []
+
+    def commit(i):
+        barrier.wait()
+        try:
+            results.append(("ok", ledgers[i].commit_file(footers[i])))
+        except Fenced as exc:
+            results.append(("fenced", exc))
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r[0] for r in results) == ["fenced", "ok"], results
+    winner = outs[0].finalized()
+    assert len(winner) == 1 and winner[0] in {f.name for f in footers}
+    assert [k for k in keys(s3, outs[0]) if not k.startswith("data/_delta_log/")] == [f"data/{winner[0]}"]
+    fresh = OutputLedger(open_output(st.output_dir, st))
+    fresh.refresh()
+    assert fresh.next_offset("t", 0) == 3
 
 
 def test_an_object_store_output_leaves_a_dead_writers_spool_and_multipart_uploads_behind_no_more(store, s3, tmp_path):
@@ -304,15 +330,3 @@ def test_the_output_store_takes_the_audio_stores_endpoint_and_keys_unless_given_
     assert other.output_s3_client_kwargs() == {"endpoint_url": "http://data", "region_name": "eu-west-1",
                                                "aws_access_key_id": "dk", "aws_secret_access_key": "ds"}
     assert other.s3_client_kwargs()["aws_access_key_id"] == "ak"  # downloads keep the audio's keys
-
-
-def test_a_claim_whose_file_is_already_published_fences_at_once(store, s3):
-    """A paused former owner meets the new owner's claim while its file is already in data/."""
-    owner = write_file(store, 0, 3)
-    claim = store.key("_claims/t/0/00000000000000000000")
-    s3.put_object(Bucket=store.bucket, Key=claim, Body=orjson.dumps({"file": owner, "first": 0, "last": 2}))
-    t0 = time.monotonic()
-    with pytest.raises(Fenced):
-        write_file(store, 0, 5)
-    assert time.monotonic() - t0 < 5, "a published holder needs no waiting"
-    assert store.finalized() == [owner]

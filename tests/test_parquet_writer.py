@@ -41,7 +41,7 @@ def test_open_file_never_matches_the_parquet_glob(tmp_path):
     assert list(tmp_path.rglob("*.parquet")) == []
     assert len(list(tmp_path.rglob("*.parquet.inprogress"))) == 1
     w.finalize()
-    assert len(LocalOutput(tmp_path).finalized()) == 1 and not list(tmp_path.rglob("*.inprogress"))
+    assert len(LocalOutput(tmp_path).listed()) == 1 and not list(tmp_path.rglob("*.inprogress"))
 
 
 def test_data_holds_only_finalized_files_while_one_is_being_written(tmp_path):
@@ -50,7 +50,7 @@ def test_data_holds_only_finalized_files_while_one_is_being_written(tmp_path):
     w.append(to_table([row(0)]), [OffsetRange("t", 0, 0, 0)], agg([row(0)]))
     w.finalize()
     w.append(to_table([row(1)]), [OffsetRange("t", 0, 1, 1)], agg([row(1)]))
-    assert [p.name for p in (tmp_path / "data").iterdir()] == LocalOutput(tmp_path).finalized()
+    assert [p.name for p in (tmp_path / "data").iterdir()] == LocalOutput(tmp_path).listed()
     assert list((tmp_path / "_tmp").glob("*.inprogress"))
     import pyarrow.dataset as ds
     assert ds.dataset(tmp_path / "data", format="parquet").to_table().num_rows == 1
@@ -156,7 +156,7 @@ def test_a_batch_is_split_at_roll_max_rows_with_footers_holding_exactly_each_fil
     done = write_batch(w, outcomes + [dead, skip], [OffsetRange("t", 0, 0, 5), OffsetRange("t", 1, 10, 13)])
     done.append(w.finalize())
 
-    footers = [out.read_footer(n) for n in out.finalized()]
+    footers = [out.read_footer(n) for n in out.listed()]
     assert [f.rows for f in footers] == [3, 3, 2]
     assert [[(r.partition, r.first, r.last) for r in f.offsets] for f in footers] == [
         [(0, 0, 2)], [(0, 3, 5), (1, 10, 10)], [(1, 11, 13)]]
@@ -180,7 +180,7 @@ def test_one_records_rows_stay_in_one_file_even_when_they_alone_pass_roll_max_ro
     write_batch(w, first + [many, outcome(at(0, 3))], [OffsetRange("t", 0, 0, 3)])
     w.finalize()
 
-    footers = [out.read_footer(n) for n in out.finalized()]
+    footers = [out.read_footer(n) for n in out.listed()]
     assert [f.rows for f in footers] == [2, 5, 1]
     assert [[(r.first, r.last) for r in f.offsets] for f in footers] == [[(0, 1)], [(2, 2)], [(3, 3)]]
     assert set(out.read_columns(footers[1].name, ["kafka_offset"]).column(0).to_pylist()) == {2}
@@ -194,7 +194,7 @@ def test_a_file_is_bounded_by_roll_max_bytes_of_rows(tmp_path):
     write_batch(w, [outcome(at(0, i, frames=3000)) for i in range(10)], [OffsetRange("t", 0, 0, 9)])
     w.finalize()
 
-    names = out.finalized()
+    names = out.listed()
     assert [out.read_footer(n).rows for n in names] == [3, 3, 3, 1]
     for n in names:
         assert pq.read_table(tmp_path / "data" / n).nbytes <= bound

@@ -132,7 +132,7 @@ def test_every_poison_input_is_dead_lettered_with_its_type_and_valid_files_still
     raw_events = sorted(d["event"] for _, d in letters if d["error_type"] == "MalformedEvent")
     assert raw_events == sorted(v.decode() for _, v in malformed)  # the original message, for a replay
 
-    summary, _ = load_summary(st.output_dir)
+    summary = load_summary(st.output_dir).aggregates
     assert dict(summary.errors) == {t: expected_types.count(t) for t in set(expected_types)}
     assert summary.skipped == 2 and summary.files == len(valid)
     assert stats.dead_letters == len(expected_types) and stats.skipped == 2

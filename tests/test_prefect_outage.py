@@ -467,7 +467,7 @@ def test_sigterm_to_the_deployment_flow_run_drains_finalizes_and_commits_and_exi
         proc.kill()
 
     # everything fetched was finalized and committed; what the broker calls committed is in the files
-    held = OutputLedger(st.output_dir)
+    held = OutputLedger(st.output_dir, group=st.group)
     held.refresh()
     stopped_at = committed_offsets(st)
     assert any(o is not None for o in stopped_at.values())

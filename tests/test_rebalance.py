@@ -96,7 +96,7 @@ def assert_stopped_with_what_the_files_hold(st) -> None:
     """Everything the broker has as committed is in the files: a stop committed nothing it did not write."""
     from pipeline.ledger import OutputLedger
 
-    held = OutputLedger(st.output_dir)
+    held = OutputLedger(st.output_dir, group=st.group)
     held.refresh()
     for p, off in committed_offsets(st).items():
         assert off == held.next_offset(st.topic, p), f"partition {p}: committed {off}, the files hold up to {held.next_offset(st.topic, p)}"

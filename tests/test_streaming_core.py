@@ -116,7 +116,7 @@ def test_summary_totals_equal_what_the_parquet_files_hold(streamed):
     assert (summary["transcription_lengths"]["min"], summary["transcription_lengths"]["max"]) == (lo, hi)
     assert summary["errors"] == {"total": 1, "by_type": {"NotAudio": 1}}
     assert summary["parquet_files"] == len(list((settings.output_dir / "data").glob("*.parquet")))
-    incremental, _ = load_summary(settings.output_dir)
+    incremental = load_summary(settings.output_dir).aggregates
     rebuilt, _ = rebuild_aggregates(settings.output_dir)
     assert incremental.files == rebuilt.files
     assert incremental.token_frames.total == rebuilt.token_frames.total

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.ledger import publish_summary
+from pipeline.ledger import OutputLedger, publish_summary
 from pipeline.parquet import OffsetRange, RollingParquetWriter
 from pipeline.records import to_table
 from pipeline.output.layout import SUMMARY_NAME
@@ -75,12 +75,14 @@ def test_summary_counts_utterances_bins_cutoff_hours_and_speakers_per_file():
     assert doc["speakers_per_file"] == {"1": 1, "2": 1}
 
 
-def write_file(tmp_path, first: int, n: int):
+def write_file(tmp_path, first: int, n: int, group: str = "metavoice-consumer"):
+    """A file of `n` rows from partition t[0] at `first`, finalized and committed to the table."""
     w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
     rows = [row(first + i) for i in range(n)]
     w.append(to_table(rows), [OffsetRange("t", 0, first, first + n - 1)], agg(rows))
     out = w.finalize()
     w.close()
+    OutputLedger(tmp_path, group=group).commit_file(out)
     return out
 
 
@@ -92,7 +94,7 @@ def test_summary_is_brought_up_to_date_with_files_it_missed(tmp_path):
     assert doc["total_files"] == 5 and doc["parquet_files"] == 2
 
 
-def test_corrupt_summary_is_rebuilt_from_footers(tmp_path):
+def test_corrupt_summary_is_rebuilt_from_the_table_log(tmp_path):
     write_file(tmp_path, 0, 2)
     write_file(tmp_path, 2, 1)
     (tmp_path / SUMMARY_NAME).write_text("{ half written")

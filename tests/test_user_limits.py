@@ -137,7 +137,7 @@ def test_batch_max_events_3_and_roll_max_rows_3_hold_on_a_40_event_backlog_with_
     assert_exactly_once(st.output_dir, versions(events))
     # duplicates are counted as duplicates: in the returned counts, the summary and each batch line
     assert (stats.rows, stats.duplicates) == (20, 20)
-    summary, _ = load_summary(st.output_dir)
+    summary = load_summary(st.output_dir).aggregates
     assert summary.duplicates == 20
     assert_summary_matches_files(st.output_dir)
     assert (sum(f["rows"] for f in lines), sum(f["duplicates"] for f in lines)) == (20, 20)

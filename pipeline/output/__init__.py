@@ -14,16 +14,13 @@ from .footer import FileFooter, OffsetRange
 from .layout import DATA_DIR, SUMMARY_NAME, MANIFEST_NAME, CARD_NAME
 from .local import LocalOutput
 from .store import Output
+from .table import is_object_store
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 __all__ = ["Output", "LocalOutput", "FileFooter", "OffsetRange", "open_output", "as_output", "is_object_store",
            "DATA_DIR", "SUMMARY_NAME", "MANIFEST_NAME", "CARD_NAME"]
-
-
-def is_object_store(location: str | Path) -> bool:
-    return str(location).startswith("s3://")
 
 
 def open_output(location: str | Path, settings: "Settings | None" = None) -> Output:
@@ -33,13 +30,14 @@ def open_output(location: str | Path, settings: "Settings | None" = None) -> Out
         return LocalOutput(location)
     from ..config import Settings
     from .s3 import S3Output, parse_s3_url
+    from .table import conditional_put
 
     st = settings or Settings()
     bucket, prefix = parse_s3_url(str(location))
     spool = Path(st.spool_dir) if st.spool_dir else Path(".metavoice-spool") / _spool_name(bucket, prefix)
     return S3Output(str(location), spool=spool, client_kwargs=st.output_s3_client_kwargs(),
                     part_bytes=st.output_part_bytes, claim_ttl_s=st.output_claim_ttl_s,
-                    retry_attempts=st.s3_retry_attempts)
+                    retry_attempts=st.s3_retry_attempts, conditional_put=conditional_put(st))
 
 
 def as_output(output: "Output | str | Path") -> Output:

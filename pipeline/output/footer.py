@@ -1,12 +1,13 @@
 """What a finalized file's Parquet footer says about itself: the source offsets its epoch handled
-and the aggregates of what it handled. Crash recovery and summary.json are rebuilt from footers
-alone (a few KB each, read with ranged GETs in an object store), never from row data.
+and the aggregates of what it handled. The table commit that adds the file carries the same in
+its commitInfo (pipeline/output/table.py), which is what recovery and summary.json read; the
+footer keeps a file self-describing, and is what `metavoice migrate` reads in a 0.1 output.
 
 A file also carries the dead letters of the records it covers (`PendingDeadLetter`, already
 encoded) and where the dead-letter topic ended before they were sent (`dlq_marks`): they are
-produced only after the file is durable, and a restart that finds the file ahead of the broker's
-commit reads the topic from the marks and sends the ones missing - one dead letter per input,
-durable together with the rows (docs/guarantees.md)."""
+produced only after the file's commit is durable, and a restart that finds the table ahead of the
+broker's commit reads the topic from the marks and sends the ones missing - one dead letter per
+input, durable together with the rows (docs/guarantees.md)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class FileFooter:
     aggregates: Aggregates
     dead_letters: list[PendingDeadLetter] = field(default_factory=list)
     dlq_marks: dict[int, int] = field(default_factory=dict)  # DLQ partition -> an offset at or before its end then
+    size: int = 0  # bytes of the file (its table Add action); a file of no row is never uploaded
 
 
 def footer_metadata(offsets: list[OffsetRange], aggregates: Aggregates, writer_id: str,

@@ -3,13 +3,13 @@
     <root>/README.md        dataset card: Hugging Face `configs:` pointing at data/*.parquet
     <root>/summary.json     dataset statistics (pipeline/summary.py)
     <root>/_manifest.json   the configuration the dataset was built with (pipeline/manifest.py)
-    <root>/data/            finalized Parquet files only: readers may glob it while the stream runs
+    <root>/_state/          the dedupe index's checkpoint (pipeline/ledger.py), outside the table root
+    <root>/data/            the Delta table (pipeline/output/table.py): data files + `_delta_log/`
     <root>/_tmp/            in-progress files of a local output (hidden from readers: `_` prefix)
-    <root>/_claims/         object-store output: a finalize's claim on its offsets (pipeline/output/s3.py)
     <root>/_attempts/       crash-loop markers of a local output (consumer/crash_guard.py)
 
 pyarrow, polars, duckdb and `datasets` skip names starting with `_` or `.`; `data/` never holds a
-partial file, so every reader sees whole files only.
+partial file, so every reader sees whole files only (a Delta reader: exactly the committed ones).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import pyarrow as pa
 
 DATA_DIR = "data"
 SPOOL_DIR = "_tmp"
-CLAIMS_DIR = "_claims"
 ATTEMPTS_DIR = "_attempts"
 SUMMARY_NAME = "summary.json"
 MANIFEST_NAME = "_manifest.json"
@@ -41,16 +40,23 @@ def writer_of(name: str) -> str:
     return parts[2] if len(parts) >= 4 else ""
 
 
-def dataset_card(schema: pa.Schema, location: str) -> str:
+def dataset_card(schema: pa.Schema, location: str, data_files: list[str] | None = None, version: int | None = None) -> str:
     """README.md for the output root: `datasets.load_dataset(<root>)` reads data/*.parquet through
-    its `configs:` (without it, the loader trips over summary.json), and people see the schema."""
+    its `configs:` (without it, the loader trips over summary.json), and people see the schema.
+
+    `data_files` (names under data/): the files of table `version` instead of the glob, so a loader
+    that cannot read the Delta log still reads one snapshot (`metavoice compact` writes it)."""
     rows = "\n".join(f"| `{f.name}` | `{f.type}` |" for f in schema)
+    paths = "\n".join(f"    - {DATA_DIR}/{name}" for name in data_files) if data_files else f"    - {DATA_DIR}/*.parquet"
+    snapshot = (f"\nThe `configs:` above name the files of table version {version} (`metavoice compact` rewrites "
+                "this card): newer rows are in the Delta table, read it with a Delta reader.\n") if data_files else ""
     return f"""---
 configs:
 - config_name: default
   data_files:
   - split: train
-    path: data/*.parquet
+    path:
+{paths}
 tags:
 - audio
 - speech
@@ -64,12 +70,12 @@ are complete Parquet files; new ones appear while the stream runs. `summary.json
 dataset's statistics and `_manifest.json` the models it was built with.
 
 Created {datetime.now(timezone.utc).isoformat(timespec="seconds")} at `{location}`.
-
+{snapshot}
 ```python
 import datasets
-ds = datasets.load_dataset("{location}")          # local path; for s3:// pass storage_options
-import duckdb
-duckdb.sql("select id, transcription from '{location}/data/*.parquet'").show()
+ds = datasets.load_dataset("{location}")          # the files `configs:` names; for s3:// pass storage_options
+from deltalake import DeltaTable                   # the live table, or any older version (version=N)
+DeltaTable("{location}/data").to_pyarrow_dataset()
 ```
 
 | column | type |

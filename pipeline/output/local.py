@@ -1,4 +1,5 @@
-"""A local (or NFS) output directory: rename is the publish step, an flock serializes writers.
+"""A local (or NFS) output directory: a rename puts a file into the table directory, the Delta
+log's atomic create of each entry orders the commits, an flock serializes summary/manifest writes.
 
 Several consumers may share the directory on one host, or across hosts where `flock` works
 (NFSv4); elsewhere, use an object-store output (pipeline/output/s3.py).
@@ -13,11 +14,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import Fenced, OutputWriteFailed
+from ..errors import OutputWriteFailed
 from ..durable import atomic_write_bytes, fsync_dir
 from .footer import FileFooter, OffsetRange, parse_footer
 from .layout import ATTEMPTS_DIR, DATA_DIR, PARQUET_SUFFIX, SPOOL_DIR
-from .store import Fence, Output, discard, flock
+from .store import Output, discard, flock
+from .table import DatasetTable, table_uri
 
 LOCK_NAME = ".summary.lock"  # the name older versions used: consumers of both versions still exclude each other
 
@@ -29,17 +31,22 @@ class LocalOutput(Output):
         self.data_dir = self.root / DATA_DIR
         self.spool = self.root / SPOOL_DIR
         self.attempts_dir = self.root / ATTEMPTS_DIR
+        self.table = DatasetTable(table_uri(self.root))
 
     def lock(self):
-        """The directory's lock: summary/manifest updates, and a finalize's fencing check + rename."""
+        """The directory's lock: summary/manifest updates (compare-and-swap on a filesystem)."""
         return flock(self.root / LOCK_NAME)
 
     _doc_lock = lock
 
-    def finalized(self) -> list[str]:
+    def listed(self) -> list[str]:
+        """Parquet files lying under data/, in the table or not (a 0.1 output's, before migrating)."""
         if not self.data_dir.is_dir():
             return []
         return sorted(p.name for p in self.data_dir.glob(f"*{PARQUET_SUFFIX}") if p.is_file())
+
+    def data_size(self, name: str) -> int:
+        return (self.data_dir / name).stat().st_size
 
     def data_path(self, name: str) -> str:
         return str(self.data_dir / name)
@@ -50,24 +57,18 @@ class LocalOutput(Output):
     def read_columns(self, name: str, columns: list[str]) -> pa.Table:
         return pq.read_table(self.data_dir / name, columns=columns)
 
-    def publish(self, spooled: Path, name: str, offsets: list[OffsetRange], fence: Fence | None) -> None:
+    def publish(self, spooled: Path, name: str) -> None:
         final = self.data_dir / name
-        with self.lock():
-            try:
-                conflicts = fence(offsets) if fence is not None else []
-            except OSError as exc:
-                discard(spooled)
-                raise OutputWriteFailed(f"reading the finalized files before publishing {name} failed: {exc}") from exc
-            if conflicts:
-                discard(spooled)
-                raise Fenced(_fenced_message(name, conflicts))
-            try:
-                self.data_dir.mkdir(parents=True, exist_ok=True)
-                os.replace(spooled, final)
-                fsync_dir(self.data_dir)
-            except OSError as exc:
-                discard(spooled)
-                raise OutputWriteFailed(f"publishing {final} failed: {exc}") from exc
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(spooled, final)
+            fsync_dir(self.data_dir)
+        except OSError as exc:
+            discard(spooled)
+            raise OutputWriteFailed(f"publishing {final} failed: {exc}") from exc
+
+    def remove(self, name: str) -> None:
+        discard(self.data_dir / name)
 
     def _read_doc(self, name: str) -> tuple[bytes | None, Any]:
         try:
@@ -82,10 +83,3 @@ class LocalOutput(Output):
             raise OutputWriteFailed(f"writing {self.root / name} failed: {exc}") from exc
         return True  # under the directory lock: nobody wrote in between
 
-
-def _fenced_message(name: str, conflicts: list[str]) -> str:
-    return (
-        f"another consumer already finalized offsets of {name} ({'; '.join(conflicts[:3])}): "
-        "this consumer lost those partitions (paused past the session timeout?); its file is "
-        "discarded and nothing is committed - restart it to resume from the files"
-    )

@@ -1,14 +1,17 @@
 """The output abstraction: one interface for a local directory and an object-store prefix.
 
 The writer, the ledger, the committer, summary.json and the manifest talk to an `Output`, never
-to paths. An implementation provides five things:
+to paths. What the dataset holds is its Delta table at `data/` (`table`, pipeline/output/table.py):
+a file is part of the dataset once a table commit adds it, never because it lies under data/.
+An implementation provides:
 
-- `finalized()` / `read_footer()` / `read_columns()`: what `data/` holds, read back cheaply
-  (footers only, or a few projected columns);
-- `publish(spooled, name, offsets, fence)`: make a complete spooled file visible under `data/` in
-  one step, after a fencing check that no finalized file already holds any of its offsets;
-- `_read_doc()` / `_write_doc()`: a small document (summary.json, _manifest.json, README.md) read
-  with a version and written only if that version is still current (compare-and-swap);
+- `read_footer()` / `read_columns()`: one file read back cheaply (its footer, or a few columns);
+  `finalized()` names the files of the table's latest snapshot;
+- `publish(spooled, name)`: put a complete spooled file into the table directory in one step
+  (a rename, or one PUT / a completed multipart upload); `remove(name)` takes back one that
+  lost its table commit;
+- `_read_doc()` / `_write_doc()`: a small document (summary.json, _manifest.json, README.md,
+  _state/) read with a version and written only if that version is still current (compare-and-swap);
 - `discard_orphans()`: remove what dead writers left behind.
 
 In-progress files are always written to a local spool directory (`spool`); each writer holds
@@ -25,7 +28,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -33,9 +36,12 @@ from ..errors import OutputWriteFailed
 from .footer import FileFooter, OffsetRange
 from .layout import INPROGRESS_SUFFIX, writer_of
 
+if TYPE_CHECKING:
+    from .table import DatasetTable
+
 log = logging.getLogger(__name__)
 
-Fence = Callable[[list[OffsetRange]], list[str]]
+Fence = Callable[[list[OffsetRange]], list[str]]  # names what already holds the offsets ([]: go on)
 DOC_ATTEMPTS = 50  # compare-and-swap retries; each lost race means another writer made progress
 
 
@@ -43,11 +49,13 @@ class Output(ABC):
     location: str  # for messages and readers: a directory path or s3://bucket/prefix
     spool: Path  # local directory for in-progress files
     attempts_dir: Path  # the crash guard's markers (consumer/crash_guard.py)
+    table: "DatasetTable"  # the dataset's Delta table at data/
 
     # --- reading back ------------------------------------------------------------------
-    @abstractmethod
     def finalized(self) -> list[str]:
-        """Names of the finalized Parquet files under data/, sorted."""
+        """Names of the data files in the table's latest snapshot, sorted (reads the snapshot's
+        file list: for readers and tests, not for the consumer's hot path)."""
+        return self.table.file_names()
 
     @abstractmethod
     def read_footer(self, name: str) -> FileFooter: ...
@@ -56,15 +64,23 @@ class Output(ABC):
     def read_columns(self, name: str, columns: list[str]) -> pa.Table: ...
 
     @abstractmethod
+    def data_size(self, name: str) -> int:
+        """Bytes of data/`name` (a migration's Add actions)."""
+
+    @abstractmethod
     def data_path(self, name: str) -> str:
         """Where a reader finds one finalized file (a path, or s3://…)."""
 
     # --- publishing ----------------------------------------------------------------------
     @abstractmethod
-    def publish(self, spooled: Path, name: str, offsets: list[OffsetRange], fence: Fence | None) -> None:
-        """Make the complete file `spooled` visible as data/`name`, or raise (`Fenced` when `fence`
-        names finalized files holding any of `offsets`; `OutputWriteFailed` otherwise). Either way
-        the spooled file is gone afterwards."""
+    def publish(self, spooled: Path, name: str) -> None:
+        """Put the complete file `spooled` into the table directory as data/`name` in one step, or
+        raise `OutputWriteFailed`. Either way the spooled file is gone afterwards. The file is not
+        part of the dataset until a table commit adds it (pipeline/ledger.py `commit_file`)."""
+
+    @abstractmethod
+    def remove(self, name: str) -> None:
+        """Delete data/`name`, a file no commit added (its commit lost to another writer's)."""
 
     # --- small documents, compare-and-swap ------------------------------------------------
     @abstractmethod
