@@ -83,9 +83,9 @@ class Settings(BaseSettings):
     # A multipart upload under data/ older than this (by the server's clock) belongs to a dead writer and
     # is aborted at the next start. (0.1 claimed offsets with leases this long; the Delta log replaced them.)
     output_claim_ttl_s: float = Field(120.0, ge=10)
-    # Conditional puts for the Delta log of an s3:// output (pipeline/output/table.py): auto = by ETag
-    # on any endpoint that is not AWS S3 (R2, MinIO need it so two writers never overwrite a log entry),
-    # AWS's own put-if-absent there.
+    # Conditional puts for delta-rs's own writes to the Delta log of an s3:// output (creation,
+    # checkpoints, compaction; pipeline/output/table.py): auto = by ETag on any endpoint that is not AWS
+    # S3 (R2, MinIO need it so two writers never overwrite a log entry), AWS's own put-if-absent there.
     output_conditional_put: Literal["auto", "etag", "none"] = "auto"
     # `metavoice compact` (pipeline/output/maintenance.py): small files are rewritten into files of
     # about this size; removed files are deleted once a commit removed them this many hours ago (the

@@ -319,3 +319,29 @@ def test_a_0_1_output_is_migrated_into_a_table_that_resumes_where_its_footers_en
     assert orjson.loads((tmp_path / SUMMARY_NAME).read_bytes())["total_files"] == 6
     with pytest.raises(Exception, match="already has a Delta table"):
         migrate_output(tmp_path)
+
+
+def test_losing_the_race_for_the_next_log_entry_reads_the_winner_and_is_fenced(tmp_path, monkeypatch):
+    """Another consumer's commit lands between our check and our write of the next log entry: the
+    entry is created only if absent, so ours is refused; the winner's entry is read, its app
+    transaction holds our offsets, and we are `Fenced` - the winner's entry stays as it was."""
+    from pipeline.output.table import DatasetTable
+
+    a, b = OutputLedger(tmp_path), OutputLedger(tmp_path)  # two consumers: two outputs, two tables
+    a.table.ensure(), b.table.ensure()
+    mine, theirs = committed_file(tmp_path, 0, 2), committed_file(tmp_path, 0, 2)
+    real, raced = DatasetTable._create_entry, []  # noqa: SLF001
+
+    def racing(self, version, body):
+        if self is b.table and not raced:
+            raced.append(version)
+            a.commit_file(mine)  # the winner writes the very version b is about to write
+        return real(self, version, body)
+
+    monkeypatch.setattr(DatasetTable, "_create_entry", racing)
+    with pytest.raises(Fenced):
+        b.commit_file(theirs)
+    assert raced == [1] and LocalOutput(tmp_path).finalized() == [mine.name]
+    fresh = OutputLedger(tmp_path)
+    fresh.refresh()
+    assert [(c.version, [n for n, _ in c.files]) for c in fresh.table.commits(0)] == [(1, [mine.name])]

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputWriteFailed
 from ..durable import atomic_write_bytes, fsync_dir
-from .footer import FileFooter, OffsetRange, parse_footer
+from .footer import FileFooter, parse_footer
 from .layout import ATTEMPTS_DIR, DATA_DIR, PARQUET_SUFFIX, SPOOL_DIR
 from .store import Output, discard, flock
 from .table import DatasetTable, table_uri

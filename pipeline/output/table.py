@@ -221,7 +221,7 @@ class DatasetTable:
         """Bring the known state to the log's latest entry (None: no table yet): the entries since
         the last known version only, never the file list."""
         from deltalake import DeltaTable
-        from deltalake.exceptions import TableNotFoundError
+        from deltalake.exceptions import DeltaError, TableNotFoundError
 
         with self._lock:
             if self._base is None:
@@ -229,12 +229,18 @@ class DatasetTable:
                     self._base = DeltaTable(self.uri, storage_options=self.options or None)
                 except TableNotFoundError:
                     return None
-                except OSError as exc:
+                except (OSError, DeltaError) as exc:
+                    if not self._is_dir():  # no table root (missing, or a file in its place): no table
+                        return None
                     raise OutputWriteFailed(f"reading the table log {self.uri} failed: {exc}") from exc
                 self._version, self._txns = self._base.version(), {}
             while (entry := self._entry(self._version + 1)) is not None:
                 self._apply(entry)
             return self
+
+    def _is_dir(self) -> bool:
+        """Whether the table root is a directory (an object-store prefix always is)."""
+        return self.uri.startswith("s3://") or Path(self.uri).is_dir()
 
     def _apply(self, entry: TableCommit) -> None:
         self._txns.update(entry.txns)
