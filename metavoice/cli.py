@@ -8,6 +8,7 @@
     summary   an output directory's summary.json; --rebuild checks it against the data;
               --version N / --as-of TIME: the summary of an older table version
     compact   compact the dataset's small files, vacuum files removed long ago
+    migrate   make a 0.1 output (Parquet files, no Delta log) a table, once
     tokens    listen to a row's audio tokens (tokens decode)
 
 Every command reads the METAVOICE_* settings (pipeline/config.py) and its flags before it
@@ -127,6 +128,11 @@ def build_parser(prog: str = "metavoice") -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="change nothing: list what compaction and vacuum would touch")
     document_settings(c)
 
+    m = sub.add_parser("migrate", help="make a 0.1 output (Parquet files, no Delta log) a Delta table, once")
+    m.add_argument("output", help="output directory (or s3://bucket/prefix)")
+    m.add_argument("--group", help="the consumer group whose positions the footers' offsets become "
+                                   "(default METAVOICE_GROUP)")
+
     from .tokens import add_tokens_parser
 
     add_tokens_parser(sub)
@@ -166,6 +172,14 @@ def main(argv: list[str] | None = None, prog: str = "metavoice") -> int:
 
         report = compact(_output_location(args.output), settings, force=args.force_retention, dry_run=args.dry_run)
         print("\n".join(report.lines()))
+        return 0
+    if args.command == "migrate":
+        from pipeline.ledger import migrate_output
+        from pipeline.output import open_output
+
+        version = migrate_output(open_output(_output_location(args.output), settings), args.group or settings.group)
+        print("nothing to migrate: no Parquet file under data/" if version is None
+              else f"migrated: the files are table version {version}; start the consumer again")
         return 0
     if args.command == "report":
         location = _output_location(args.output)

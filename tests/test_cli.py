@@ -31,7 +31,7 @@ from tests.test_producer_support import cli_logging  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_S = 5.0  # a refusal takes well under this; loading Whisper or waiting on a broker takes longer
-COMMANDS = ("consume", "produce", "demo", "bench", "report", "summary", "compact", "tokens")
+COMMANDS = ("consume", "produce", "demo", "bench", "report", "summary", "compact", "migrate", "tokens")
 
 
 # --- a listener that tells whether anything connected -------------------------------------------

@@ -345,3 +345,18 @@ def test_losing_the_race_for_the_next_log_entry_reads_the_winner_and_is_fenced(t
     fresh = OutputLedger(tmp_path)
     fresh.refresh()
     assert [(c.version, [n for n, _ in c.files]) for c in fresh.table.commits(0)] == [(1, [mine.name])]
+
+
+def test_metavoice_migrate_makes_a_0_1_output_a_table_once_and_then_refuses(tmp_path, capsys):
+    """The command the start-up refusal names exists: it commits 0.1's files, a second run is one error line."""
+    from metavoice.cli import main
+
+    for first in (0, 3):
+        committed_file(tmp_path, first, 3)
+    assert main(["migrate", str(tmp_path)]) == 0
+    assert "table version" in capsys.readouterr().out
+    ledger = OutputLedger(tmp_path)
+    recover(ledger, IDENTITY)
+    assert ledger.next_offset("t", 0) == 6
+    assert main(["migrate", str(tmp_path)]) == 1
+    assert "already has a Delta table" in capsys.readouterr().err.splitlines()[-1]
