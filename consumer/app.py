@@ -64,6 +64,8 @@ REVOKE_BUDGET_SECONDS = 240
 # --exit-when-idle counts from the first assignment; a consumer that gets none (more consumers
 # than partitions) still exits this long after its idle time.
 JOIN_GRACE_SECONDS = 60
+# A first assignment that has not come is logged this often (aiokafka logs its joins at INFO, muted).
+JOIN_WARN_EVERY_S = 30.0
 # after a stop signal, past shutdown_timeout: time for the last finalize's commit before the backstop exits 1
 STOP_BACKSTOP_MARGIN_S = 10.0
 # Leaving the group ends this much before the shutdown budget does (the exit itself follows), and
@@ -130,6 +132,8 @@ class StreamConsumer:
         self._revoking = asyncio.Event()  # a revoke is under way: batches waiting out a fault give up
         self._dropping = False  # a batch was given up: later ones are dropped too until the drain ends (no gap)
         self._first_assignment = True
+        self._subscribed_at = time.monotonic()
+        self._next_join_warning = JOIN_WARN_EVERY_S  # seconds after subscribing
         self.rewind: Rewind[TopicPartition] = Rewind.from_settings(settings)  # --from-beginning / --from-timestamp
         self._rebalancing = False  # a listener callback is running
         self._last_record_at = time.monotonic()
@@ -234,6 +238,8 @@ class StreamConsumer:
         await start_when_broker_is_up(consumer, st)
         stack.push_async_callback(self._leave_group)
         consumer.subscribe([st.topic], listener=Rebalancer(self))
+        self._subscribed_at = time.monotonic()
+        log.info("joining group %s for %s", st.group, st.topic)
         self.operations.broker_up = True
         return s3
 
@@ -341,6 +347,8 @@ class StreamConsumer:
             # waiting) - lets the open batch grow instead of closing it small: fewer flow runs per event.
             # A lone event on an idle stream still closes at batch_max_events or the linger.
             batcher.backlog = fetched_full or self._pending >= self.settings.pipeline_depth
+            if self._first_assignment:
+                self._note_waiting_for_assignment()
             limit = batcher.event_limit
             records = await self._unless_stopped(consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=limit))
             if records is None:
@@ -362,6 +370,13 @@ class StreamConsumer:
         async with self._fetch_lock:
             await self._enqueue(batcher.take())
         await self._batch_queue.put(None)
+
+    def _note_waiting_for_assignment(self) -> None:
+        waited = time.monotonic() - self._subscribed_at
+        if waited >= self._next_join_warning:
+            log.warning("no partitions assigned %.0fs after joining group %s: the broker holds the join, or "
+                        "every partition has an owner", waited, self.settings.group)
+            self._next_join_warning += JOIN_WARN_EVERY_S
 
     async def _unless_stopped(self, step: Awaitable[T]) -> T | None:
         """`step`'s result, or None if a stop is requested first (`step` is cancelled). aiokafka's
