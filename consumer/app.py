@@ -132,6 +132,9 @@ class StreamConsumer:
         self._revoking = asyncio.Event()  # a revoke is under way: batches waiting out a fault give up
         self._dropping = False  # a batch was given up: later ones are dropped too until the drain ends (no gap)
         self._first_assignment = True
+        # between a revoke and the next assignment (a rejoin the broker may hold for a while): no
+        # partition to be idle on, so --exit-when-idle waits for the assignment, as before the first
+        self._awaiting_assignment = True
         self._subscribed_at = time.monotonic()
         self._next_join_warning = JOIN_WARN_EVERY_S  # seconds after subscribing
         self.rewind: Rewind[TopicPartition] = Rewind.from_settings(settings)  # --from-beginning / --from-timestamp
@@ -517,9 +520,10 @@ class StreamConsumer:
         while True:
             await asyncio.sleep(min(0.25, idle / 4))
             quiet = time.monotonic() - self._last_record_at
-            # Not idle while partitions are being positioned, nor before the first assignment (a
-            # group join can take a while) unless none came within JOIN_GRACE_SECONDS.
-            if self._rebalancing or (self._first_assignment and quiet < idle + JOIN_GRACE_SECONDS):
+            # Not idle while partitions are being positioned, nor before the first assignment or
+            # between a revoke and the next one (a join the broker holds can take a while) unless
+            # none came within JOIN_GRACE_SECONDS.
+            if self._rebalancing or (self._awaiting_assignment and quiet < idle + JOIN_GRACE_SECONDS):
                 continue
             if quiet >= idle and self._pending == 0 and self.batcher is not None and self.batcher.seconds_until_due() is None:
                 self.request_stop(f"idle for {idle:g}s")
@@ -527,6 +531,7 @@ class StreamConsumer:
 
     # --- rebalancing -----------------------------------------------------------------------
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._awaiting_assignment = True  # aiokafka revokes before every rejoin
         if not revoked or self.committer is None or self.batcher is None or self._failure is not None:
             return
         log.info("partitions revoked: %s; draining", _fmt(revoked))
@@ -554,6 +559,8 @@ class StreamConsumer:
         """Position each partition (consumer/positions.py says where; this asks the broker and seeks)."""
         consumer = self.consumer
         assert consumer is not None
+        self._awaiting_assignment = False
+        self._last_record_at = time.monotonic()  # idle counts from the assignment, not from the revoke
         async with self._fetch_lock:
             await adelay_point("on_assigned")  # tests: records fetched meanwhile must not win over the plan
             if self.stop_event.is_set():

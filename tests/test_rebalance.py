@@ -375,3 +375,36 @@ def test_a_stop_held_past_the_shutdown_timeout_exits_1_at_the_backstop_and_a_res
     assert_exactly_once(st.output_dir, versions(events))
     assert_summary_matches_files(st.output_dir)
     assert committed_offsets(st) == whole_log(st, len(events))
+
+
+def test_exit_when_idle_does_not_stop_a_consumer_between_a_revoke_and_its_next_assignment(tmp_path):
+    """Quiet while the group rebalances is not idle: between a revoke and the next assignment (a
+    rejoin the broker may hold for many seconds) the consumer holds no partition, and stopping
+    then leaves records that a departed peer gave up unread by anyone (the soak's final drain lost
+    two events so). The real consumer's idle watch, after a first assignment and a revoke."""
+    import asyncio
+
+    from aiokafka.structs import TopicPartition
+
+    from consumer.app import JOIN_GRACE_SECONDS, StreamConsumer
+    from consumer.batcher import Batcher
+    from pipeline.config import Settings
+
+    async def run() -> None:
+        st = Settings(output_dir=str(tmp_path / "out"), exit_when_idle=0.5, prefect_enabled=False)
+        app = StreamConsumer(st)
+        app.batcher = Batcher(app.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms)  # empty
+        app._first_assignment = False  # it had partitions
+        await app.on_revoked({TopicPartition("events", 0)})
+        app._last_record_at = time.monotonic() - 10  # quiet for far longer than the idle time
+        watch = asyncio.ensure_future(app._idle_watch())
+        await asyncio.sleep(2.0)
+        assert not app.stop_event.is_set(), f"stopped while awaiting an assignment: {app.stats.stop_reason}"
+        # a rejoin that never ends is bounded like a first join: idle + JOIN_GRACE_SECONDS
+        app._last_record_at = time.monotonic() - (0.5 + JOIN_GRACE_SECONDS)
+        await asyncio.wait_for(app.stop_event.wait(), timeout=5)
+        await watch
+
+    asyncio.run(run())
+
+
