@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
@@ -53,6 +53,7 @@ from .positions import FetchGate, Rewind, StartPlan, plan_starts
 from .metrics import Operations, realtime_factor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The revoke path - the fetch lock, the drain, the finalize and its commit - has ONE budget, shared
 # by all its steps: every member of the group waits for the slowest revoke, and past the rebalance
@@ -63,8 +64,17 @@ REVOKE_BUDGET_SECONDS = 240
 # --exit-when-idle counts from the first assignment; a consumer that gets none (more consumers
 # than partitions) still exits this long after its idle time.
 JOIN_GRACE_SECONDS = 60
+# A first assignment that has not come is logged this often (aiokafka logs its joins at INFO, muted).
+JOIN_WARN_EVERY_S = 30.0
 # after a stop signal, past shutdown_timeout: time for the last finalize's commit before the backstop exits 1
 STOP_BACKSTOP_MARGIN_S = 10.0
+# Leaving the group ends this much before the shutdown budget does (the exit itself follows), and
+# gets at least LEAVE_MIN_S even when the drain used the whole budget.
+LEAVE_RESERVE_S = 1.0
+LEAVE_MIN_S = 1.0
+# ... and a consumer holding no partitions (a stop before its first assignment, or in a rejoin)
+# waits at most this long for the join in flight: it has nothing to hand over.
+LEAVE_UNASSIGNED_S = 3.0
 
 
 @dataclass
@@ -122,6 +132,11 @@ class StreamConsumer:
         self._revoking = asyncio.Event()  # a revoke is under way: batches waiting out a fault give up
         self._dropping = False  # a batch was given up: later ones are dropped too until the drain ends (no gap)
         self._first_assignment = True
+        # between a revoke and the next assignment (a rejoin the broker may hold for a while): no
+        # partition to be idle on, so --exit-when-idle waits for the assignment, as before the first
+        self._awaiting_assignment = True
+        self._subscribed_at = time.monotonic()
+        self._next_join_warning = JOIN_WARN_EVERY_S  # seconds after subscribing
         self.rewind: Rewind[TopicPartition] = Rewind.from_settings(settings)  # --from-beginning / --from-timestamp
         self._rebalancing = False  # a listener callback is running
         self._last_record_at = time.monotonic()
@@ -191,7 +206,7 @@ class StreamConsumer:
 
     async def _start_clients(self, stack: contextlib.AsyncExitStack) -> Any:
         """S3, the dead-letter producer, the group consumer, and what writes and commits; each one's
-        end in `stack`. Returns the S3 client once the consumer has joined its group."""
+        end in `stack`. Returns the S3 client; the consumer joins its group in the background."""
         st = self.settings
         s3 = self.s3 = await stack.enter_async_context(s3_client(st))
         dlq_producer = make_producer(st, max_request_size=max(1 << 20, st.dlq_max_record_bytes + 4096))
@@ -219,11 +234,35 @@ class StreamConsumer:
         self.batcher = Batcher(self.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms,
                                allowed_buckets=st.allowed_bucket_set(), max_events_per_message=st.max_events_per_message,
                                backlog_max_events=st.batch_max_events_backlog)
-        consumer.subscribe([st.topic], listener=Rebalancer(self))
+        # Started before it subscribes: aiokafka's start() of a subscribed consumer waits for the
+        # first assignment, which the group may hold (a member that stopped answering, a join the
+        # broker keeps open) and a stop signal could not end. Subscribed afterwards, it joins in
+        # the background and the fetch loop waits for the assignment, a wait a stop ends.
         await start_when_broker_is_up(consumer, st)
-        stack.push_async_callback(consumer.stop)
+        stack.push_async_callback(self._leave_group)
+        consumer.subscribe([st.topic], listener=Rebalancer(self))
+        self._subscribed_at = time.monotonic()
+        log.info("joining group %s for %s", st.group, st.topic)
         self.operations.broker_up = True
         return s3
+
+    async def _leave_group(self) -> None:
+        """Stop the group consumer within what is left of the shutdown budget. Its stop finishes the
+        join in flight before it leaves, and the broker may hold a join until every member rejoined
+        or timed out; past the budget the join is cut and the group drops this member after its
+        session timeout. Nothing depends on it: offsets were committed after their files."""
+        consumer = self.consumer
+        assert consumer is not None
+        started = self.stats.stop_requested_at
+        budget = self.settings.shutdown_timeout - (time.monotonic() - started if started is not None else 0.0)
+        budget = max(budget - LEAVE_RESERVE_S, LEAVE_MIN_S)
+        if not self.gate.held:  # revoked or never assigned: nothing to hand over, no long wait for a join
+            budget = min(budget, LEAVE_UNASSIGNED_S)
+        try:
+            await asyncio.wait_for(consumer.stop(), timeout=budget)
+        except TimeoutError:
+            log.warning("leaving the group did not finish within the shutdown budget (a join the broker holds): "
+                        "stopped without LeaveGroup; the group drops this member after its session timeout")
 
     async def _run_stages(self, s3: Any) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -311,8 +350,12 @@ class StreamConsumer:
             # waiting) - lets the open batch grow instead of closing it small: fewer flow runs per event.
             # A lone event on an idle stream still closes at batch_max_events or the linger.
             batcher.backlog = fetched_full or self._pending >= self.settings.pipeline_depth
+            if self._first_assignment:
+                self._note_waiting_for_assignment()
             limit = batcher.event_limit
-            records = await consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=limit)
+            records = await self._unless_stopped(consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=limit))
+            if records is None:
+                break  # a stop during a rebalance: nothing was taken from the fetcher
             fetched_full = sum(len(r) for r in records.values()) >= limit
             self._raise_if_failed()
             async with self._fetch_lock:
@@ -330,6 +373,32 @@ class StreamConsumer:
         async with self._fetch_lock:
             await self._enqueue(batcher.take())
         await self._batch_queue.put(None)
+
+    def _note_waiting_for_assignment(self) -> None:
+        waited = time.monotonic() - self._subscribed_at
+        if waited >= self._next_join_warning:
+            log.warning("no partitions assigned %.0fs after joining group %s: the broker holds the join, or "
+                        "every partition has an owner", waited, self.settings.group)
+            self._next_join_warning += JOIN_WARN_EVERY_S
+
+    async def _unless_stopped(self, step: Awaitable[T]) -> T | None:
+        """`step`'s result, or None if a stop is requested first (`step` is cancelled). aiokafka's
+        getmany waits without limit while the group rebalances - its timeout counts only once an
+        assignment is there - and the broker may hold a rebalance for as long as a member does
+        not answer: a stop must not wait for the group."""
+        task = asyncio.ensure_future(step)
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            return None
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _admit(self, fetched_in: int, records: dict) -> dict:
         """A getmany result, fetched in gate generation `fetched_in`, as new work (FetchGate).
@@ -451,9 +520,10 @@ class StreamConsumer:
         while True:
             await asyncio.sleep(min(0.25, idle / 4))
             quiet = time.monotonic() - self._last_record_at
-            # Not idle while partitions are being positioned, nor before the first assignment (a
-            # group join can take a while) unless none came within JOIN_GRACE_SECONDS.
-            if self._rebalancing or (self._first_assignment and quiet < idle + JOIN_GRACE_SECONDS):
+            # Not idle while partitions are being positioned, nor before the first assignment or
+            # between a revoke and the next one (a join the broker holds can take a while) unless
+            # none came within JOIN_GRACE_SECONDS.
+            if self._rebalancing or (self._awaiting_assignment and quiet < idle + JOIN_GRACE_SECONDS):
                 continue
             if quiet >= idle and self._pending == 0 and self.batcher is not None and self.batcher.seconds_until_due() is None:
                 self.request_stop(f"idle for {idle:g}s")
@@ -461,6 +531,7 @@ class StreamConsumer:
 
     # --- rebalancing -----------------------------------------------------------------------
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._awaiting_assignment = True  # aiokafka revokes before every rejoin
         if not revoked or self.committer is None or self.batcher is None or self._failure is not None:
             return
         log.info("partitions revoked: %s; draining", _fmt(revoked))
@@ -488,6 +559,8 @@ class StreamConsumer:
         """Position each partition (consumer/positions.py says where; this asks the broker and seeks)."""
         consumer = self.consumer
         assert consumer is not None
+        self._awaiting_assignment = False
+        self._last_record_at = time.monotonic()  # idle counts from the assignment, not from the revoke
         async with self._fetch_lock:
             await adelay_point("on_assigned")  # tests: records fetched meanwhile must not win over the plan
             if self.stop_event.is_set():

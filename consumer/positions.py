@@ -232,3 +232,8 @@ class FetchGate(Generic[TP]):
 
     def next_offset(self, tp: TP) -> int | None:
         return self._next.get(tp)
+
+    @property
+    def held(self) -> set[TP]:
+        """The partitions this consumer positioned and still owns (assigned, not revoked)."""
+        return set(self._next)

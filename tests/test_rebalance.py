@@ -233,3 +233,178 @@ def test_a_revoke_during_an_s3_outage_completes_within_its_budget_and_loses_noth
         first.kill()
         second.kill()
         outage.close()
+
+
+# --- item 7: a stop the group holds, and the backstop ----------------------------------------------
+def whole_log(st, events: int) -> dict[int, int | None]:
+    """The committed offsets a group that finished the log has: each partition's end (None: empty)."""
+    return {p: (end or None) for p, end in partition_ends(st, expected=events).items()}
+
+
+def held_group(services, st, tmp_path, events) -> ConsumerProcess:
+    """A member that owns every partition, has applied `events`, and is then frozen (SIGSTOP) with
+    a 30 s session: the broker holds any join of the group until it answers or its session ends."""
+    holder = ConsumerProcess(services, st.model_copy(update={"kafka_session_timeout_ms": 30_000}), tmp_path / "holder.log").start()
+    holder.wait_for_log("partitions assigned", timeout=90)
+    wait_for_rows(st.output_dir, len(events), timeout=90)
+    holder.signal(signal.SIGSTOP)
+    return holder
+
+
+def finish_with(holder: ConsumerProcess, st, events) -> None:
+    """The holder wakes, stops cleanly, and the files and the broker hold every event once."""
+    from tests.consumer_process import assert_summary_matches_files
+
+    holder.signal(signal.SIGCONT)
+    signal_group(holder, signal.SIGTERM)
+    assert holder.wait(timeout=st.shutdown_timeout + 30) == 0
+    assert_exactly_once(st.output_dir, versions(events))
+    assert_summary_matches_files(st.output_dir)
+    assert committed_offsets(st) == whole_log(st, len(events))
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_assignment_exits_0_promptly(services, s3, bucket, settings_factory, speech_corpus, tmp_path):
+    """A consumer whose first assignment the group holds (a member that does not answer) gets
+    SIGTERM: it has nothing to drain and exits 0 within seconds, having written and committed
+    nothing - not when the group finally assigns, nor at the stop backstop with 1."""
+    from tests.consumer_process import publish
+
+    st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None, shutdown_timeout=20.0)
+    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 8)
+    create_topics(st)
+    publish(st, events)
+    holder = joiner = None
+    try:
+        holder = held_group(services, st, tmp_path, events)
+        files_before, committed_before = writer_ids(st.output_dir), committed_offsets(st)
+        joiner = ConsumerProcess(services, st, tmp_path / "joiner.log").start()
+        with logs_on_failure(holder, joiner):
+            joiner.wait_for_log("models ready", timeout=90)
+            time.sleep(3.0)  # connected and joining: the join is the one the broker holds
+            assert assignments(joiner) == 0, "the joiner was assigned: the group did not hold its join"
+            t0 = time.monotonic()
+            signal_group(joiner, signal.SIGTERM)
+            rc = joiner.wait(timeout=st.shutdown_timeout + 30)
+            took = time.monotonic() - t0
+            # promptly: the join is cut after LEAVE_UNASSIGNED_S, then the interpreter exits (models unload)
+            assert rc == 0 and took < 10.0, f"exit {rc} after {took:.1f}s"
+            assert writer_ids(st.output_dir) == files_before and committed_offsets(st) == committed_before
+            finish_with(holder, st, events)
+    finally:
+        for p in (holder, joiner):
+            if p is not None:
+                p.signal(signal.SIGCONT)
+                p.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_rebalance_the_group_holds_exits_0_within_the_shutdown_timeout(
+    services, s3, bucket, settings_factory, speech_corpus, tmp_path
+):
+    """A member that gave up its partitions to a rebalance gets SIGTERM while the broker still
+    holds its rejoin (Tansu holds a join for about half the session timeout: 20 s here). It has
+    nothing of its own left to commit, so it exits 0 within shutdown_timeout: its fetch does not
+    wait for the group to assign again, nor its stop for the join to end."""
+    from tests.consumer_process import publish
+
+    st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None, shutdown_timeout=10.0)
+    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 8)
+    create_topics(st)
+    publish(st, events)
+    member = trigger = None
+    try:
+        member = ConsumerProcess(services, st.model_copy(update={"kafka_session_timeout_ms": 40_000}), tmp_path / "member.log").start()
+        with logs_on_failure(member):
+            member.wait_for_log("partitions assigned", timeout=90)
+            wait_for_rows(st.output_dir, len(events), timeout=90)
+            files_before = writer_ids(st.output_dir)
+            trigger = ConsumerProcess(services, st, tmp_path / "trigger.log").start()  # a join: the group rebalances
+            wait_until(lambda: "partitions revoked" in member.log(), 90, "the member's revoke", member)
+            time.sleep(1.0)  # revoked, rejoining: the broker holds the join
+            assert assignments(member) == 1, "the rejoin was not held"
+            t0 = time.monotonic()
+            signal_group(member, signal.SIGTERM)
+            rc = member.wait(timeout=st.shutdown_timeout + 30)
+            took = time.monotonic() - t0
+            assert rc == 0 and took < st.shutdown_timeout, f"exit {rc} after {took:.1f}s"
+            assert writer_ids(st.output_dir) == files_before
+            assert_stopped_with_what_the_files_hold(st)
+            # the other member finishes: every event once, the whole log committed
+            signal_group(trigger, signal.SIGTERM)
+            assert trigger.wait(timeout=st.shutdown_timeout + 30) == 0
+            assert_exactly_once(st.output_dir, versions(events))
+            assert committed_offsets(st) == whole_log(st, len(events))
+    finally:
+        for p in (member, trigger):
+            if p is not None:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_a_stop_held_past_the_shutdown_timeout_exits_1_at_the_backstop_and_a_restart_loses_nothing(
+    services, s3, bucket, settings_factory, speech_corpus, tmp_path
+):
+    """The last finalize after SIGTERM hangs (METAVOICE_DELAY_AT=finalize, before the publish):
+    the stop backstop ends the process with 1 at shutdown_timeout + STOP_BACKSTOP_MARGIN_S, having
+    published and committed nothing; a restart writes every event once."""
+    from consumer.app import STOP_BACKSTOP_MARGIN_S
+    from tests.conftest import consume_until_idle
+    from tests.consumer_process import assert_summary_matches_files, fake_models, publish
+
+    st = settings_factory(batch_max_events=2, roll_max_rows=1000, roll_max_seconds=600.0, exit_when_idle=None, shutdown_timeout=5.0)
+    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 6)
+    create_topics(st)
+    publish(st, events)
+    proc = ConsumerProcess(services, st, tmp_path / "held.log", METAVOICE_DELAY_AT="finalize:120")
+    try:
+        with logs_on_failure(proc):
+            proc.start()
+            wait_until(lambda: rows_applied(proc) >= len(events), 90, "every event applied to the open file", proc)
+            t0 = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            rc = proc.wait(timeout=st.shutdown_timeout + STOP_BACKSTOP_MARGIN_S + 30)
+            took = time.monotonic() - t0
+            bound = st.shutdown_timeout + STOP_BACKSTOP_MARGIN_S
+            assert rc == 1 and bound - 0.5 <= took < bound + 5, f"exit {rc} after {took:.1f}s (backstop at {bound:g}s)"
+            assert writer_ids(st.output_dir) == set(), "the held finalize published a file"
+            assert set(committed_offsets(st).values()) == {None}, "offsets were committed without their file"
+    finally:
+        proc.kill()
+    consume_until_idle(st.model_copy(update={"exit_when_idle": 2.0, "roll_max_seconds": 1.0}), fake_models())
+    assert_exactly_once(st.output_dir, versions(events))
+    assert_summary_matches_files(st.output_dir)
+    assert committed_offsets(st) == whole_log(st, len(events))
+
+
+def test_exit_when_idle_does_not_stop_a_consumer_between_a_revoke_and_its_next_assignment(tmp_path):
+    """Quiet while the group rebalances is not idle: between a revoke and the next assignment (a
+    rejoin the broker may hold for many seconds) the consumer holds no partition, and stopping
+    then leaves records that a departed peer gave up unread by anyone (the soak's final drain lost
+    two events so). The real consumer's idle watch, after a first assignment and a revoke."""
+    import asyncio
+
+    from aiokafka.structs import TopicPartition
+
+    from consumer.app import JOIN_GRACE_SECONDS, StreamConsumer
+    from consumer.batcher import Batcher
+    from pipeline.config import Settings
+
+    async def run() -> None:
+        st = Settings(output_dir=str(tmp_path / "out"), exit_when_idle=0.5, prefect_enabled=False)
+        app = StreamConsumer(st)
+        app.batcher = Batcher(app.ledger, st.batch_max_events, st.batch_max_bytes, st.batch_linger_ms)  # empty
+        app._first_assignment = False  # it had partitions
+        await app.on_revoked({TopicPartition("events", 0)})
+        app._last_record_at = time.monotonic() - 10  # quiet for far longer than the idle time
+        watch = asyncio.ensure_future(app._idle_watch())
+        await asyncio.sleep(2.0)
+        assert not app.stop_event.is_set(), f"stopped while awaiting an assignment: {app.stats.stop_reason}"
+        # a rejoin that never ends is bounded like a first join: idle + JOIN_GRACE_SECONDS
+        app._last_record_at = time.monotonic() - (0.5 + JOIN_GRACE_SECONDS)
+        await asyncio.wait_for(app.stop_event.wait(), timeout=5)
+        await watch
+
+    asyncio.run(run())
+
+

@@ -38,17 +38,24 @@ from tests.consumer_process import (
     versions,
 )
 
-# Opt-in (METAVOICE_SOAK=1) until it passes ten runs in a row: 6 of 10 passed on this branch, the
-# failures being members that a Tansu group never assigned after a SIGSTOP past the session, and a
-# drain past shutdown_timeout after a failed commit (issue 19 item 7 stays open with them).
+# Still opt-in (METAVOICE_SOAK=1): on the final code 9 of 10 runs passed (both arms each); the one
+# failure is the embedded broker's, not the consumer's - Tansu leaves a group without a leader when
+# the leader sends LeaveGroup during a rebalance it has not rejoined, and no member is assigned
+# again (README, Embedded defaults). Issue 19 item 7 stays open until that is worked around.
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("METAVOICE_SOAK"), reason="the soak is opt-in: METAVOICE_SOAK=1")]
 
 SESSION_TIMEOUT_MS = 6000
 SHUTDOWN_TIMEOUT_S = 30.0
+# a clean exit comes within shutdown_timeout (consumer/cli.py: exit_within); this much more is the
+# test's own scheduling on two shared cores, well below the stop backstop's margin
+EXIT_SLACK_S = 5.0
+# per output kind; both arms together cost about 3-5 minutes of the suite on two shared cores
 CHAOS_SECONDS = float(os.environ.get("METAVOICE_SOAK_SECONDS", "60"))
 DUPLICATE_SHARE = 0.2
-DRAIN_DEADLINE_S = 300.0  # the clean finish after the chaos: rejoins on Tansu take up to ~55 s each
+# every arm draws each fault at least once (kill -9 twice), then at random
+EVERY_FAULT = ["kill", "kill", "stop", "term"]
+DRAIN_DEADLINE_S = 180.0  # the clean finish after the chaos: two fresh members join, drain, idle out
 
 
 @pytest.fixture
@@ -94,6 +101,7 @@ class Chaos:
     def __init__(self, rng: random.Random, slots: list[Slot], journal: list[str]) -> None:
         self.rng, self.slots, self.journal = rng, slots, journal
         self.t0 = time.monotonic()
+        self.planned = rng.sample(EVERY_FAULT, len(EVERY_FAULT))  # drawn first, in a seeded order
 
     def note(self, text: str) -> None:
         self.journal.append(f"{time.monotonic() - self.t0:6.1f}s {text}")
@@ -112,7 +120,7 @@ class Chaos:
 
     def act(self) -> None:
         s = self.rng.choice(self.slots)
-        action = self.rng.choice(["kill", "kill", "stop", "term"])
+        action = self.planned.pop() if self.planned else self.rng.choice(EVERY_FAULT)
         self.note(f"{action} {s.name} (life {s.lives})")
         if action == "kill":
             s.proc.kill()
@@ -134,16 +142,19 @@ class Chaos:
 
     def terminate(self, s: Slot) -> None:
         """SIGTERM is a clean stop: exit 0 within the shutdown timeout (1 if it had been fenced)."""
+        t0 = time.monotonic()
         s.proc.signal(signal.SIGTERM)
         rc = s.proc.wait(timeout=SHUTDOWN_TIMEOUT_S + 30)
+        took = time.monotonic() - t0
         s.exits.append(("term", rc))
-        self.note(f"{s.name} exited with {rc} after SIGTERM")
+        self.note(f"{s.name} exited with {rc} after SIGTERM in {took:.1f}s")
         log = s.proc.log()
         started = "models ready" in log  # logged after the signal handlers are installed
         # before its handlers exist (still importing) a SIGTERM ends it as it ends any process: harmless,
         # it had done nothing yet; once started it must drain and exit 0 (1 if it had been fenced)
         assert rc == 0 or (rc == 1 and "Fenced" in log) or (rc == -signal.SIGTERM and not started), \
             f"{s.name} answered SIGTERM with {rc}:\n{log[-4000:]}"
+        assert took < SHUTDOWN_TIMEOUT_S + EXIT_SLACK_S, f"{s.name} took {took:.1f}s to stop:\n{log[-4000:]}"
 
     def pause(self, seconds: float) -> None:
         """Sleep in small steps, restarting any member that was fenced meanwhile."""
