@@ -50,6 +50,7 @@ from pipeline.config import Settings
 from pipeline.errors import Fenced
 from pipeline.events import ObjectEvent
 from pipeline.ledger import OutputLedger, recover
+from pipeline.output import LocalOutput
 from pipeline.parquet import RollingParquetWriter
 from tests.output_files import finalized_files, inprogress_files, read_footer
 from pipeline.records import TranscribedAudio
@@ -541,6 +542,9 @@ class World:
 
 
 def finalized_by_others(output_dir: Path, offsets: dict[TopicPartition, tuple[int, int]], writer_id: str) -> list[str]:
+    """What another writer committed of `offsets`: its files' footers, and the table commits that
+    carry no file of `writer_id` - a micro-batch that made no row (duplicates only) advances its
+    partitions in a commit without a file, and that fences a late writer just the same."""
     taken = []
     for path in finalized_files(output_dir):
         if f"-{writer_id}-" in path.name:
@@ -549,6 +553,15 @@ def finalized_by_others(output_dir: Path, offsets: dict[TopicPartition, tuple[in
             first, last = offsets.get(TopicPartition(r.topic, r.partition), (0, -1))
             if r.first <= last and first <= r.last:
                 taken.append(f"{path.name} holds [{r.partition}] {r.first}-{r.last}")
+    table = LocalOutput(output_dir).table
+    if table.refresh() is not None:
+        for c in table.commits(None):
+            if c.files:
+                continue  # a file's commit: its footer was read above
+            for r in c.offsets:
+                first, last = offsets.get(TopicPartition(r.topic, r.partition), (0, -1))
+                if r.first <= last and first <= r.last:
+                    taken.append(f"a commit without a file holds [{r.partition}] {r.first}-{r.last}")
     return taken
 
 
