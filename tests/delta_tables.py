@@ -18,6 +18,16 @@ from pipeline.records import Segment, TranscribedAudio, to_table
 GROUP, TOPIC = "g", "t"
 
 
+def aggregates_of(rows) -> "Aggregates":
+    """The summary aggregates of `rows`, folded one by one as the committer does."""
+    from pipeline.summary import Aggregates
+
+    a = Aggregates()
+    for r in rows:
+        a.add_row(r)
+    return a
+
+
 def row(i: int, frames: int = 10, language: str = "en") -> TranscribedAudio:
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     return TranscribedAudio(

@@ -25,8 +25,8 @@ from pipeline.output.layout import CARD_NAME, MANIFEST_NAME, SUMMARY_NAME
 from pipeline.output.s3 import S3Output
 from pipeline.parquet import RollingParquetWriter
 from pipeline.records import Segment, TranscribedAudio, to_table
-from pipeline.summary import Aggregates
 from tests.consumer_process import TcpOutage
+from tests.delta_tables import aggregates_of
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +43,6 @@ def row(i: int, frames: int = 10, noise: bool = False) -> TranscribedAudio:
     )
 
 
-def aggregates(rows) -> Aggregates:
-    a = Aggregates()
-    for r in rows:
-        a.add_row(r)
-    return a
-
 
 @pytest.fixture
 def store(settings_factory, s3, unique, tmp_path):
@@ -63,7 +57,7 @@ def store(settings_factory, s3, unique, tmp_path):
 def write_file(out, first: int, count: int, partition: int = 0, noise: bool = False, frames: int = 10) -> str:
     w = RollingParquetWriter(out, roll_max_rows=10**6, roll_max_seconds=3600)
     rows = [row(i, frames=frames, noise=noise) for i in range(first, first + count)]
-    w.append(to_table(rows), [OffsetRange("t", partition, first, first + count - 1)], aggregates(rows))
+    w.append(to_table(rows), [OffsetRange("t", partition, first, first + count - 1)], aggregates_of(rows))
     footer = w.finalize()
     w.close()
     OutputLedger(out).commit_file(footer)
@@ -240,7 +234,7 @@ def test_the_manifest_is_created_once_and_a_different_configuration_is_refused(s
 def test_a_writer_whose_offsets_another_writer_committed_is_fenced_and_publishes_nothing(store, s3):
     stale = RollingParquetWriter(store, roll_max_rows=10**6, roll_max_seconds=3600)
     rows = [row(i) for i in range(5)]
-    stale.append(to_table(rows), [OffsetRange("t", 0, 0, 4)], aggregates(rows))
+    stale.append(to_table(rows), [OffsetRange("t", 0, 0, 4)], aggregates_of(rows))
     owner = write_file(store, 0, 3)  # the partition's new owner commits offsets 0-2 first
     ledger = OutputLedger(store)
     with pytest.raises(Fenced):
@@ -263,7 +257,7 @@ def test_two_writers_committing_the_same_offsets_at_once_leave_one_file_and_remo
     for o in outs:
         w = RollingParquetWriter(o, roll_max_rows=10**6, roll_max_seconds=3600)
         rows = [row(i) for i in range(3)]
-        w.append(to_table(rows), [OffsetRange("t", 0, 0, 2)], aggregates(rows))
+        w.append(to_table(rows), [OffsetRange("t", 0, 0, 2)], aggregates_of(rows))
         footers.append(w.finalize())
         w.close()
     for ledger in ledgers:
@@ -312,7 +306,7 @@ def test_a_local_output_reads_like_a_dataset_while_a_file_is_open(tmp_path):
     write_file(out, 0, 3)
     publish_summary(out)
     w = RollingParquetWriter(out, roll_max_rows=10**6, roll_max_seconds=3600)  # a file being written
-    w.append(to_table([row(9)]), [OffsetRange("t", 0, 9, 9)], aggregates([row(9)]))
+    w.append(to_table([row(9)]), [OffsetRange("t", 0, 9, 9)], aggregates_of([row(9)]))
     assert ds.dataset(out.data_dir, format="parquet").to_table().num_rows == 3
     loaded = datasets.load_dataset(str(out.root), split="train")
     assert loaded.num_rows == 3 and sorted(loaded["id"]) == ["k0.flac", "k1.flac", "k2.flac"]

@@ -27,6 +27,16 @@ from tests.test_live_correctness import rows_applied, send_to_partitions
 pytestmark = pytest.mark.integration
 
 
+def published(st, s3, bucket, speech_corpus, copies: int) -> list:
+    """`copies` uploads of three clips, their events published to freshly created topics."""
+    from tests.consumer_process import publish
+
+    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], copies)
+    create_topics(st)
+    publish(st, events)
+    return events
+
+
 def assignments(proc: ConsumerProcess) -> int:
     return proc.log().count("partitions assigned")
 
@@ -111,13 +121,11 @@ def test_sigterm_to_both_members_process_groups_at_once_exits_0_within_the_shutd
     shutdown_timeout, having committed exactly what their files hold; a restart finishes the log
     with every event once."""
     from tests.conftest import consume_until_idle
-    from tests.consumer_process import assert_summary_matches_files, fake_models, publish
+    from tests.consumer_process import assert_summary_matches_files, fake_models
 
     st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None,
                           shutdown_timeout=20.0, prefect_enabled=True)
-    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 80)
-    create_topics(st)
-    publish(st, events)
+    events = published(st, s3, bucket, speech_corpus, 80)
     slow = {"METAVOICE_TEST_WHISPER_DELAY": "0.3"}
     a = ConsumerProcess(services, st, tmp_path / "a.log", **slow).start()
     b = ConsumerProcess(services, st, tmp_path / "b.log", **slow).start()
@@ -196,14 +204,12 @@ def test_a_revoke_during_an_s3_outage_completes_within_its_budget_and_loses_noth
     loop is blocked behind them holding the fetch lock. A second member joins: the revoke gives up
     the waiting batches (their offsets uncommitted: read again) and completes in seconds, not
     after the fault timeout; once S3 is back every event is a row once."""
-    from tests.consumer_process import TcpOutage, assert_summary_matches_files, publish
+    from tests.consumer_process import TcpOutage, assert_summary_matches_files
 
     outage = TcpOutage(services.s3.port)
     st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None,
                           s3_retry_attempts=4, fault_timeout_s=300.0, shutdown_timeout=20.0)
-    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 40)
-    create_topics(st)
-    publish(st, events)
+    events = published(st, s3, bucket, speech_corpus, 40)
     first = ConsumerProcess(services, st.model_copy(update={"s3_endpoint_url": outage.url}), tmp_path / "first.log",
                             METAVOICE_TEST_WHISPER_DELAY="0.3")
     second = ConsumerProcess(services, st, tmp_path / "second.log")
@@ -268,12 +274,8 @@ def test_sigterm_before_the_first_assignment_exits_0_promptly(services, s3, buck
     """A consumer whose first assignment the group holds (a member that does not answer) gets
     SIGTERM: it has nothing to drain and exits 0 within seconds, having written and committed
     nothing - not when the group finally assigns, nor at the stop backstop with 1."""
-    from tests.consumer_process import publish
-
     st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None, shutdown_timeout=20.0)
-    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 8)
-    create_topics(st)
-    publish(st, events)
+    events = published(st, s3, bucket, speech_corpus, 8)
     holder = joiner = None
     try:
         holder = held_group(services, st, tmp_path, events)
@@ -306,12 +308,8 @@ def test_sigterm_during_a_rebalance_the_group_holds_exits_0_within_the_shutdown_
     holds its rejoin (Tansu holds a join for about half the session timeout: 20 s here). It has
     nothing of its own left to commit, so it exits 0 within shutdown_timeout: its fetch does not
     wait for the group to assign again, nor its stop for the join to end."""
-    from tests.consumer_process import publish
-
     st = settings_factory(batch_max_events=2, roll_max_rows=4, roll_max_seconds=1.0, exit_when_idle=None, shutdown_timeout=10.0)
-    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 8)
-    create_topics(st)
-    publish(st, events)
+    events = published(st, s3, bucket, speech_corpus, 8)
     member = trigger = None
     try:
         member = ConsumerProcess(services, st.model_copy(update={"kafka_session_timeout_ms": 40_000}), tmp_path / "member.log").start()
@@ -350,12 +348,10 @@ def test_a_stop_held_past_the_shutdown_timeout_exits_1_at_the_backstop_and_a_res
     published and committed nothing; a restart writes every event once."""
     from consumer.app import STOP_BACKSTOP_MARGIN_S
     from tests.conftest import consume_until_idle
-    from tests.consumer_process import assert_summary_matches_files, fake_models, publish
+    from tests.consumer_process import assert_summary_matches_files, fake_models
 
     st = settings_factory(batch_max_events=2, roll_max_rows=1000, roll_max_seconds=600.0, exit_when_idle=None, shutdown_timeout=5.0)
-    events = upload_copies(s3, bucket, [c.path for c in speech_corpus[:3]], 6)
-    create_topics(st)
-    publish(st, events)
+    events = published(st, s3, bucket, speech_corpus, 6)
     proc = ConsumerProcess(services, st, tmp_path / "held.log", METAVOICE_DELAY_AT="finalize:120")
     try:
         with logs_on_failure(proc):

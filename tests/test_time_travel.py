@@ -15,18 +15,11 @@ from pipeline.errors import MaintenanceRefused
 from pipeline.output.maintenance import compact
 from pipeline.output.snapshot import read_snapshot
 from pipeline.output.table import open_table
-from pipeline.summary import Aggregates
-from tests.delta_tables import append, row
+from tests.delta_tables import aggregates_of, append, row
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [row(i, frames=75 * (i + 1), language="en" if i < 4 else "de") for i in range(7)]
 
-
-def aggregates_of(rows) -> Aggregates:
-    a = Aggregates()
-    for r in rows:
-        a.add_row(r)
-    return a
 
 
 @pytest.fixture
