@@ -193,11 +193,14 @@ def test_a_failed_rename_commits_nothing_and_leaves_no_partial_parquet(s3, bucke
 
 @pytest.fixture
 def small_disk(settings_factory):
-    """The output directory on a 64 KiB tmpfs: room for a few files, then ENOSPC."""
+    """The output directory on a 160 KiB tmpfs: room for a few files, then ENOSPC.
+
+    A table's first log entry is ~11 KB and a two-row file ~24 KB; at 64 KiB only one file
+    fitted, and under load the first commit could miss it (CI, stop 24)."""
     st = settings_factory(batch_max_events=2, roll_max_rows=2, exit_when_idle=1.5)
     data = st.output_dir
     data.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(data)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(data)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"needs permission to mount a tmpfs: {mounted.stderr.decode().strip()}")
     try:
@@ -211,7 +214,7 @@ def test_a_full_disk_mid_stream_commits_only_what_whole_files_hold_and_a_restart
     s3, bucket, speech_corpus, models, small_disk
 ):
     st = small_disk
-    events = arrange(s3, bucket, st, speech_corpus, 16)  # ~8 rows fit in 64 KiB
+    events = arrange(s3, bucket, st, speech_corpus, 16)  # ~8 rows fit in 160 KiB; 16 need ~260 KiB
 
     consumer = Background(st, models)
     consumer.run()
@@ -219,11 +222,15 @@ def test_a_full_disk_mid_stream_commits_only_what_whole_files_hold_and_a_restart
     assert_stopped_with_output_write_failed(consumer)
     assert "No space left on device" in str(pipeline_errors(consumer.error)[0])
     assert_no_partial_files(st.output_dir)
-    held = OutputLedger(st.output_dir)
+    held = OutputLedger(st.output_dir, group=st.group)
     held.refresh()
     assert 0 < len(held.index) < len(events), "the disk should fill up mid-stream"
+    # Kafka may lag the table (the fault can land between a table commit and the offset commit:
+    # a restart resumes from the table), but it never runs ahead of what the table holds.
     committed = committed_offsets(st)
-    assert committed == {p: held.next_offset(st.topic, p) for p in committed}, "committed beyond the files"
+    beyond = {p: (c, held.next_offset(st.topic, p)) for p, c in committed.items()
+              if (c or 0) > (held.next_offset(st.topic, p) or 0)}
+    assert not beyond, f"committed beyond the files: {beyond}"
 
     subprocess.run(["mount", "-o", "remount,size=16m", str(st.output_dir)], check=True)
     consume_until_idle(st, models)
