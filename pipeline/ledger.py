@@ -144,8 +144,16 @@ class OutputLedger:
         if self._read_version is None:
             return
         with self._refreshing:
-            data = dedupe_checkpoint(self._read_version, self.index.hashes())
-        self.output.update_doc(STATE_DEDUPE, lambda current: data)
+            version = self._read_version
+            data = dedupe_checkpoint(version, self.index.hashes())
+
+        def newer(current: bytes | None) -> bytes | None:
+            # Never back: a checkpoint `metavoice compact` wrote past a vacuum must not be replaced
+            # by one that names files the vacuum deleted.
+            found = parse_dedupe_checkpoint(current)
+            return data if found is None or found[0] < version else None
+
+        self.output.update_doc(STATE_DEDUPE, newer)
 
     def checkpoint(self) -> None:
         """Catch up with every commit (others' too), then checkpoint the index. Only when no row of
@@ -162,20 +170,36 @@ class OutputLedger:
             if self.table.refresh() is None:
                 return 0
             commits = self.table.commits(self._read_version)
-            batches = []
+            named = []
             for c in commits:
                 if c.commit_id in self._own:  # ours: its rows entered the index when they were applied
                     self._own.discard(c.commit_id)
                     continue
-                for name, rows in c.files:
-                    if rows:
-                        batches.append(self._hashes_of(name))
+                named.extend(name for name, rows in c.files if rows)
+            first = 0 if self._read_version is None else self._read_version + 1
+            try:
+                if len(commits) < self.table.version + 1 - first:  # entries gone: log retention
+                    raise FileNotFoundError(f"table log entries since version {first}")
+                batches = [self._hashes_of(name) for name in named]
+            except FileNotFoundError as gone:
+                batches = [self._hashes_of(name) for name in self._moved(first, gone)]
             if batches:  # one merge for all the files: merging per file rebuilt the array per file
                 self.index.add_many(np.concatenate(batches))
             self._read_version = self.table.version
         if commits:
             log.info("read %d table commits (%d object versions indexed)", len(commits), len(self.index))
         return len(commits)
+
+    def _moved(self, first: int, gone: FileNotFoundError) -> list[str]:
+        """A file named since the last read was compacted and vacuumed, or log entries since then
+        were cleaned up: the rows now live in files no commit of ours names. Index every live file
+        once (a start from a checkpoint older than a vacuum; `metavoice compact` checkpoints before
+        it vacuums, so this is rare). A compacted file not vacuumed yet is still read directly:
+        it holds the same rows."""
+        live = self.table.file_names()
+        log.warning("the table changed under the dedupe checkpoint since version %d (%s): indexing all %d live files",
+                    first, gone, len(live))
+        return live
 
     def _hashes_of(self, name: str) -> np.ndarray:
         t = self.output.read_columns(name, ["bucket", "id", "etag"])

@@ -103,6 +103,64 @@ def test_a_restart_reads_only_the_files_added_since_the_dedupe_checkpoint(tmp_pa
     assert third.files_read == 1 and third.already_written("b", "k12.flac", "e12") and third.already_written("b", "k0.flac", "e0")
 
 
+def checkpoint_version(output_dir) -> int:
+    from pipeline.ledger import parse_dedupe_checkpoint
+
+    return parse_dedupe_checkpoint((output_dir / STATE_DEDUPE).read_bytes())[0]
+
+
+def test_a_restart_from_a_checkpoint_older_than_a_vacuum_indexes_every_row_it_missed(tmp_path):
+    """Files added after the checkpoint were compacted and vacuumed: a start that read only the
+    files its commits name would find them gone. It indexes the live files instead."""
+    from pipeline.output.maintenance import _vacuum, current_files
+    from pipeline.output.table import open_table
+
+    write_file(tmp_path, 0, 2)
+    recover(OutputLedger(tmp_path), IDENTITY)  # checkpoint at the first file
+    old = (tmp_path / STATE_DEDUPE).read_bytes()
+    for first in range(2, 8, 2):
+        write_file(tmp_path, first, 2)
+    table = open_table(tmp_path)
+    table.optimize.compact()
+    _vacuum(table, 0, True, dry_run=False)  # what a forced short retention does
+    log = OutputLedger(tmp_path).table.refresh()
+    since = [name for c in log.commits(checkpoint_version(tmp_path)) for name, _ in c.files]
+    assert since and not any((tmp_path / "data" / name).exists() for name in since)  # vacuumed
+    assert len(current_files(table)) == 1  # all four rewritten into one
+    (tmp_path / STATE_DEDUPE).write_bytes(old)  # the compaction's own checkpoint lost: the worst case
+
+    again = OutputLedger(tmp_path)
+    recover(again, IDENTITY)
+    assert all(again.already_written("b", f"k{i}.flac", f"e{i}") for i in range(8))
+    assert again.next_offset("t", 0) == 8
+
+
+def test_compact_checkpoints_the_dedupe_index_before_it_vacuums(tmp_path):
+    from pipeline.output.maintenance import compact
+
+    write_file(tmp_path, 0, 2)
+    recover(OutputLedger(tmp_path), IDENTITY)
+    for first in range(2, 8, 2):
+        write_file(tmp_path, first, 2)
+    before = checkpoint_version(tmp_path)
+    report = compact(tmp_path, retention_hours=0, force=True)
+    assert checkpoint_version(tmp_path) >= report.version_after > before
+    again = OutputLedger(tmp_path)
+    recover(again, IDENTITY)
+    assert again.files_read == 0 and all(again.already_written("b", f"k{i}.flac", f"e{i}") for i in range(8))
+
+
+def test_a_checkpoint_is_never_replaced_by_an_older_one(tmp_path):
+    write_file(tmp_path, 0, 2)
+    stale = OutputLedger(tmp_path)
+    stale.refresh()
+    write_file(tmp_path, 2, 2)
+    fresh = OutputLedger(tmp_path)
+    fresh.checkpoint()
+    stale.save_checkpoint()
+    assert checkpoint_version(tmp_path) == fresh.table_version
+
+
 def test_start_up_recovery_refuses_an_output_built_with_another_configuration_before_touching_it(tmp_path):
     recover(OutputLedger(tmp_path), IDENTITY)
     dead_writers_file(tmp_path, 0)
