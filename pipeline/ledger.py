@@ -446,10 +446,7 @@ def rebuild_aggregates(output: Output | str | Path) -> tuple[Aggregates, list[st
         return agg, []
     for c in output.table.commits(None):
         if c.aggregates is not None:
-            agg.errors.update(c.aggregates.errors)
-            agg.skipped += c.aggregates.skipped
-            agg.duplicates += c.aggregates.duplicates
-            agg.superseded += c.aggregates.superseded
+            agg.merge_rowless(c.aggregates)
     names = output.finalized()
     for name in names:
         try:

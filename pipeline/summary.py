@@ -176,10 +176,7 @@ class Aggregates:
         self.languages.update(o.languages)
         self.transcription_lengths.merge(o.transcription_lengths)
         self.token_frames.merge(o.token_frames)
-        self.errors.update(o.errors)
-        self.skipped += o.skipped
-        self.duplicates += o.duplicates
-        self.superseded += o.superseded
+        self.merge_rowless(o)
         self.untranscribed += o.untranscribed
         self.utterances += o.utterances
         self.utterance_durations.merge(o.utterance_durations)
@@ -187,6 +184,14 @@ class Aggregates:
         self.seconds_passing.update(o.seconds_passing)
         self.scored_seconds += o.scored_seconds
         self._fold_speakers().update(o._fold_speakers())
+
+    def merge_rowless(self, o: "Aggregates") -> None:
+        """Only what made no row (dead letters, skips, duplicates, superseded events): a commit's
+        metadata is the only record of them, where the rows' figures can be read from the files."""
+        self.errors.update(o.errors)
+        self.skipped += o.skipped
+        self.duplicates += o.duplicates
+        self.superseded += o.superseded
 
     # --- serialization (footer metadata and summary.json's "_state") ---------------------
     def to_state(self) -> dict[str, Any]:

@@ -44,7 +44,26 @@ def test_the_summary_of_a_version_is_the_aggregate_of_its_rows(history, version,
     shown = snap.report()
     assert shown["table_version"] == version and shown["total_files"] == rows
     assert shown["languages"] == dict(aggregates_of(ROWS[:rows]).languages.most_common())
-    assert not {"errors", "skipped", "duplicates", "_state"} & shown.keys()  # no row holds them
+    assert "_state" not in shown and (shown["skipped"], shown["duplicates"]) == (0, 0)  # commits of no consumer
+
+
+def test_a_version_counts_what_made_no_row_up_to_it_as_summary_json_does(tmp_path):
+    """Dead letters, skips and duplicates are in no file: each version sums its commits' metadata."""
+    from pipeline.ledger import publish_summary
+    from tests.test_summary_aggregates import write_file
+
+    counts = [({"DecodeFailed": 1}, 2, 0), ({"ObjectNotFound": 2}, 0, 3), ({"DecodeFailed": 1}, 1, 1)]
+    for i, (errors, skipped, duplicates) in enumerate(counts):
+        write_file(tmp_path, 2 * i, 2, rowless=(errors, skipped, duplicates))
+    summary = publish_summary(tmp_path)
+    latest = read_snapshot(tmp_path).report()
+    for key in ("errors", "skipped", "duplicates", "superseded", "total_files"):
+        assert latest[key] == summary[key], key
+    first = read_snapshot(tmp_path, version=1).report()  # version 0: the table's creation
+    assert (first["errors"]["by_type"], first["skipped"], first["duplicates"]) == ({"DecodeFailed": 1}, 2, 0)
+    second = read_snapshot(tmp_path, version=2).report()
+    assert (second["errors"]["by_type"], second["skipped"], second["duplicates"]) == (
+        {"DecodeFailed": 1, "ObjectNotFound": 2}, 2, 3)
 
 
 def test_as_of_picks_the_version_current_at_that_time(history):
