@@ -177,9 +177,9 @@ class OutputLedger:
                     continue
                 named.extend(name for name, rows in c.files if rows)
             first = 0 if self._read_version is None else self._read_version + 1
+            if len(commits) < self.table.version + 1 - first:  # log entries cleaned up (log retention)
+                named = self._moved(first, "log entries are gone")
             try:
-                if len(commits) < self.table.version + 1 - first:  # entries gone: log retention
-                    raise FileNotFoundError(f"table log entries since version {first}")
                 batches = [self._hashes_of(name) for name in named]
             except FileNotFoundError as gone:
                 batches = [self._hashes_of(name) for name in self._moved(first, gone)]
@@ -190,7 +190,7 @@ class OutputLedger:
             log.info("read %d table commits (%d object versions indexed)", len(commits), len(self.index))
         return len(commits)
 
-    def _moved(self, first: int, gone: FileNotFoundError) -> list[str]:
+    def _moved(self, first: int, why: object) -> list[str]:
         """A file named since the last read was compacted and vacuumed, or log entries since then
         were cleaned up: the rows now live in files no commit of ours names. Index every live file
         once (a start from a checkpoint older than a vacuum; `metavoice compact` checkpoints before
@@ -198,7 +198,7 @@ class OutputLedger:
         it holds the same rows."""
         live = self.table.file_names()
         log.warning("the table changed under the dedupe checkpoint since version %d (%s): indexing all %d live files",
-                    first, gone, len(live))
+                    first, why, len(live))
         return live
 
     def _hashes_of(self, name: str) -> np.ndarray:
@@ -444,9 +444,7 @@ def rebuild_aggregates(output: Output | str | Path) -> tuple[Aggregates, list[st
     agg = Aggregates()
     if output.table.refresh() is None:
         return agg, []
-    for c in output.table.commits(None):
-        if c.aggregates is not None:
-            agg.merge_rowless(c.aggregates)
+    agg.merge_rowless(output.table.rowless())
     names = output.finalized()
     for name in names:
         try:

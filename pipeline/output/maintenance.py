@@ -125,9 +125,17 @@ def compact(location: str | Path, settings: "Settings | None" = None, *, target_
     report.version_after = table.version()
     report.files_after, report.rows_after = after["files"], after["rows"]
     report.card_files = write_card(location, table, st)
-    _refresh_dedupe_checkpoint(location, st)
+    from . import open_output
+    from ..ledger import OutputLedger, publish_summary
+
+    output = open_output(location, st)
+    # The dedupe checkpoint brought past the compaction before the vacuum: a consumer starting
+    # from it reads only files added since, and the vacuum can delete none of those (step 2).
+    ledger = OutputLedger(output)
+    ledger.load_checkpoint()
+    ledger.checkpoint()
     report.vacuumed = _vacuum(table, retention, force, dry_run=False)
-    _refresh_summary(location, st)
+    publish_summary(output)  # step 4: the file count follows the compaction
     log.info("compacted %s: %s", report.table, "; ".join(report.lines()[1:3]))
     return report
 
@@ -153,26 +161,6 @@ def write_card(location: str | Path, table: "DeltaTable", settings: "Settings | 
     card = dataset_card(SCHEMA, output.location, data_files=files, version=table.version()).encode()
     output.update_doc(CARD_NAME, lambda current: card)
     return len(files)
-
-
-def _refresh_dedupe_checkpoint(location: str | Path, settings: "Settings") -> None:
-    """The dedupe checkpoint brought past the compaction before the vacuum: a consumer that starts
-    from it reads only files added since, and none of those can be one the vacuum deletes."""
-    from . import open_output
-    from ..ledger import OutputLedger
-
-    ledger = OutputLedger(open_output(location, settings))
-    ledger.load_checkpoint()
-    ledger.checkpoint()
-
-
-def _refresh_summary(location: str | Path, settings: "Settings") -> None:
-    """summary.json brought up to the version compaction and vacuum left (its file count changed,
-    no aggregate did), so it never lags a table no consumer writes to any more."""
-    from . import open_output
-    from ..ledger import publish_summary
-
-    publish_summary(open_output(location, settings))
 
 
 def _snapshot(table: "DeltaTable", target: int) -> dict[str, int]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import MaintenanceRefused
 from ..summary import ROW_COLUMNS, Aggregates
+from . import open_output
 from .maintenance import current_files
 from .table import open_table, table_uri
 
@@ -70,20 +71,10 @@ def read_snapshot(location: str | Path, settings: "Settings | None" = None, *, v
         raise MaintenanceRefused(
             f"version {table.version()} of {table_uri(location)} cannot be read any more ({exc}): its files were "
             "vacuumed (`metavoice compact` keeps removed files for METAVOICE_VACUUM_RETENTION_HOURS)") from exc
-    _add_rowless(aggregates, location, settings, table.version())
-    return Snapshot(table.version(), committed_at, current_files(table), aggregates)
-
-
-def _add_rowless(aggregates: Aggregates, location: str | Path, settings: "Settings | None", version: int) -> None:
-    """What made no row up to `version`, from our commits' metadata (one small read per log entry)."""
-    from . import open_output
-
     log = open_output(location, settings).table
-    if log.refresh() is None:
-        return
-    for c in log.commits(None):
-        if c.version <= version and c.aggregates is not None:
-            aggregates.merge_rowless(c.aggregates)
+    if log.refresh() is not None:
+        aggregates.merge_rowless(log.rowless(table.version()))
+    return Snapshot(table.version(), committed_at, current_files(table), aggregates)
 
 
 def _committed_at(location: str | Path, settings: "Settings | None", wanted: int) -> datetime | None:

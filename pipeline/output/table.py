@@ -306,6 +306,15 @@ class DatasetTable:
                 found.append(c)
         return found
 
+    def rowless(self, upto: int | None = None) -> Aggregates:
+        """What made no row (dead letters, skips, duplicates) in the commits up to version `upto`
+        (None: the known version): only our commits' metadata records them."""
+        found = Aggregates()
+        for c in self.commits(None):
+            if (upto is None or c.version <= upto) and c.aggregates is not None:
+                found.merge_rowless(c.aggregates)
+        return found
+
     def _entry(self, version: int) -> TableCommit | None:
         fs, root = self._log_fs()
         try:
