@@ -214,8 +214,27 @@ def test_every_record_is_accounted_for_in_its_batch(tmp_path):
     batch = b.take()
     assert [i.event.key for i in batch.items] == ["a.flac", "c.flac"]
     assert [f.error.error_type for f in batch.early_failures] == ["MalformedEvent"]
-    assert batch.skipped == 2 and batch.duplicates == 1
+    assert batch.skipped == 1 and batch.duplicates == 1  # the test event; the delete is a delete
+    assert [(d.key, d.offset) for d in batch.deletes] == [("a.flac", 12)]
     assert {tp.partition: tuple(r) for tp, r in batch.ranges.items()} == {0: (10, 14), 2: (3, 3)}
+
+
+def test_a_batch_closes_after_a_delete_so_nothing_after_it_shares_its_commit(tmp_path):
+    b = Batcher(OutputLedger(tmp_path), max_events=100, max_bytes=1 << 30, linger_ms=10_000)
+    b.add(record(0, r2("a.flac")))
+    assert not b.full()
+    b.add(record(1, r2("a.flac", action="DeleteObject")))
+    assert b.full()
+
+
+def test_the_dedupe_index_forgets_a_deleted_version(tmp_path):
+    index = DedupeIndex()
+    for h in (1, 2, 3):
+        index.add(h)
+    index.discard_many(np.array([2], dtype=np.uint64))
+    assert 2 not in index and 1 in index and 3 in index
+    index.add(2)
+    assert 2 in index
 
 
 def test_batch_closes_on_events_bytes_or_linger(tmp_path):
