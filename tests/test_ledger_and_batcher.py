@@ -9,12 +9,13 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.batcher import Batcher
 from pipeline.errors import Fenced, OutputConfigMismatch, OutputNotMigrated, TableGap
-from pipeline.ledger import (STATE_DEDUPE, DedupeIndex, OutputLedger, object_version_hash, publish_summary,
+from pipeline.ledger import (STATE_DEDUPE, DedupeIndex, ObjectDelete, OutputLedger, object_version_hash, publish_summary,
                              rebuild_aggregates, recover)
 from pipeline.output import LocalOutput, OffsetRange
 from pipeline.output.layout import MANIFEST_NAME, SUMMARY_NAME
 from pipeline.parquet import RollingParquetWriter
 from pipeline.records import to_table
+from pipeline.summary import Aggregates
 
 from .output_files import inprogress_files
 from .test_parquet_writer import agg, row
@@ -379,3 +380,38 @@ def test_metavoice_migrate_makes_a_0_1_output_a_table_once_and_then_refuses(tmp_
     assert ledger.next_offset("t", 0) == 6
     assert main(["migrate", str(tmp_path)]) == 1
     assert "already has a Delta table" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_delete_that_loses_its_files_to_a_compaction_is_planned_again_and_removes_the_row(tmp_path, monkeypatch):
+    """A compaction commits between the delete's plan and its commit (it removed the files the plan
+    rewrites): the commit refuses (`FilesRemovedMeanwhile`), the delete is planned again on the
+    compacted file, and the row goes, once."""
+    from pipeline.output.maintenance import compact
+
+    for first in (0, 2, 4):
+        write_file(tmp_path, first, 2)  # k0..k5 at offsets 0..5, three files
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([]), [OffsetRange("t", 0, 6, 6)], Aggregates(delete_events=1))  # the delete's record
+    footer = w.finalize()
+    w.close()
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    real, plans = OutputLedger._plan_deletes, []
+
+    def plan_then_compact(self, *args):
+        plan = real(self, *args)
+        if not plans:
+            compact(tmp_path)
+        plans.append(plan.based_on)
+        return plan
+
+    monkeypatch.setattr(OutputLedger, "_plan_deletes", plan_then_compact)
+    ledger.commit_file(footer, [ObjectDelete("b", "k1.flac", "t", 0, 6)])
+
+    assert len(plans) == 2 and plans[1] > plans[0]
+    table = ledger.table.snapshot()
+    ids = sorted(table.to_pyarrow_dataset().to_table(columns=["id"]).column("id").to_pylist())
+    assert ids == [f"k{i}.flac" for i in (0, 2, 3, 4, 5)]
+    doc = publish_summary(tmp_path)
+    assert doc["deleted"] == {"events": 1, "rows": 1} and doc["total_files"] == 5
+    assert table.transaction_version("metavoice-consumer:t:0") == 6
