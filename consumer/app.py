@@ -664,7 +664,8 @@ class StreamConsumer:
             extra={"fields": {
                 "batch": batch.seq, "label": batch.micro_batch().label, "records": batch.records,
                 "objects": len(batch.items),  # what batch_max_events bounds
-                "events": len(batch.items) + batch.skipped + batch.duplicates + len(batch.early_failures),
+                "events": len(batch.items) + batch.skipped + batch.duplicates + len(batch.early_failures) + len(batch.deletes),
+                "deletes": len(batch.deletes),
                 "rows": applied.rows, "failed": failed, "skipped": batch.skipped, "duplicates": applied.duplicates,
                 "audio_seconds": round(outcome.audio_seconds, 3), "rtf": round(rtf, 4) if rtf is not None else None,
                 "timings": timings,
