@@ -66,6 +66,31 @@ def test_a_version_counts_what_made_no_row_up_to_it_as_summary_json_does(tmp_pat
         {"DecodeFailed": 1, "ObjectNotFound": 2}, 2, 3)
 
 
+def test_a_version_before_a_delete_keeps_the_row_and_one_after_counts_it_deleted(tmp_path):
+    """A delete is a table version like any other: the version before it still holds the row,
+    the version after it neither holds nor counts it, as summary.json does."""
+    from pipeline.ledger import ObjectDelete, OutputLedger, publish_summary
+    from pipeline.parquet import OffsetRange, RollingParquetWriter
+    from pipeline.records import to_table
+    from pipeline.summary import Aggregates
+    from tests.test_summary_aggregates import write_file
+
+    write_file(tmp_path, 0, 2)  # rows k0, k1 (version 1)
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([]), [OffsetRange("t", 0, 2, 2)], Aggregates(delete_events=1))
+    footer = w.finalize()
+    w.close()
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    ledger.commit_file(footer, [ObjectDelete("b", "k1.flac", "t", 0, 2)])
+    summary = publish_summary(tmp_path)
+
+    before, after = read_snapshot(tmp_path, version=1).report(), read_snapshot(tmp_path).report()
+    assert (before["total_files"], before["deleted"]) == (2, {"events": 0, "rows": 0})
+    assert (after["total_files"], after["deleted"]) == (1, {"events": 1, "rows": 1})
+    assert (after["total_files"], after["deleted"]) == (summary["total_files"], summary["deleted"])
+
+
 def test_as_of_picks_the_version_current_at_that_time(history):
     out, between = history
     assert read_snapshot(out, as_of=between[0]).version == 0
