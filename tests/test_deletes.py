@@ -142,7 +142,9 @@ def test_kill_9_between_the_deletes_table_commit_and_the_kafka_commit_deletes_ex
     rc = child.wait(timeout=120)
     with logs_on_failure(child):
         assert rc == -signal.SIGKILL, "the crash point did not kill the consumer"
-        assert {r["id"] for r in output_rows(open_output(st.output_dir, st))} == {e.key for e in created} - {created[2].key}
+        ids = {r["id"] for r in output_rows(open_output(st.output_dir, st))}
+        # the delete landed; the new object's event (another partition) may have shared its batch
+        assert {e.key for e in created} - {created[2].key} <= ids <= {e.key for e in created + later[:1]} - {created[2].key}
 
     consume_until_idle(st, models)  # the restart: the delete is in the table, the broker never heard
 
