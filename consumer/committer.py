@@ -186,8 +186,8 @@ class OutputCommitter:
     async def finalize_and_commit(self, final: bool = False, checkpoint: bool = True) -> None:
         """Steps 1-5 for the open file. Then, between batches (`checkpoint`) with no file open, the
         dedupe index holds exactly what the table holds: every `CHECKPOINT_EVERY` commits, and at a
-        `final` stop, it is checkpointed beside the table, so a restart reads no data file (or at
-        most the files of the commits since the last checkpoint, after a crash)."""
+        `final` stop, it is checkpointed beside the table, so a restart reads only the log entries
+        since (each names its object versions: no data file, after a crash either)."""
         if self._finalizing.locked():
             log.info("waiting for the finalize in flight (its rename and commit) first")
         async with self._finalizing:

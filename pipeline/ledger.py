@@ -16,7 +16,6 @@ finalize's table commit with its checks.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import uuid
@@ -36,15 +35,10 @@ from .output import FileFooter, OffsetRange, Output, as_output
 from .output.layout import SUMMARY_NAME, part_name
 from .output.table import (COMMIT_ATTEMPTS, META_REMOVED, META_REMOVED_VERSIONS, TableCommit, add_action, app_id,
                            commit_metadata)
-from .records import SCHEMA
+from .records import SCHEMA, object_version_hash, version_hashes
 from .summary import ROW_COLUMNS, Aggregates, SummaryState, parse_summary, render_summary
 
 log = logging.getLogger(__name__)
-
-
-def object_version_hash(bucket: str, key: str, etag: str) -> int:
-    digest = hashlib.blake2b(f"{bucket}\x00{key}\x00{etag}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=False)
 
 
 class DedupeIndex:
@@ -223,15 +217,20 @@ class OutputLedger:
             if self.table.refresh() is None:
                 return 0
             commits = self.table.commits(self._read_version)
-            steps: list[tuple[str | None, Any]] = []  # in log order: a file to index, or (None, versions deleted)
+            # in log order: ("hashes", the versions a commit recorded), ("file", a file to read them
+            # from), ("forget", the versions a delete removed)
+            steps: list[tuple[str, Any]] = []
             removed: list[Any] = []
             for c in commits:
                 if c.commit_id in self._own:  # ours: its rows entered the index when they were applied
                     self._own.discard(c.commit_id)
                     continue
-                steps.extend((name, None) for name, rows in c.files if rows)
+                if c.versions is not None:  # a consumer's commit names its object versions: no file read
+                    steps.append(("hashes", c.versions))
+                else:  # a migrate's (a compaction names no file of ours: its rows are indexed already)
+                    steps.extend(("file", name) for name, rows in c.files if rows)
                 if c.removed_versions:  # a delete: the versions indexed before it, then forget these
-                    steps.append((None, c.removed_versions))
+                    steps.append(("forget", c.removed_versions))
                     removed.append(c.removed_versions)
             first = 0 if self._read_version is None else self._read_version + 1
             why: object = None
@@ -247,24 +246,24 @@ class OutputLedger:
                 # then index the live files (a version deleted and uploaded again is in them)
                 for versions in removed:
                     self.index.discard_many(_version_hashes(versions))
-                self._apply([(name, None) for name in self._moved(first, why)])
+                self._apply([("file", name) for name in self._moved(first, why)])
             self._read_version = self.table.version
         if commits:
             log.info("read %d table commits (%d object versions indexed)", len(commits), len(self.index))
         return len(commits)
 
-    def _apply(self, steps: list[tuple[str | None, Any]]) -> None:
-        """Index the files' rows and forget the deleted versions, in log order: the files between two
-        deletes are merged at once (merging per file rebuilt the array per file)."""
+    def _apply(self, steps: list[tuple[str, Any]]) -> None:
+        """Index the commits' object versions and forget the deleted ones, in log order: everything
+        between two deletes is merged at once (merging per file rebuilt the array per file)."""
         batches: list[np.ndarray] = []
-        for name, versions in steps:
-            if name is not None:
-                batches.append(self._hashes_of(name))
+        for kind, what in steps:
+            if kind != "forget":
+                batches.append(what if kind == "hashes" else self._hashes_of(what))
                 continue
             if batches:
                 self.index.add_many(np.concatenate(batches))
                 batches = []
-            self.index.discard_many(_version_hashes(versions))
+            self.index.discard_many(_version_hashes(what))
         if batches:
             self.index.add_many(np.concatenate(batches))
 
@@ -282,9 +281,7 @@ class OutputLedger:
     def _hashes_of(self, name: str) -> np.ndarray:
         t = self.output.read_columns(name, ["bucket", "id", "etag"])
         self.files_read += 1
-        return np.fromiter(
-            (object_version_hash(b, k, e or "") for b, k, e in zip(*(t.column(c).to_pylist() for c in ("bucket", "id", "etag")))),
-            dtype=np.uint64, count=t.num_rows)
+        return version_hashes(t)
 
     def catch_up(self) -> int:
         """Discard the in-progress files of dead writers (their events were never committed), then
@@ -357,8 +354,11 @@ class OutputLedger:
                 name, rows = (plan.footer_name, plan.footer_rows) if plan else (footer.name if footer.rows else None,
                                                                                 footer.rows)
                 files = [(name, rows)] if name else []
+                versions = footer.versions  # None: not known (a footer read back): readers read the file
+                if versions is not None and plan is not None and plan.versions:  # rewritten without the deleted
+                    versions = np.setdiff1d(versions, _version_hashes(plan.versions)) if name else versions[:0]
                 metadata = commit_metadata(commit_id, files, footer.offsets, footer.aggregates, footer.dead_letters,
-                                           footer.dlq_marks)
+                                           footer.dlq_marks, versions)
                 adds = [add_action(footer.name, footer.size, footer.rows)] if footer.rows and not plan else []
                 if plan:
                     adds = plan.adds
@@ -484,8 +484,9 @@ def recover(ledger: OutputLedger, identity: dict[str, str], force: bool = False)
            configuration (`identity`: topic, group, models) unless `force`
         2. refuse an output of 0.1 (Parquet files under data/, no table)         OutputNotMigrated
         3. the table: open it, or create it with the dataset's schema
-        4. the dedupe index: the checkpoint beside the table, then the files the commits since
-           added; a new checkpoint when it read any
+        4. the dedupe index: the checkpoint beside the table, then the object versions the
+           commits since name (their files only for a commit that names none: a migrate); a new
+           checkpoint when there were any
         5. discard dead writers' in-progress files (`OutputLedger.catch_up`)
         6. bring summary.json up to the table's version (commits since only;   OutputWriteFailed
            none for a table with no commit yet)
@@ -500,8 +501,7 @@ def recover(ledger: OutputLedger, identity: dict[str, str], force: bool = False)
             "then start the consumer again")
     ledger.table.ensure()
     ledger.load_checkpoint()
-    ledger.catch_up()
-    if ledger.files_read:  # the next start reads only what is committed after this
+    if ledger.catch_up() and ledger.table_version:  # commits since the checkpoint (not just the table's creation)
         ledger.save_checkpoint()
     if ledger.table_version:  # anything committed since the table was created
         update_summary(ledger.output)

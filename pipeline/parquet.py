@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -41,7 +42,7 @@ from .output import Output, as_output
 from .output.footer import FileFooter, OffsetRange, PendingDeadLetter, footer_metadata
 from .output.layout import INPROGRESS_SUFFIX, part_name
 from .output.store import discard
-from .records import SCHEMA, TranscribedAudio, to_table
+from .records import SCHEMA, TranscribedAudio, to_table, version_hashes
 from .summary import Aggregates
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class _OpenFile:
     ranges: dict[tuple[str, int], OffsetRange] = field(default_factory=dict)
     aggregates: Aggregates = field(default_factory=Aggregates)
     dead_letters: list[PendingDeadLetter] = field(default_factory=list)
+    versions: list[np.ndarray] = field(default_factory=list)  # of its rows, per append
 
 
 class RollingParquetWriter:
@@ -200,6 +202,8 @@ class RollingParquetWriter:
             raise OutputWriteFailed(f"writing {f.path} failed: {exc}") from exc
         f.rows += table.num_rows
         f.bytes += table.nbytes
+        if table.num_rows:
+            f.versions.append(version_hashes(table))
         f.aggregates.merge(aggregates)
         f.dead_letters.extend(dead_letters)
         for r in ranges:
@@ -276,7 +280,8 @@ class RollingParquetWriter:
             log.info("uploaded %s (%d rows)", self.output.data_path(f.name), f.rows)
         else:
             discard(f.path)
-        return FileFooter(f.name, f.rows, offsets, f.aggregates, f.dead_letters, dict(dlq_marks or {}), size)
+        versions = np.unique(np.concatenate(f.versions)) if f.versions else np.zeros(0, np.uint64)
+        return FileFooter(f.name, f.rows, offsets, f.aggregates, f.dead_letters, dict(dlq_marks or {}), size, versions)
 
     def abort(self) -> None:
         """Drop the open file: its events were never committed and will be processed again."""

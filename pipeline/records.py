@@ -7,6 +7,7 @@ else is read off it:
     SCHEMA          the Arrow/Parquet schema of every output file
     to_table        rows -> Arrow table in `SCHEMA` (the writer's hot path)
     read_records    Parquet file / Arrow table / pyarrow dataset -> rows (`iter_records` streams them)
+    version_hashes  the object versions (bucket, id, etag) of a table's rows, as the dedupe index keys them
 
 so adding, renaming or retyping a column is one edit. The writer, the summary, the report and the tests
 all use `SCHEMA` and `TranscribedAudio`. With transcription off (`transcribe=false`) a row has no
@@ -16,6 +17,7 @@ transcript: `transcription`, `language`, `segments` and `whisper_model` are null
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import MISSING, dataclass, field, fields
@@ -360,3 +362,17 @@ def tokens_from_column(value: list[list[int]] | None) -> np.ndarray:
     if not value:
         return np.zeros((0, 0), dtype=np.int16)
     return np.asarray(value, dtype=np.int16)
+
+
+def object_version_hash(bucket: str, key: str, etag: str) -> int:
+    """An object version's 64-bit key in the dedupe index (pipeline/ledger.py) and in a table
+    commit's metadata (`metavoice.versions`): what "already written" means."""
+    digest = hashlib.blake2b(f"{bucket}\x00{key}\x00{etag}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=False)
+
+
+def version_hashes(table: pa.Table) -> np.ndarray:
+    """The distinct object versions of `table`'s rows (an object's utterances are one version)."""
+    cols = [table.column(c).to_pylist() for c in ("bucket", "id", "etag")]
+    return np.unique(np.fromiter((object_version_hash(b, k, e or "") for b, k, e in zip(*cols)),
+                                 dtype=np.uint64, count=table.num_rows))

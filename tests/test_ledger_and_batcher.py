@@ -38,12 +38,35 @@ def test_ledger_rebuilds_positions_and_object_versions_from_the_table(tmp_path):
     write_file(tmp_path, 0, 3)
     write_file(tmp_path, 3, 2)
     ledger = OutputLedger(tmp_path)
-    assert ledger.refresh() >= 2 and ledger.files_read == 2
+    assert ledger.refresh() >= 2 and ledger.files_read == 0  # each commit names its object versions
     assert ledger.next_offset("t", 0) == 5
     assert ledger.next_offset("t", 1) is None
     assert ledger.already_written("b", "k4.flac", "e4")
     assert not ledger.already_written("b", "k4.flac", "new-etag")
-    assert ledger.refresh() == 0 and ledger.files_read == 2  # nothing new: nothing read
+    assert ledger.refresh() == 0 and ledger.files_read == 0
+
+
+def test_a_commit_that_does_not_name_its_object_versions_is_indexed_from_its_file(tmp_path):
+    """A migrated 0.1 output's commit (or an older consumer's) has no `metavoice.versions`: its
+    file's key columns are read, once; a commit that names them is not read."""
+    write_file(tmp_path, 0, 3, named_versions=False)
+    write_file(tmp_path, 3, 2)
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    assert ledger.files_read == 1
+    assert all(ledger.already_written("b", f"k{i}.flac", f"e{i}") for i in range(5))
+
+
+def test_a_compaction_read_from_the_log_costs_no_file_read_its_rows_are_indexed_already(tmp_path):
+    from pipeline.output.maintenance import compact
+
+    for first in range(0, 6, 2):
+        write_file(tmp_path, first, 2)
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    compact(tmp_path)
+    assert ledger.refresh() >= 1 and ledger.files_read == 0
+    assert all(ledger.already_written("b", f"k{i}.flac", f"e{i}") for i in range(6))
 
 
 def test_positions_are_per_group_app_transactions(tmp_path):
@@ -84,14 +107,15 @@ def test_start_up_recovery_drops_dead_writers_files_indexes_the_rest_and_repairs
     assert orjson.loads((tmp_path / MANIFEST_NAME).read_bytes())["whisper_model"] == "tiny.en"
 
 
-def test_a_restart_reads_only_the_files_added_since_the_dedupe_checkpoint(tmp_path):
+def test_a_restart_reads_no_data_file_the_checkpoint_and_the_commits_since_name_every_version(tmp_path):
     """The index is checkpointed beside the table (outside data/) with the version it covers: the
-    next start reads the checkpoint and the files of the commits since, never every file."""
+    next start reads the checkpoint and the log entries since (each names its object versions),
+    never a data file - after a crash too, when commits came after the checkpoint."""
     for first in range(0, 10, 2):
         write_file(tmp_path, first, 2)
     first = OutputLedger(tmp_path)
     recover(first, IDENTITY)
-    assert first.files_read == 5 and (tmp_path / STATE_DEDUPE).exists()
+    assert first.files_read == 0 and (tmp_path / STATE_DEDUPE).exists()
     assert not str(STATE_DEDUPE).startswith("data/")  # VACUUM of the table root never touches it
 
     again = OutputLedger(tmp_path)
@@ -101,7 +125,7 @@ def test_a_restart_reads_only_the_files_added_since_the_dedupe_checkpoint(tmp_pa
     write_file(tmp_path, 10, 3)
     third = OutputLedger(tmp_path)
     recover(third, IDENTITY)
-    assert third.files_read == 1 and third.already_written("b", "k12.flac", "e12") and third.already_written("b", "k0.flac", "e0")
+    assert third.files_read == 0 and third.already_written("b", "k12.flac", "e12") and third.already_written("b", "k0.flac", "e0")
 
 
 def checkpoint_version(output_dir) -> int:
@@ -119,8 +143,8 @@ def test_a_restart_from_a_checkpoint_older_than_a_vacuum_indexes_every_row_it_mi
     write_file(tmp_path, 0, 2)
     recover(OutputLedger(tmp_path), IDENTITY)  # checkpoint at the first file
     old = (tmp_path / STATE_DEDUPE).read_bytes()
-    for first in range(2, 8, 2):
-        write_file(tmp_path, first, 2)
+    for first in range(2, 8, 2):  # commits that do not name their versions (migrated): files must be read
+        write_file(tmp_path, first, 2, named_versions=False)
     table = open_table(tmp_path)
     table.optimize.compact()
     _vacuum(table, 0, True, dry_run=False)  # what a forced short retention does
@@ -146,7 +170,7 @@ def test_a_restart_from_a_checkpoint_older_than_a_delete_and_a_vacuum_forgets_th
     write_file(tmp_path, 0, 2)  # k0, k1
     recover(OutputLedger(tmp_path), IDENTITY)  # checkpoint holds k1
     old = (tmp_path / STATE_DEDUPE).read_bytes()
-    write_file(tmp_path, 2, 2)
+    write_file(tmp_path, 2, 2, named_versions=False)  # a commit to be read from its file, then vacuumed
     w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
     w.append(to_table([]), [OffsetRange("t", 0, 4, 4)], Aggregates(delete_events=1))
     footer = w.finalize()
@@ -364,7 +388,7 @@ def test_catching_up_with_many_files_merges_the_index_once(tmp_path, monkeypatch
     monkeypatch.setattr(DedupeIndex, "_merge", lambda self, extra=None: (merges.append(1), real(self, extra))[1])
     ledger = OutputLedger(tmp_path)
     ledger.refresh()
-    assert ledger.files_read == 10 and len(merges) == 1 and len(ledger.index) == 20
+    assert ledger.files_read == 0 and len(merges) == 1 and len(ledger.index) == 20
 
 
 def test_ledger_and_latency_memory_stay_bounded_over_10_million_events():

@@ -54,12 +54,16 @@ def store(settings_factory, s3, unique, tmp_path):
     out.close()
 
 
-def write_file(out, first: int, count: int, partition: int = 0, noise: bool = False, frames: int = 10) -> str:
+def write_file(out, first: int, count: int, partition: int = 0, noise: bool = False, frames: int = 10,
+               named_versions: bool = True) -> str:
+    """`named_versions=False`: the commit does not name its object versions (a migrated 0.1 file)."""
     w = RollingParquetWriter(out, roll_max_rows=10**6, roll_max_seconds=3600)
     rows = [row(i, frames=frames, noise=noise) for i in range(first, first + count)]
     w.append(to_table(rows), [OffsetRange("t", partition, first, first + count - 1)], aggregates_of(rows))
     footer = w.finalize()
     w.close()
+    if not named_versions:
+        footer.versions = None
     OutputLedger(out).commit_file(footer)
     return footer.name
 
@@ -80,10 +84,13 @@ def test_a_finalized_file_is_uploaded_whole_under_data_and_read_back_from_its_fo
     assert not list(store.spool.glob("*.inprogress"))
 
 
-def test_recovery_reads_the_log_and_three_columns_never_whole_files(store, s3, services):
+@pytest.mark.parametrize("named_versions", [True, False], ids=["commits-name-versions", "migrated-commits"])
+def test_recovery_reads_the_log_and_three_columns_never_whole_files(store, s3, services, named_versions):
     """The ledger learns offsets and object versions from an object store through a byte-counting
-    relay: the table's log and ranged reads of three small columns, a fraction of the files' bytes."""
-    names = [write_file(store, 0, 50, noise=True, frames=3000), write_file(store, 50, 50, noise=True, frames=3000)]
+    relay: the table's log, and no data byte when the commits name their object versions; ranged
+    reads of three small columns, a fraction of the files' bytes, for commits that do not."""
+    names = [write_file(store, 0, 50, noise=True, frames=3000, named_versions=named_versions),
+             write_file(store, 50, 50, noise=True, frames=3000, named_versions=named_versions)]
     total = sum(s3.head_object(Bucket=store.bucket, Key=store.key(f"data/{n}"))["ContentLength"] for n in names)
     relay = TcpOutage(int(services.s3_endpoint_url.rsplit(":", 1)[1]))
     try:
@@ -97,6 +104,7 @@ def test_recovery_reads_the_log_and_three_columns_never_whole_files(store, s3, s
     assert ledger.next_offset("t", 0) == 100 and len(ledger.index) == 100
     assert ledger.already_written("b", "k42.flac", "e42")
     assert fetched < total / 10, f"recovery fetched {fetched} bytes of {total}: whole files, not footers and columns"
+    assert (ledger.files_read == 0 and fetched == 0) if named_versions else ledger.files_read == 2
 
 
 def test_a_file_larger_than_a_part_is_a_multipart_upload_of_equal_parts(settings_factory, s3, unique, tmp_path):

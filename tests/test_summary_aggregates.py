@@ -75,9 +75,10 @@ def test_summary_counts_utterances_bins_cutoff_hours_and_speakers_per_file():
     assert doc["speakers_per_file"] == {"1": 1, "2": 1}
 
 
-def write_file(tmp_path, first: int, n: int, group: str = "metavoice-consumer", rowless=None):
+def write_file(tmp_path, first: int, n: int, group: str = "metavoice-consumer", rowless=None, named_versions=True):
     """A file of `n` rows from partition t[0] at `first`, finalized and committed to the table;
-    `rowless` = (errors by type, skipped, duplicates) counted in the same micro-batch."""
+    `rowless` = (errors by type, skipped, duplicates) counted in the same micro-batch.
+    `named_versions=False`: the commit does not name its object versions (a 0.1 output's migrate)."""
     w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
     rows = [row(first + i) for i in range(n)]
     a = agg(rows)
@@ -87,6 +88,8 @@ def write_file(tmp_path, first: int, n: int, group: str = "metavoice-consumer", 
     w.append(to_table(rows), [OffsetRange("t", 0, first, first + n - 1)], a)
     out = w.finalize()
     w.close()
+    if not named_versions:
+        out.versions = None
     OutputLedger(tmp_path, group=group).commit_file(out)
     return out
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import base64
 
+import numpy as np
 import orjson
 import pyarrow.parquet as pq
 
@@ -70,6 +71,9 @@ class FileFooter:
     dead_letters: list[PendingDeadLetter] = field(default_factory=list)
     dlq_marks: dict[int, int] = field(default_factory=dict)  # DLQ partition -> an offset at or before its end then
     size: int = 0  # bytes of the file (its table Add action); a file of no row is never uploaded
+    # the distinct object versions of its rows (records.version_hashes), known to the writer that
+    # made it; None for a footer read back from a file (a migrate)
+    versions: "np.ndarray | None" = None
 
 
 def footer_metadata(offsets: list[OffsetRange], aggregates: Aggregates, writer_id: str,

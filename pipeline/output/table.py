@@ -15,6 +15,7 @@ This module is the stable entry point for every reader and writer of the table (
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import orjson
 
 from ..errors import FilesRemovedMeanwhile, OutputWriteFailed
@@ -130,6 +132,9 @@ META_OFFSETS = "metavoice.offsets"
 META_AGGREGATES = "metavoice.aggregates"
 META_DEAD_LETTERS = "metavoice.dead_letters"
 META_DLQ_MARKS = "metavoice.dlq_marks"
+# the object versions its file holds (base64 of little-endian uint64 hashes, records.version_hashes):
+# a consumer that reads the commit indexes them without reading the file (a restart after a crash)
+META_VERSIONS = "metavoice.versions"
 # a commit that carries deletes: the aggregates of the rows it removed (summary.json subtracts them)
 # and the object versions [(bucket, key, etag)] they were (the dedupe index forgets them)
 META_REMOVED = "metavoice.removed"
@@ -155,6 +160,7 @@ class TableCommit:
     removed: Aggregates | None = None  # the rows a delete took out (META_REMOVED)
     removed_versions: list[tuple[str, str, str]] = field(default_factory=list)
     removed_paths: list[str] = field(default_factory=list)  # its Remove actions (ours or a compaction's)
+    versions: "np.ndarray | None" = None  # the object versions of its file (META_VERSIONS); None: not recorded
 
     @classmethod
     def from_history(cls, info: dict) -> "TableCommit":
@@ -176,18 +182,31 @@ class TableCommit:
             metrics=info.get("operationMetrics") or {},
             removed=Aggregates.from_state(removed) if removed is not None else None,
             removed_versions=[tuple(v) for v in load(META_REMOVED_VERSIONS, [])],
+            versions=decode_versions(info.get(META_VERSIONS)),
         )
+
+
+def encode_versions(versions: "np.ndarray") -> str:
+    return base64.b64encode(np.asarray(versions, dtype="<u8").tobytes()).decode()
+
+
+def decode_versions(raw: object) -> "np.ndarray | None":
+    if not isinstance(raw, str):
+        return None
+    return np.frombuffer(base64.b64decode(raw), dtype="<u8").astype(np.uint64)
 
 
 def commit_metadata(commit_id: str, files: list[tuple[str, int]], offsets: list[OffsetRange],
                     aggregates: Aggregates, dead_letters: list[PendingDeadLetter] = (),
-                    dlq_marks: dict[int, int] | None = None) -> dict[str, str]:
+                    dlq_marks: dict[int, int] | None = None, versions: "np.ndarray | None" = None) -> dict[str, str]:
     md = {
         META_COMMIT: commit_id,
         META_FILES: orjson.dumps([{"name": n, "rows": r} for n, r in files]).decode(),
         META_OFFSETS: orjson.dumps([r.to_dict() for r in offsets]).decode(),
         META_AGGREGATES: orjson.dumps(aggregates.to_state()).decode(),
     }
+    if versions is not None:
+        md[META_VERSIONS] = encode_versions(versions)
     if dead_letters:
         md[META_DEAD_LETTERS] = orjson.dumps([d.to_dict() for d in dead_letters]).decode()
         md[META_DLQ_MARKS] = orjson.dumps({str(p): o for p, o in (dlq_marks or {}).items()}).decode()
