@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from broker.clients import leave_group, make_consumer, make_producer, start_when_broker_is_up
@@ -66,6 +67,9 @@ REVOKE_BUDGET_SECONDS = 240
 JOIN_GRACE_SECONDS = 60
 # A first assignment that has not come is logged this often (aiokafka logs its joins at INFO, muted).
 JOIN_WARN_EVERY_S = 30.0
+# --exit-when-idle asks the broker for the partitions' ends before it stops; past this it goes
+# by the quiet time alone.
+IDLE_END_CHECK_S = 5.0
 # after a stop signal, past shutdown_timeout: time for the last finalize's commit before the backstop exits 1
 STOP_BACKSTOP_MARGIN_S = 10.0
 # Leaving the group ends this much before the shutdown budget does (the exit itself follows), and
@@ -353,6 +357,7 @@ class StreamConsumer:
             if self._first_assignment:
                 self._note_waiting_for_assignment()
             limit = batcher.event_limit
+            await adelay_point("fetch")  # tests: a fetch loop starved of CPU under load
             records = await self._unless_stopped(consumer.getmany(timeout_ms=max(timeout_ms, 10), max_records=limit))
             if records is None:
                 break  # a stop during a rebalance: nothing was taken from the fetcher
@@ -526,8 +531,32 @@ class StreamConsumer:
             if self._rebalancing or (self._awaiting_assignment and quiet < idle + JOIN_GRACE_SECONDS):
                 continue
             if quiet >= idle and self._pending == 0 and self.batcher is not None and self.batcher.seconds_until_due() is None:
+                # Bounded: a broker that reports an end it never serves (FORMATS.md: Tansu's
+                # ListOffsets) delays the exit by JOIN_GRACE_SECONDS at most, never forever.
+                if quiet < idle + JOIN_GRACE_SECONDS and not await self._read_to_the_end():
+                    continue
                 self.request_stop(f"idle for {idle:g}s")
                 return
+
+    async def _read_to_the_end(self) -> bool:
+        """Every assigned partition fetched up to the broker's end offset. A quiet spell while
+        records wait (a fetch loop starved of CPU, a slow first fetch after an assignment) is not
+        the end of a backlog: --exit-when-idle would stop with events unread. When the broker
+        cannot say (it is down), the quiet time alone decides, as before."""
+        consumer = self.consumer
+        parts = list(consumer.assignment()) if consumer is not None else []
+        if not parts:
+            return True
+        try:
+            async with asyncio.timeout(IDLE_END_CHECK_S):
+                ends = await consumer.end_offsets(parts)
+                behind = [tp for tp in parts if await consumer.position(tp) < ends[tp]]
+        except (KafkaError, TimeoutError) as exc:
+            log.debug("could not compare positions with the partition ends (%s): idle by the quiet time alone", exc)
+            return True
+        if behind:
+            log.debug("quiet, but %s not read to the end yet: not idle", _fmt(set(behind)))
+        return not behind
 
     # --- rebalancing -----------------------------------------------------------------------
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -635,7 +664,8 @@ class StreamConsumer:
             extra={"fields": {
                 "batch": batch.seq, "label": batch.micro_batch().label, "records": batch.records,
                 "objects": len(batch.items),  # what batch_max_events bounds
-                "events": len(batch.items) + batch.skipped + batch.duplicates + len(batch.early_failures),
+                "events": len(batch.items) + batch.skipped + batch.duplicates + len(batch.early_failures) + len(batch.deletes),
+                "deletes": len(batch.deletes),
                 "rows": applied.rows, "failed": failed, "skipped": batch.skipped, "duplicates": applied.duplicates,
                 "audio_seconds": round(outcome.audio_seconds, 3), "rtf": round(rtf, 4) if rtf is not None else None,
                 "timings": timings,

@@ -1,7 +1,8 @@
 """Micro-batching: Kafka records in, `PendingBatch`es out, closed on max events, bytes or linger.
 
 Every record is accounted for in the batch that holds its offset, whether it becomes work
-(an object to process), a skip (non-create action, S3 test event), a duplicate (that object
+(an object to process), a delete (its rows leave the table in the commit of the file holding its
+offset: `OutputLedger.commit_file`), a skip (other actions, S3 test event), a duplicate (that object
 version is already in the output) or an immediate failure (a malformed message, one with more
 than `max_events_per_message` events, an event for a bucket outside the allowed ones).
 """
@@ -16,8 +17,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from pipeline.batch import Failure, MicroBatch, SourceRef, WorkItem
 from pipeline.errors import BucketNotAllowed, CrashLoop, MalformedEvent, PermanentError
-from pipeline.events import parse_event_payload
-from pipeline.ledger import OutputLedger
+from pipeline.events import DELETE_ACTIONS, parse_event_payload
+from pipeline.ledger import ObjectDelete, OutputLedger
 from pipeline.output import OffsetRange
 from pipeline.output.footer import PendingDeadLetter
 from pipeline.parquet import SourceOutcome
@@ -32,6 +33,9 @@ class PendingBatch:
     # where each skip (not a creation) and each duplicate (that version is already written) came from
     skipped_at: list[SourceRef] = field(default_factory=list)
     duplicate_at: list[SourceRef] = field(default_factory=list)
+    # delete events: a batch closes after one (`Batcher.full`), so every row before it in its
+    # partition is in the file it is committed with or in the table already, and none after it is
+    deletes: list[ObjectDelete] = field(default_factory=list)
     ranges: dict[TopicPartition, list[int]] = field(default_factory=dict)  # tp -> [first, last]
     bytes: int = 0
     records: int = 0
@@ -86,6 +90,8 @@ class PendingBatch:
             at(ref.topic, ref.partition, ref.offset).aggregates.skipped += 1
         for ref in self.duplicate_at:
             at(ref.topic, ref.partition, ref.offset).aggregates.duplicates += 1
+        for d in self.deletes:
+            at(d.topic, d.partition, d.offset).aggregates.delete_events += 1
         return list(out.values())
 
     def in_flight(self) -> dict[tuple[str, int], list[int]]:
@@ -121,6 +127,10 @@ class Batcher:
         self.max_events_per_message = max_events_per_message
         self._seq = 0
         self._open: PendingBatch | None = None
+        # objects deleted since the start: a create of one is never called a duplicate here (the
+        # index still holds the deleted version until the delete's commit); the committer checks
+        # the index again when it applies the batch, after that commit
+        self._deleted_keys: set[tuple[str, str]] = set()
 
     def add(self, record: ConsumerRecord) -> None:
         b, source = self._account(record)
@@ -135,12 +145,17 @@ class Batcher:
         if not events:
             b.skipped_at.append(source)
         for ev in events:
-            if not ev.is_create:
+            if ev.action in DELETE_ACTIONS and (self.allowed_buckets is None or ev.bucket in self.allowed_buckets):
+                b.deletes.append(ObjectDelete(ev.bucket, ev.key, source.topic, source.partition, source.offset,
+                                              ev.event_time))
+                self._deleted_keys.add((ev.bucket, ev.key))
+            elif not ev.is_create:
                 b.skipped_at.append(source)
             elif self.allowed_buckets is not None and ev.bucket not in self.allowed_buckets:
                 b.early_failures.append(Failure(WorkItem(ev, source, record.value), BucketNotAllowed(
                     f"bucket {ev.bucket!r} is not in METAVOICE_ALLOWED_BUCKETS; nothing was downloaded")))
-            elif ev.etag and self.ledger.already_written(ev.bucket, ev.key, ev.etag):
+            elif (ev.etag and (ev.bucket, ev.key) not in self._deleted_keys
+                  and self.ledger.already_written(ev.bucket, ev.key, ev.etag)):
                 b.duplicate_at.append(source)
             else:
                 b.items.append(WorkItem(ev, source, record.value))
@@ -169,7 +184,7 @@ class Batcher:
 
     def full(self) -> bool:
         b = self._open
-        return b is not None and (len(b.items) >= self.event_limit or b.bytes >= self.max_bytes)
+        return b is not None and (len(b.items) >= self.event_limit or b.bytes >= self.max_bytes or bool(b.deletes))
 
     def due(self, now: float | None = None) -> bool:
         b = self._open

@@ -102,6 +102,8 @@ class CommitStats:
     skipped: int = 0
     duplicates: int = 0
     superseded: int = 0
+    delete_events: int = 0  # delete notifications committed
+    deleted_rows: int = 0  # rows they took out of the table
     files: int = 0
     commits: int = 0
     audio_seconds: float = 0.0
@@ -128,6 +130,7 @@ class OutputCommitter:
         self._aborted = False
         self._finalizing = asyncio.Lock()
         self._since_checkpoint = 0  # table commits since the dedupe index was last checkpointed
+        self._deletes: list = []  # the open file's delete events (pipeline/ledger.py ObjectDelete)
 
     async def apply(self, batch: PendingBatch, outcome: BatchOutcome) -> AppliedCounts:
         """Write the batch's dead letters and rows; returns what it really added (rows already
@@ -151,6 +154,10 @@ class OutputCommitter:
             # the batch's rest is in the index but in no commit yet: no dedupe checkpoint here
             await self.finalize_and_commit(checkpoint=False)
         # --- end issue 22
+        if batch.deletes:  # the rows before them are in the open file or the table: commit them now
+            self._deletes.extend(batch.deletes)
+            self.stats.delete_events += len(batch.deletes)
+            await self.finalize_and_commit()
         if batch.newest_record_ms:
             self._open_record_ms.append(batch.newest_record_ms)
         self.stats.rows += len(rows)
@@ -203,7 +210,10 @@ class OutputCommitter:
             return
         crash_point("after_rename")
         # 2. the table commit: from here the rows are the dataset's
-        await asyncio.to_thread(self.ledger.commit_file, finalized)
+        deletes, self._deletes = self._deletes, []
+        before = self.ledger.deleted_rows
+        await asyncio.to_thread(self.ledger.commit_file, finalized, deletes)
+        self.stats.deleted_rows += self.ledger.deleted_rows - before
         self._since_checkpoint += 1
         self.stats.files += 1
         now_ms = time.time() * 1000

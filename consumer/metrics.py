@@ -137,7 +137,9 @@ class ConsumerMetrics:
         self.records = Counter("records_consumed", "Kafka records in micro-batches that were applied", **kw)
         self.batches = Counter("batches", "micro-batches applied (rows written, dead letters sent)", **kw)
         self.rows = Counter("rows_written", "rows appended to Parquet (durable once their file is finalized)", **kw)
-        self.skipped = Counter("events_skipped", "events that are not object creations (deletes, test events)", **kw)
+        self.skipped = Counter("events_skipped", "events that are neither creations nor deletes (test events)", **kw)
+        self.delete_events = Counter("events_deleted", "delete events committed (each takes its object's rows out)", **kw)
+        self.deleted_rows = Counter("rows_deleted", "rows delete events took out of the table", **kw)
         self.duplicates = Counter("events_duplicate", "object versions already in the output: dropped", **kw)
         self.superseded = Counter("events_superseded", "events whose object was overwritten before it was read "
                                   "(the newer version's own event makes its row): no row, no dead letter", **kw)
@@ -190,7 +192,8 @@ class ConsumerMetrics:
     def sync(self, stats: "CommitStats") -> None:
         """Bring the counters up to the committer's running totals (only ever forward)."""
         for counter, name in ((self.rows, "rows"), (self.skipped, "skipped"), (self.duplicates, "duplicates"),
-                              (self.superseded, "superseded"),
+                              (self.superseded, "superseded"), (self.delete_events, "delete_events"),
+                              (self.deleted_rows, "deleted_rows"),
                               (self.files, "files"), (self.commits, "commits"), (self.audio_seconds, "audio_seconds")):
             _inc_to(self._seen, name, getattr(stats, name), counter.inc)
         for error_type, n in stats.errors_by_type.items():

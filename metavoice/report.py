@@ -313,6 +313,7 @@ def _table_rows(s: DatasetStats) -> list[tuple[str, str]]:
         ("Parquet files", f"{len(s.files):,}"),
         ("dead letters", f"{sum(a.errors.values()):,}"),
         ("skipped events", f"{a.skipped:,}"),
+        ("delete events (rows removed)", f"{a.delete_events:,} ({a.deleted:,})"),
         ("duplicate events", f"{a.duplicates:,}"),
         ("languages", f"{len(s.languages):,}"),
         ("whisper model", ", ".join(sorted(k for k in s.whisper_models if k)) or "-"),

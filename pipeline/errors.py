@@ -37,6 +37,8 @@
     │                                  model that fails a known-good probe clip as well
     └── FatalError                     the process cannot go on safely: stop without committing
         ├── OutputWriteFailed          a Parquet write/fsync/rename failed (disk full, read-only)
+        │   └── FilesRemovedMeanwhile  a delete's rewrite lost a file to another commit (a compaction):
+        │                              the ledger plans the delete again on the new version
         ├── DeadLetterFailed           the DLQ could not be written: the offset must not commit
         ├── Fenced                     another consumer committed these offsets to the table first (this
         │                              one lost its partitions, e.g. paused past the session timeout)
@@ -184,6 +186,10 @@ class FatalError(PipelineError):
 
 
 class OutputWriteFailed(FatalError):
+    pass
+
+
+class FilesRemovedMeanwhile(OutputWriteFailed):
     pass
 
 

@@ -20,17 +20,23 @@ import hashlib
 import logging
 import threading
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .errors import Fenced, OutputNotMigrated, OutputWriteFailed, TableGap
+from .errors import Fenced, FilesRemovedMeanwhile, OutputNotMigrated, OutputWriteFailed, TableGap
 from .manifest import check_manifest
 from .output import FileFooter, OffsetRange, Output, as_output
-from .output.layout import SUMMARY_NAME
-from .output.table import TableCommit, add_action, app_id, commit_metadata
+from .output.layout import SUMMARY_NAME, part_name
+from .output.table import (COMMIT_ATTEMPTS, META_REMOVED, META_REMOVED_VERSIONS, TableCommit, add_action, app_id,
+                           commit_metadata)
+from .records import SCHEMA
 from .summary import ROW_COLUMNS, Aggregates, SummaryState, parse_summary, render_summary
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,11 @@ class DedupeIndex:
         """Merge many at once: one sort of the whole index however many there are."""
         self._merge(np.asarray(hashes, dtype=np.uint64))
 
+    def discard_many(self, hashes: np.ndarray) -> None:
+        """Forget object versions (a delete took their rows out): a re-upload makes a row again."""
+        self._merge()
+        self._sorted = np.setdiff1d(self._sorted, np.asarray(hashes, dtype=np.uint64), assume_unique=False)
+
     def hashes(self) -> np.ndarray:
         self._merge()
         return self._sorted
@@ -82,6 +93,47 @@ class DedupeIndex:
     @property
     def nbytes(self) -> int:
         return int(self._sorted.nbytes) + len(self._recent) * 64
+
+
+@dataclass(frozen=True)
+class ObjectDelete:
+    """A delete event: the rows of (bucket, key) written from events before it leave the table.
+
+    "Before": in the delete's own partition (every event of one object shares a Kafka key, so one
+    partition), a lower offset; a row from another topic or partition (a backfill), an event time
+    at or before the delete's (either time unknown: before). A versionId in the event is not
+    matched (rows do not record it): every version of the key goes."""
+
+    bucket: str
+    key: str
+    topic: str
+    partition: int
+    offset: int
+    event_time: datetime | None = None
+
+    def removes(self, topic: str, partition: int, offset: int, event_time: datetime | None) -> bool:
+        """Whether a row of this object written from the event at (topic, partition, offset) goes."""
+        if (topic, partition) == (self.topic, self.partition):
+            return offset < self.offset
+        return event_time is None or self.event_time is None or event_time <= self.event_time
+
+
+DELETE_COLUMNS = ["bucket", "id", "kafka_topic", "kafka_partition", "kafka_offset", "event_time"]
+
+
+@dataclass
+class DeletePlan:
+    """A delete's rewrite as planned on table version `based_on`: the files to remove, the Add
+    actions of their rewrites (already in data/), what was removed, and the finalized file's fate."""
+
+    based_on: int | None
+    removes: list[str]
+    adds: list[dict]
+    written: list[str]  # rewrites published into data/ (taken back if the commit fails)
+    removed: Aggregates
+    versions: list[tuple[str, str, str]]
+    footer_name: str | None  # the finalized file's name in the commit (its rewrite's), None: no row left
+    footer_rows: int
 
 
 STATE_DEDUPE = "_state/dedupe.bin"  # beside the table: VACUUM never touches it
@@ -122,6 +174,7 @@ class OutputLedger:
         self._seen: dict[tuple[str, int], int] = {}  # the highest version seen per partition (gap check)
         self._refreshing = threading.Lock()
         self.files_read = 0  # data files read for the index (three columns each): the restart's cost
+        self.deleted_rows = 0  # rows this consumer's deletes took out of the table
 
     def app(self, topic: str, partition: int) -> str:
         return app_id(self.group, topic, partition)
@@ -144,8 +197,16 @@ class OutputLedger:
         if self._read_version is None:
             return
         with self._refreshing:
-            data = dedupe_checkpoint(self._read_version, self.index.hashes())
-        self.output.update_doc(STATE_DEDUPE, lambda current: data)
+            version = self._read_version
+            data = dedupe_checkpoint(version, self.index.hashes())
+
+        def newer(current: bytes | None) -> bytes | None:
+            # Never back: a checkpoint `metavoice compact` wrote past a vacuum must not be replaced
+            # by one that names files the vacuum deleted.
+            found = parse_dedupe_checkpoint(current)
+            return data if found is None or found[0] < version else None
+
+        self.output.update_doc(STATE_DEDUPE, newer)
 
     def checkpoint(self) -> None:
         """Catch up with every commit (others' too), then checkpoint the index. Only when no row of
@@ -162,20 +223,61 @@ class OutputLedger:
             if self.table.refresh() is None:
                 return 0
             commits = self.table.commits(self._read_version)
-            batches = []
+            steps: list[tuple[str | None, Any]] = []  # in log order: a file to index, or (None, versions deleted)
+            removed: list[Any] = []
             for c in commits:
                 if c.commit_id in self._own:  # ours: its rows entered the index when they were applied
                     self._own.discard(c.commit_id)
                     continue
-                for name, rows in c.files:
-                    if rows:
-                        batches.append(self._hashes_of(name))
-            if batches:  # one merge for all the files: merging per file rebuilt the array per file
-                self.index.add_many(np.concatenate(batches))
+                steps.extend((name, None) for name, rows in c.files if rows)
+                if c.removed_versions:  # a delete: the versions indexed before it, then forget these
+                    steps.append((None, c.removed_versions))
+                    removed.append(c.removed_versions)
+            first = 0 if self._read_version is None else self._read_version + 1
+            why: object = None
+            if len(commits) < self.table.version + 1 - first:  # log entries cleaned up (log retention)
+                why = "log entries are gone"
+            else:
+                try:
+                    self._apply(steps)
+                except FileNotFoundError as gone:
+                    why = gone
+            if why is not None:
+                # what the live files hold is the table now: forget every version a delete named,
+                # then index the live files (a version deleted and uploaded again is in them)
+                for versions in removed:
+                    self.index.discard_many(_version_hashes(versions))
+                self._apply([(name, None) for name in self._moved(first, why)])
             self._read_version = self.table.version
         if commits:
             log.info("read %d table commits (%d object versions indexed)", len(commits), len(self.index))
         return len(commits)
+
+    def _apply(self, steps: list[tuple[str | None, Any]]) -> None:
+        """Index the files' rows and forget the deleted versions, in log order: the files between two
+        deletes are merged at once (merging per file rebuilt the array per file)."""
+        batches: list[np.ndarray] = []
+        for name, versions in steps:
+            if name is not None:
+                batches.append(self._hashes_of(name))
+                continue
+            if batches:
+                self.index.add_many(np.concatenate(batches))
+                batches = []
+            self.index.discard_many(_version_hashes(versions))
+        if batches:
+            self.index.add_many(np.concatenate(batches))
+
+    def _moved(self, first: int, why: object) -> list[str]:
+        """A file named since the last read was compacted and vacuumed, or log entries since then
+        were cleaned up: the rows now live in files no commit of ours names. Index every live file
+        once (a start from a checkpoint older than a vacuum; `metavoice compact` checkpoints before
+        it vacuums, so this is rare). A compacted file not vacuumed yet is still read directly:
+        it holds the same rows."""
+        live = self.table.file_names()
+        log.warning("the table changed under the dedupe checkpoint since version %d (%s): indexing all %d live files",
+                    first, why, len(live))
+        return live
 
     def _hashes_of(self, name: str) -> np.ndarray:
         t = self.output.read_columns(name, ["bucket", "id", "etag"])
@@ -227,15 +329,17 @@ class OutputLedger:
                     found.append(f"the table holds {r.topic}[{r.partition}] up to {v}, this file starts at {r.first}")
         return found
 
-    def commit_file(self, footer: FileFooter) -> int:
+    def commit_file(self, footer: FileFooter, deletes: "list[ObjectDelete] | tuple" = ()) -> int:
         """The finalize's table commit: the file's Add action (none for a file of no row) and one app
         transaction per partition it covers, version = its last offset; its aggregates and dead
         letters in the commit's metadata. Checked against the stored versions before each attempt;
-        a file another consumer beat is removed from data/ and `Fenced` raised. Returns the version."""
+        a file another consumer beat is removed from data/ and `Fenced` raised. Returns the version.
+
+        `deletes` (the delete events among the file's offsets) go in the same commit: the files
+        holding their rows are removed and rewritten without them (the finalized file too), so the
+        app transaction that says "handled up to the delete" and the removal land together or not
+        at all. A compaction that removed one of those files meanwhile: planned again."""
         commit_id = uuid.uuid4().hex
-        files = [(footer.name, footer.rows)] if footer.rows else []
-        metadata = commit_metadata(commit_id, files, footer.offsets, footer.aggregates, footer.dead_letters,
-                                   footer.dlq_marks)
         apps = {(r.topic, r.partition): self.app(r.topic, r.partition) for r in footer.offsets}
 
         def check(stored: dict[tuple[str, int], int | None]) -> None:
@@ -245,18 +349,102 @@ class OutputLedger:
                              "this consumer lost those partitions; its file is removed and nothing is committed - "
                              "restart it to resume from the table")
 
-        adds = [add_action(footer.name, footer.size, footer.rows)] if footer.rows else []
         self._own.add(commit_id)
+        plan: DeletePlan | None = None
         try:
-            version = self.table.commit(adds, footer.offsets, apps, metadata, check)
+            for attempt in range(COMMIT_ATTEMPTS):
+                plan = self._plan_deletes(footer, deletes, check) if deletes else None
+                name, rows = (plan.footer_name, plan.footer_rows) if plan else (footer.name if footer.rows else None,
+                                                                                footer.rows)
+                files = [(name, rows)] if name else []
+                metadata = commit_metadata(commit_id, files, footer.offsets, footer.aggregates, footer.dead_letters,
+                                           footer.dlq_marks)
+                adds = [add_action(footer.name, footer.size, footer.rows)] if footer.rows and not plan else []
+                if plan:
+                    adds = plan.adds
+                    metadata[META_REMOVED] = orjson.dumps(plan.removed.to_state()).decode()
+                    metadata[META_REMOVED_VERSIONS] = orjson.dumps(plan.versions).decode()
+                try:
+                    version = self.table.commit(adds, footer.offsets, apps, metadata, check,
+                                                removes=plan.removes if plan else [],
+                                                based_on=plan.based_on if plan else None)
+                    break
+                except FilesRemovedMeanwhile as exc:
+                    log.info("delete: %s; planning it again on the latest version (attempt %d)", exc, attempt + 1)
+                    self._take_back(plan)
+                    plan = None
+            else:
+                raise OutputWriteFailed(f"a delete kept losing its files to other commits ({COMMIT_ATTEMPTS} tries)")
         except BaseException:
             self._own.discard(commit_id)
             if footer.rows:
                 self.output.remove(footer.name)
+            self._take_back(plan)
             raise
+        if plan is not None:
+            self.deleted_rows += plan.removed.utterances
+            if plan.versions:
+                self.index.discard_many(_version_hashes(plan.versions))
+            if footer.rows and plan.footer_name != footer.name:
+                self.output.remove(footer.name)  # rewritten without the deleted rows: not in the table
+            log.info("delete: %d event(s) removed %d row(s) of %d object version(s) (table version %d)",
+                     len(deletes), plan.removed.utterances, len(plan.versions), version)
         for r in footer.offsets:
             self._seen[(r.topic, r.partition)] = r.last
         return version
+
+    def _take_back(self, plan: "DeletePlan | None") -> None:
+        for name in plan.written if plan else []:
+            self.output.remove(name)
+
+    def _plan_deletes(self, footer: FileFooter, deletes, check) -> DeletePlan:
+        """Find the rows of the deleted objects in the table's latest version (and in the finalized
+        file) and write each file holding any of them again without them. Cost: the key columns of
+        every data file of the table are read (row-group statistics are not kept by our Add
+        actions), so a delete costs a scan of the key columns; rows are rewritten only where they
+        matched."""
+        from deltalake import DeltaTable
+
+        self.table.refresh()
+        based_on = self.table.version
+        check({(r.topic, r.partition): self.table.stored(self.app(r.topic, r.partition)) for r in footer.offsets})
+        dt = DeltaTable(self.table.uri, version=based_on, storage_options=self.table.options or None)
+        names = dt.get_add_actions(flatten=True).column("path").to_pylist()
+        by_key: dict[tuple[str, str], list[ObjectDelete]] = {}
+        for d in deletes:
+            by_key.setdefault((d.bucket, d.key), []).append(d)
+        plan = DeletePlan(based_on, [], [], [], Aggregates(), [], footer.name if footer.rows else None, footer.rows)
+        candidates = sorted(names) + ([footer.name] if footer.rows else [])
+        for name in candidates:
+            keys = self.output.read_columns(name, DELETE_COLUMNS)
+            cols = {c: keys.column(c).to_pylist() for c in DELETE_COLUMNS}
+            mask = [any(d.removes(t, p, o, et) for d in by_key.get((b, k), ()))
+                    for b, k, t, p, o, et in zip(*(cols[c] for c in DELETE_COLUMNS))]
+            if not any(mask):
+                continue
+            full = self.output.read_columns(name, SCHEMA.names)
+            keep_mask = pa.array([not m for m in mask])
+            gone, kept = full.filter(pa.array(mask)), full.filter(keep_mask)
+            plan.removed.add_columns(gone.select([c for c in ROW_COLUMNS if c in gone.column_names]))
+            plan.versions.extend({(b, k, e or "") for b, k, e in zip(*(gone.column(c).to_pylist()
+                                                                       for c in ("bucket", "id", "etag")))})
+            new_name = None
+            if kept.num_rows:
+                new_name = part_name(f"del{uuid.uuid4().hex[:8]}", 0)
+                spooled = self.output.spool / f".{new_name}.rewrite"
+                self.output.spool.mkdir(parents=True, exist_ok=True)
+                pq.write_table(kept.cast(SCHEMA), spooled)
+                size = spooled.stat().st_size
+                self.output.publish(spooled, new_name)
+                plan.written.append(new_name)
+                plan.adds.append(add_action(new_name, size, kept.num_rows))
+            if footer.rows and name == footer.name:
+                plan.footer_name, plan.footer_rows = new_name, kept.num_rows
+            else:
+                plan.removes.append(name)
+        if plan.footer_name == footer.name and footer.rows:
+            plan.adds.append(add_action(footer.name, footer.size, footer.rows))
+        return plan
 
     def dead_letter_commits(self, topic: str, partition: int, committed: int | None) -> list[TableCommit]:
         """The table's commits carrying dead letters of the partition at offsets at or after
@@ -396,16 +584,25 @@ def publish_summary(output: Output | str | Path) -> dict:
             for c in output.table.commits(min(missing) - 1):
                 read[c.version] = c
         aggregates, files = base.aggregates, base.parquet_files
+        stale: set[str] = set()
         for v in range(base.table_version + 1, latest + 1):
             c = read.get(v)
             if c is None:
                 continue
             if c.aggregates is not None:
                 aggregates.merge(c.aggregates)
+            if c.removed is not None:
+                stale.update(aggregates.subtract(c.removed))
             files += commit_file_delta(c)
+        if stale:  # a deleted row held a min or max: read the rows left (the cost of a delete at an extreme)
+            aggregates.recompute_extremes(stale, live_row_aggregates(output, latest))
         return render_summary(aggregates, SummaryState(aggregates, latest, files))
 
     return orjson.loads(output.update_doc(SUMMARY_NAME, change) or b"{}")
+
+
+def _version_hashes(versions: list[tuple[str, str, str]]) -> np.ndarray:
+    return np.fromiter((object_version_hash(b, k, e) for b, k, e in versions), dtype=np.uint64, count=len(versions))
 
 
 def commit_file_delta(c: TableCommit) -> int:
@@ -420,17 +617,26 @@ def rebuild_aggregates(output: Output | str | Path) -> tuple[Aggregates, list[st
     agg = Aggregates()
     if output.table.refresh() is None:
         return agg, []
-    for c in output.table.commits(None):
-        if c.aggregates is not None:
-            agg.errors.update(c.aggregates.errors)
-            agg.skipped += c.aggregates.skipped
-            agg.duplicates += c.aggregates.duplicates
-            agg.superseded += c.aggregates.superseded
+    agg.merge_rowless(output.table.rowless())
     names = output.finalized()
+    agg.merge(_row_aggregates(output, names))
+    return agg, names
+
+
+def live_row_aggregates(output: Output, version: int) -> Aggregates:
+    """The aggregates of the rows in table `version` (read from every data file of it)."""
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(output.table.uri, version=version, storage_options=output.table.options or None)
+    return _row_aggregates(output, dt.get_add_actions(flatten=True).column("path").to_pylist())
+
+
+def _row_aggregates(output: Output, names: list[str]) -> Aggregates:
+    agg = Aggregates()
     for name in names:
         try:
             t = output.read_columns(name, list(ROW_COLUMNS))
         except (pa.ArrowInvalid, KeyError):  # a file written before the utterance columns
             t = output.read_columns(name, list(ROW_COLUMNS[:8]))
         agg.add_columns(t)
-    return agg, names
+    return agg

@@ -42,6 +42,18 @@ class MinMaxSum:
         self.min = o.min if self.min is None else min(self.min, o.min)  # type: ignore[type-var]
         self.max = o.max if self.max is None else max(self.max, o.max)  # type: ignore[type-var]
 
+    def subtract(self, o: "MinMaxSum") -> bool:
+        """Take rows `o` back out (a delete). Count and total subtract; min and max cannot: True when
+        `o` held an extreme, so the caller must recompute them from the rows left (`recompute`)."""
+        if o.count == 0:
+            return False
+        self.count -= o.count
+        self.total -= o.total
+        if self.count <= 0:
+            self.count, self.total, self.min, self.max = 0, 0.0, None, None
+            return False
+        return (self.min is None or o.min <= self.min) or (self.max is None or o.max >= self.max)  # type: ignore[operator]
+
     def report(self) -> dict[str, float | None]:
         return {
             "min": self.min,
@@ -92,6 +104,8 @@ class Aggregates:
     skipped: int = 0
     duplicates: int = 0
     superseded: int = 0  # events whose object was overwritten before it was read: no row, no dead letter
+    delete_events: int = 0  # delete notifications handled (one each, whether or not it matched a row)
+    deleted: int = 0  # rows a delete took out of the table (every utterance of each object version)
     # rows written without a transcript (transcription off); files written before this existed had none
     untranscribed: int = 0
     # Rows: one per object version (segmentation=file) or per utterance; None in a state written before
@@ -176,10 +190,7 @@ class Aggregates:
         self.languages.update(o.languages)
         self.transcription_lengths.merge(o.transcription_lengths)
         self.token_frames.merge(o.token_frames)
-        self.errors.update(o.errors)
-        self.skipped += o.skipped
-        self.duplicates += o.duplicates
-        self.superseded += o.superseded
+        self.merge_rowless(o)
         self.untranscribed += o.untranscribed
         self.utterances += o.utterances
         self.utterance_durations.merge(o.utterance_durations)
@@ -187,6 +198,46 @@ class Aggregates:
         self.seconds_passing.update(o.seconds_passing)
         self.scored_seconds += o.scored_seconds
         self._fold_speakers().update(o._fold_speakers())
+
+    def merge_rowless(self, o: "Aggregates") -> None:
+        """Only what made no row (dead letters, skips, duplicates, superseded events): a commit's
+        metadata is the only record of them, where the rows' figures can be read from the files."""
+        self.errors.update(o.errors)
+        self.skipped += o.skipped
+        self.duplicates += o.duplicates
+        self.superseded += o.superseded
+        self.delete_events += o.delete_events
+        self.deleted += o.deleted
+
+    # the MinMaxSum fields whose extremes a delete may leave stale (`subtract`, `recompute_extremes`)
+    EXTREMES = ("transcription_lengths", "token_frames", "utterance_durations")
+
+    def subtract(self, removed: "Aggregates") -> list[str]:
+        """Take the rows a delete removed (their aggregates, `removed`) back out and count them as
+        `deleted`. Every counter and sum subtracts exactly (an object version's rows all go at once,
+        so its speakers count goes with it); a min or max held by a removed row cannot: the names
+        of those `EXTREMES` are returned, for the caller to recompute from the live rows."""
+        self.files -= removed.files
+        self.total_duration_sec -= removed.total_duration_sec
+        self.sampling_rates.subtract(removed.sampling_rates)
+        self.languages.subtract(removed.languages)
+        self.untranscribed -= removed.untranscribed
+        self.utterances -= removed.utterances
+        self.duration_bins.subtract(removed.duration_bins)
+        self.seconds_passing.subtract(removed.seconds_passing)
+        self.scored_seconds -= removed.scored_seconds
+        self._fold_speakers().subtract(removed._fold_speakers())
+        for c in (self.sampling_rates, self.languages, self.duration_bins, self.seconds_passing, self.speakers_per_file):
+            for k in [k for k, v in c.items() if v <= 0]:
+                del c[k]
+        self.deleted += removed.utterances
+        return [name for name in self.EXTREMES if getattr(self, name).subtract(getattr(removed, name))]
+
+    def recompute_extremes(self, names: Iterable[str], live: "Aggregates") -> None:
+        """Set the min and max of `names` from `live` (the aggregates of the rows left)."""
+        for name in names:
+            mine, theirs = getattr(self, name), getattr(live, name)
+            mine.min, mine.max = theirs.min, theirs.max
 
     # --- serialization (footer metadata and summary.json's "_state") ---------------------
     def to_state(self) -> dict[str, Any]:
@@ -201,6 +252,8 @@ class Aggregates:
             "skipped": self.skipped,
             "duplicates": self.duplicates,
             "superseded": self.superseded,
+            "delete_events": self.delete_events,
+            "deleted": self.deleted,
             "untranscribed": self.untranscribed,
             "utterances": self.utterances,
             "utterance_durations": vars(self.utterance_durations),
@@ -223,6 +276,8 @@ class Aggregates:
             skipped=int(s.get("skipped", 0)),
             duplicates=int(s.get("duplicates", 0)),
             superseded=int(s.get("superseded", 0)),
+            delete_events=int(s.get("delete_events", 0)),
+            deleted=int(s.get("deleted", 0)),
             untranscribed=int(s.get("untranscribed", 0)),
             # a state from before utterances: every row was one file
             utterances=int(s.get("utterances", s.get("files", 0))),
@@ -249,6 +304,7 @@ class Aggregates:
             "skipped": self.skipped,
             "duplicates": self.duplicates,
             "superseded": self.superseded,
+            "deleted": {"events": self.delete_events, "rows": self.deleted},
             "total_utterances": self.utterances,
             "utterance_durations": {**self.utterance_durations.report(),
                                     "bins": {b: self.duration_bins[b] for b in _bin_labels() if self.duration_bins[b]}},

@@ -9,12 +9,13 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.batcher import Batcher
 from pipeline.errors import Fenced, OutputConfigMismatch, OutputNotMigrated, TableGap
-from pipeline.ledger import (STATE_DEDUPE, DedupeIndex, OutputLedger, object_version_hash, publish_summary,
+from pipeline.ledger import (STATE_DEDUPE, DedupeIndex, ObjectDelete, OutputLedger, object_version_hash, publish_summary,
                              rebuild_aggregates, recover)
 from pipeline.output import LocalOutput, OffsetRange
 from pipeline.output.layout import MANIFEST_NAME, SUMMARY_NAME
 from pipeline.parquet import RollingParquetWriter
 from pipeline.records import to_table
+from pipeline.summary import Aggregates
 
 from .output_files import inprogress_files
 from .test_parquet_writer import agg, row
@@ -101,6 +102,95 @@ def test_a_restart_reads_only_the_files_added_since_the_dedupe_checkpoint(tmp_pa
     third = OutputLedger(tmp_path)
     recover(third, IDENTITY)
     assert third.files_read == 1 and third.already_written("b", "k12.flac", "e12") and third.already_written("b", "k0.flac", "e0")
+
+
+def checkpoint_version(output_dir) -> int:
+    from pipeline.ledger import parse_dedupe_checkpoint
+
+    return parse_dedupe_checkpoint((output_dir / STATE_DEDUPE).read_bytes())[0]
+
+
+def test_a_restart_from_a_checkpoint_older_than_a_vacuum_indexes_every_row_it_missed(tmp_path):
+    """Files added after the checkpoint were compacted and vacuumed: a start that read only the
+    files its commits name would find them gone. It indexes the live files instead."""
+    from pipeline.output.maintenance import _vacuum, current_files
+    from pipeline.output.table import open_table
+
+    write_file(tmp_path, 0, 2)
+    recover(OutputLedger(tmp_path), IDENTITY)  # checkpoint at the first file
+    old = (tmp_path / STATE_DEDUPE).read_bytes()
+    for first in range(2, 8, 2):
+        write_file(tmp_path, first, 2)
+    table = open_table(tmp_path)
+    table.optimize.compact()
+    _vacuum(table, 0, True, dry_run=False)  # what a forced short retention does
+    log = OutputLedger(tmp_path).table.refresh()
+    since = [name for c in log.commits(checkpoint_version(tmp_path)) for name, _ in c.files]
+    assert since and not any((tmp_path / "data" / name).exists() for name in since)  # vacuumed
+    assert len(current_files(table)) == 1  # all four rewritten into one
+    (tmp_path / STATE_DEDUPE).write_bytes(old)  # the compaction's own checkpoint lost: the worst case
+
+    again = OutputLedger(tmp_path)
+    recover(again, IDENTITY)
+    assert all(again.already_written("b", f"k{i}.flac", f"e{i}") for i in range(8))
+    assert again.next_offset("t", 0) == 8
+
+
+def test_a_restart_from_a_checkpoint_older_than_a_delete_and_a_vacuum_forgets_the_deleted_version(tmp_path):
+    """The checkpoint indexed k1; a delete then removed it, and a compaction and vacuum took the
+    files the log names. The start indexes the live files and still forgets k1, so uploading the
+    same version again makes a row instead of being dropped as a duplicate."""
+    from pipeline.output.maintenance import _vacuum
+    from pipeline.output.table import open_table
+
+    write_file(tmp_path, 0, 2)  # k0, k1
+    recover(OutputLedger(tmp_path), IDENTITY)  # checkpoint holds k1
+    old = (tmp_path / STATE_DEDUPE).read_bytes()
+    write_file(tmp_path, 2, 2)
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([]), [OffsetRange("t", 0, 4, 4)], Aggregates(delete_events=1))
+    footer = w.finalize()
+    w.close()
+    deleting = OutputLedger(tmp_path)
+    deleting.refresh()
+    deleting.commit_file(footer, [ObjectDelete("b", "k1.flac", "t", 0, 4)])
+    table = open_table(tmp_path)
+    table.optimize.compact()
+    _vacuum(table, 0, True, dry_run=False)
+    (tmp_path / STATE_DEDUPE).write_bytes(old)
+
+    again = OutputLedger(tmp_path)
+    recover(again, IDENTITY)
+    assert again.files_read > 0  # the fallback ran: the named files are gone
+    assert not again.already_written("b", "k1.flac", "e1")
+    assert all(again.already_written("b", f"k{i}.flac", f"e{i}") for i in (0, 2, 3))
+    assert again.next_offset("t", 0) == 5
+
+
+def test_compact_checkpoints_the_dedupe_index_before_it_vacuums(tmp_path):
+    from pipeline.output.maintenance import compact
+
+    write_file(tmp_path, 0, 2)
+    recover(OutputLedger(tmp_path), IDENTITY)
+    for first in range(2, 8, 2):
+        write_file(tmp_path, first, 2)
+    before = checkpoint_version(tmp_path)
+    report = compact(tmp_path, retention_hours=0, force=True)
+    assert checkpoint_version(tmp_path) >= report.version_after > before
+    again = OutputLedger(tmp_path)
+    recover(again, IDENTITY)
+    assert again.files_read == 0 and all(again.already_written("b", f"k{i}.flac", f"e{i}") for i in range(8))
+
+
+def test_a_checkpoint_is_never_replaced_by_an_older_one(tmp_path):
+    write_file(tmp_path, 0, 2)
+    stale = OutputLedger(tmp_path)
+    stale.refresh()
+    write_file(tmp_path, 2, 2)
+    fresh = OutputLedger(tmp_path)
+    fresh.checkpoint()
+    stale.save_checkpoint()
+    assert checkpoint_version(tmp_path) == fresh.table_version
 
 
 def test_start_up_recovery_refuses_an_output_built_with_another_configuration_before_touching_it(tmp_path):
@@ -214,8 +304,27 @@ def test_every_record_is_accounted_for_in_its_batch(tmp_path):
     batch = b.take()
     assert [i.event.key for i in batch.items] == ["a.flac", "c.flac"]
     assert [f.error.error_type for f in batch.early_failures] == ["MalformedEvent"]
-    assert batch.skipped == 2 and batch.duplicates == 1
+    assert batch.skipped == 1 and batch.duplicates == 1  # the test event; the delete is a delete
+    assert [(d.key, d.offset) for d in batch.deletes] == [("a.flac", 12)]
     assert {tp.partition: tuple(r) for tp, r in batch.ranges.items()} == {0: (10, 14), 2: (3, 3)}
+
+
+def test_a_batch_closes_after_a_delete_so_nothing_after_it_shares_its_commit(tmp_path):
+    b = Batcher(OutputLedger(tmp_path), max_events=100, max_bytes=1 << 30, linger_ms=10_000)
+    b.add(record(0, r2("a.flac")))
+    assert not b.full()
+    b.add(record(1, r2("a.flac", action="DeleteObject")))
+    assert b.full()
+
+
+def test_the_dedupe_index_forgets_a_deleted_version(tmp_path):
+    index = DedupeIndex()
+    for h in (1, 2, 3):
+        index.add(h)
+    index.discard_many(np.array([2], dtype=np.uint64))
+    assert 2 not in index and 1 in index and 3 in index
+    index.add(2)
+    assert 2 in index
 
 
 def test_batch_closes_on_events_bytes_or_linger(tmp_path):
@@ -360,3 +469,38 @@ def test_metavoice_migrate_makes_a_0_1_output_a_table_once_and_then_refuses(tmp_
     assert ledger.next_offset("t", 0) == 6
     assert main(["migrate", str(tmp_path)]) == 1
     assert "already has a Delta table" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_delete_that_loses_its_files_to_a_compaction_is_planned_again_and_removes_the_row(tmp_path, monkeypatch):
+    """A compaction commits between the delete's plan and its commit (it removed the files the plan
+    rewrites): the commit refuses (`FilesRemovedMeanwhile`), the delete is planned again on the
+    compacted file, and the row goes, once."""
+    from pipeline.output.maintenance import compact
+
+    for first in (0, 2, 4):
+        write_file(tmp_path, first, 2)  # k0..k5 at offsets 0..5, three files
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([]), [OffsetRange("t", 0, 6, 6)], Aggregates(delete_events=1))  # the delete's record
+    footer = w.finalize()
+    w.close()
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    real, plans = OutputLedger._plan_deletes, []
+
+    def plan_then_compact(self, *args):
+        plan = real(self, *args)
+        if not plans:
+            compact(tmp_path)
+        plans.append(plan.based_on)
+        return plan
+
+    monkeypatch.setattr(OutputLedger, "_plan_deletes", plan_then_compact)
+    ledger.commit_file(footer, [ObjectDelete("b", "k1.flac", "t", 0, 6)])
+
+    assert len(plans) == 2 and plans[1] > plans[0]
+    table = ledger.table.snapshot()
+    ids = sorted(table.to_pyarrow_dataset().to_table(columns=["id"]).column("id").to_pylist())
+    assert ids == [f"k{i}.flac" for i in (0, 2, 3, 4, 5)]
+    doc = publish_summary(tmp_path)
+    assert doc["deleted"] == {"events": 1, "rows": 1} and doc["total_files"] == 5
+    assert table.transaction_version("metavoice-consumer:t:0") == 6

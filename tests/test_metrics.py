@@ -301,7 +301,7 @@ def offline(tmp_path, **overrides) -> Settings:
 def test_each_consumer_has_its_own_registry(tmp_path):
     a, b = StreamConsumer(offline(tmp_path)), StreamConsumer(offline(tmp_path, group="other"))
     assert a.operations.registry is not b.operations.registry
-    stats = SimpleNamespace(rows=3, skipped=0, duplicates=0, superseded=0, files=1, commits=1, audio_seconds=9.5,
+    stats = SimpleNamespace(rows=3, skipped=0, duplicates=0, superseded=0, delete_events=1, deleted_rows=2, files=1, commits=1, audio_seconds=9.5,
                             errors_by_type={"NotAudio": 2}, latencies=Latencies([1.5]))
     a.operations.metrics.sync(stats)  # type: ignore[arg-type]
     a.operations.metrics.sync(stats)  # type: ignore[arg-type]  (idempotent: counters follow totals)
@@ -310,6 +310,7 @@ def test_each_consumer_has_its_own_registry(tmp_path):
     assert value(ma, "metavoice_rows_written_total") == 3 and value(mb, "metavoice_rows_written_total") == 0
     assert value(ma, "metavoice_events_dead_lettered_total", error_type="NotAudio") == 2
     assert value(ma, "metavoice_publish_to_finalized_seconds_count") == 1
+    assert (value(ma, "metavoice_events_deleted_total"), value(ma, "metavoice_rows_deleted_total")) == (1, 2)
 
 
 async def test_lag_is_highwater_minus_position_and_never_negative():

@@ -75,11 +75,16 @@ def test_summary_counts_utterances_bins_cutoff_hours_and_speakers_per_file():
     assert doc["speakers_per_file"] == {"1": 1, "2": 1}
 
 
-def write_file(tmp_path, first: int, n: int, group: str = "metavoice-consumer"):
-    """A file of `n` rows from partition t[0] at `first`, finalized and committed to the table."""
+def write_file(tmp_path, first: int, n: int, group: str = "metavoice-consumer", rowless=None):
+    """A file of `n` rows from partition t[0] at `first`, finalized and committed to the table;
+    `rowless` = (errors by type, skipped, duplicates) counted in the same micro-batch."""
     w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
     rows = [row(first + i) for i in range(n)]
-    w.append(to_table(rows), [OffsetRange("t", 0, first, first + n - 1)], agg(rows))
+    a = agg(rows)
+    if rowless is not None:
+        errors, a.skipped, a.duplicates = rowless
+        a.errors.update(errors)
+    w.append(to_table(rows), [OffsetRange("t", 0, first, first + n - 1)], a)
     out = w.finalize()
     w.close()
     OutputLedger(tmp_path, group=group).commit_file(out)

@@ -44,7 +44,51 @@ def test_the_summary_of_a_version_is_the_aggregate_of_its_rows(history, version,
     shown = snap.report()
     assert shown["table_version"] == version and shown["total_files"] == rows
     assert shown["languages"] == dict(aggregates_of(ROWS[:rows]).languages.most_common())
-    assert not {"errors", "skipped", "duplicates", "_state"} & shown.keys()  # no row holds them
+    assert "_state" not in shown and (shown["skipped"], shown["duplicates"]) == (0, 0)  # commits of no consumer
+
+
+def test_a_version_counts_what_made_no_row_up_to_it_as_summary_json_does(tmp_path):
+    """Dead letters, skips and duplicates are in no file: each version sums its commits' metadata."""
+    from pipeline.ledger import publish_summary
+    from tests.test_summary_aggregates import write_file
+
+    counts = [({"DecodeFailed": 1}, 2, 0), ({"ObjectNotFound": 2}, 0, 3), ({"DecodeFailed": 1}, 1, 1)]
+    for i, (errors, skipped, duplicates) in enumerate(counts):
+        write_file(tmp_path, 2 * i, 2, rowless=(errors, skipped, duplicates))
+    summary = publish_summary(tmp_path)
+    latest = read_snapshot(tmp_path).report()
+    for key in ("errors", "skipped", "duplicates", "superseded", "total_files"):
+        assert latest[key] == summary[key], key
+    first = read_snapshot(tmp_path, version=1).report()  # version 0: the table's creation
+    assert (first["errors"]["by_type"], first["skipped"], first["duplicates"]) == ({"DecodeFailed": 1}, 2, 0)
+    second = read_snapshot(tmp_path, version=2).report()
+    assert (second["errors"]["by_type"], second["skipped"], second["duplicates"]) == (
+        {"DecodeFailed": 1, "ObjectNotFound": 2}, 2, 3)
+
+
+def test_a_version_before_a_delete_keeps_the_row_and_one_after_counts_it_deleted(tmp_path):
+    """A delete is a table version like any other: the version before it still holds the row,
+    the version after it neither holds nor counts it, as summary.json does."""
+    from pipeline.ledger import ObjectDelete, OutputLedger, publish_summary
+    from pipeline.parquet import OffsetRange, RollingParquetWriter
+    from pipeline.records import to_table
+    from pipeline.summary import Aggregates
+    from tests.test_summary_aggregates import write_file
+
+    write_file(tmp_path, 0, 2)  # rows k0, k1 (version 1)
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([]), [OffsetRange("t", 0, 2, 2)], Aggregates(delete_events=1))
+    footer = w.finalize()
+    w.close()
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    ledger.commit_file(footer, [ObjectDelete("b", "k1.flac", "t", 0, 2)])
+    summary = publish_summary(tmp_path)
+
+    before, after = read_snapshot(tmp_path, version=1).report(), read_snapshot(tmp_path).report()
+    assert (before["total_files"], before["deleted"]) == (2, {"events": 0, "rows": 0})
+    assert (after["total_files"], after["deleted"]) == (1, {"events": 1, "rows": 1})
+    assert (after["total_files"], after["deleted"]) == (summary["total_files"], summary["deleted"])
 
 
 def test_as_of_picks_the_version_current_at_that_time(history):

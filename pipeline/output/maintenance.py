@@ -11,9 +11,11 @@ while consumers append:
    one of the same files does, and then the compaction is retried on a fresh snapshot
    (`COMPACT_ATTEMPTS`). The app transactions, and so every consumer's positions, are carried
    over untouched: an OPTIMIZE commit names none.
-2. card: README.md's `configs:` name the files of the version step 1 left, so `datasets`
+2. card and dedupe checkpoint: README.md's `configs:` name the files of the version step 1 left, so `datasets`
    (which has no Delta loader) reads one snapshot, never a replaced file next to its replacement.
-   Written before step 3, so the card never names a file step 3 deletes.
+   Written before step 3, so the card never names a file step 3 deletes. `_state/dedupe.bin` is
+   brought to this version too: a consumer starting from an older one would read files added
+   since it, and step 3 may delete those (it then falls back to reading every live file).
 3. vacuum: deletes the files a commit removed more than `retention_hours` ago, and the files no
    commit names that are older than that (a killed consumer's upload that never got its commit:
    delta-rs's full mode goes by the file's modification time). A consumer's file between its
@@ -123,8 +125,17 @@ def compact(location: str | Path, settings: "Settings | None" = None, *, target_
     report.version_after = table.version()
     report.files_after, report.rows_after = after["files"], after["rows"]
     report.card_files = write_card(location, table, st)
+    from . import open_output
+    from ..ledger import OutputLedger, publish_summary
+
+    output = open_output(location, st)
+    # The dedupe checkpoint brought past the compaction before the vacuum: a consumer starting
+    # from it reads only files added since, and the vacuum can delete none of those (step 2).
+    ledger = OutputLedger(output)
+    ledger.load_checkpoint()
+    ledger.checkpoint()
     report.vacuumed = _vacuum(table, retention, force, dry_run=False)
-    _refresh_summary(location, st)
+    publish_summary(output)  # step 4: the file count follows the compaction
     log.info("compacted %s: %s", report.table, "; ".join(report.lines()[1:3]))
     return report
 
@@ -150,15 +161,6 @@ def write_card(location: str | Path, table: "DeltaTable", settings: "Settings | 
     card = dataset_card(SCHEMA, output.location, data_files=files, version=table.version()).encode()
     output.update_doc(CARD_NAME, lambda current: card)
     return len(files)
-
-
-def _refresh_summary(location: str | Path, settings: "Settings") -> None:
-    """summary.json brought up to the version compaction and vacuum left (its file count changed,
-    no aggregate did), so it never lags a table no consumer writes to any more."""
-    from . import open_output
-    from ..ledger import publish_summary
-
-    publish_summary(open_output(location, settings))
 
 
 def _snapshot(table: "DeltaTable", target: int) -> dict[str, int]:

@@ -114,6 +114,8 @@ class S3Output(Output):
     def read_columns(self, name: str, columns: list[str]) -> pa.Table:
         try:
             return pq.read_table(self._arrow_path(name), columns=columns, filesystem=self.fs)
+        except FileNotFoundError:
+            raise  # vacuumed: the caller knows where the rows went
         except OSError as exc:
             raise OutputWriteFailed(f"reading {self.data_path(name)} failed: {exc}") from exc
 

@@ -5,7 +5,9 @@ summary.json follows the latest version only. To know what an older version held
 reprocessing run, before a delete, before yesterday's backfill - the rows of that snapshot are
 read back and summed with pipeline/summary.py's own `Aggregates.add_columns`, batch by batch, so
 the figures mean exactly what summary.json's mean. Counts that have no row (dead letters, skips,
-duplicates) are not in a snapshot's files: the report leaves them out (`ROWLESS`).
+duplicates, superseded events) are in no file: they are summed from the metadata of the log's
+commits up to the version (those the log still holds: delta-rs cleans up entries older than the
+table's log retention, 30 days by default, after a checkpoint).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import MaintenanceRefused
 from ..summary import ROW_COLUMNS, Aggregates
+from . import open_output
 from .maintenance import current_files
 from .table import open_table, table_uri
 
@@ -24,8 +27,6 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 BATCH_ROWS = 4096  # rows read at a time: the tokens column is the bulk of a row
-# summary.json's keys that count what made no row: not in a version's files, so not shown for one
-ROWLESS = ("errors", "skipped", "duplicates", "superseded")
 
 
 @dataclass
@@ -38,8 +39,7 @@ class Snapshot:
     def report(self) -> dict[str, Any]:
         """summary.json's keys for this version, plus which version and when."""
         shown = self.aggregates.report(self.files, self.version)
-        for key in ("_state", *ROWLESS):
-            shown.pop(key, None)
+        shown.pop("_state", None)
         shown["updated_at"] = self.committed_at.isoformat(timespec="seconds") if self.committed_at else None
         return shown
 
@@ -71,6 +71,9 @@ def read_snapshot(location: str | Path, settings: "Settings | None" = None, *, v
         raise MaintenanceRefused(
             f"version {table.version()} of {table_uri(location)} cannot be read any more ({exc}): its files were "
             "vacuumed (`metavoice compact` keeps removed files for METAVOICE_VACUUM_RETENTION_HOURS)") from exc
+    log = open_output(location, settings).table
+    if log.refresh() is not None:
+        aggregates.merge_rowless(log.rowless(table.version()))
     return Snapshot(table.version(), committed_at, current_files(table), aggregates)
 
 

@@ -61,7 +61,8 @@ class Output(ABC):
     def read_footer(self, name: str) -> FileFooter: ...
 
     @abstractmethod
-    def read_columns(self, name: str, columns: list[str]) -> pa.Table: ...
+    def read_columns(self, name: str, columns: list[str]) -> pa.Table:
+        """Columns of data/`name`; `FileNotFoundError` when it is gone (vacuumed)."""
 
     @abstractmethod
     def data_size(self, name: str) -> int:

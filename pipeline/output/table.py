@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import orjson
 
-from ..errors import OutputWriteFailed
+from ..errors import FilesRemovedMeanwhile, OutputWriteFailed
 from ..faults import crash_point, delay_point
 from ..records import SCHEMA
 from ..summary import Aggregates
@@ -130,6 +130,10 @@ META_OFFSETS = "metavoice.offsets"
 META_AGGREGATES = "metavoice.aggregates"
 META_DEAD_LETTERS = "metavoice.dead_letters"
 META_DLQ_MARKS = "metavoice.dlq_marks"
+# a commit that carries deletes: the aggregates of the rows it removed (summary.json subtracts them)
+# and the object versions [(bucket, key, etag)] they were (the dedupe index forgets them)
+META_REMOVED = "metavoice.removed"
+META_REMOVED_VERSIONS = "metavoice.removed_versions"
 COMMIT_ATTEMPTS = 8  # unknown outcomes (timeouts) retried after re-reading; a conflict is checked again first
 
 
@@ -148,6 +152,9 @@ class TableCommit:
     operation: str = ""
     metrics: dict = field(default_factory=dict)
     txns: dict[str, int | None] = field(default_factory=dict)  # the app transactions it carries
+    removed: Aggregates | None = None  # the rows a delete took out (META_REMOVED)
+    removed_versions: list[tuple[str, str, str]] = field(default_factory=list)
+    removed_paths: list[str] = field(default_factory=list)  # its Remove actions (ours or a compaction's)
 
     @classmethod
     def from_history(cls, info: dict) -> "TableCommit":
@@ -156,6 +163,7 @@ class TableCommit:
             return orjson.loads(raw) if isinstance(raw, (str, bytes)) else default
 
         aggregates = load(META_AGGREGATES, None)
+        removed = load(META_REMOVED, None)
         return cls(
             version=int(info["version"]),
             commit_id=str(info.get(META_COMMIT, "")),
@@ -166,6 +174,8 @@ class TableCommit:
             dlq_marks={int(p): o for p, o in load(META_DLQ_MARKS, {}).items()},
             operation=str(info.get("operation", "")),
             metrics=info.get("operationMetrics") or {},
+            removed=Aggregates.from_state(removed) if removed is not None else None,
+            removed_versions=[tuple(v) for v in load(META_REMOVED_VERSIONS, [])],
         )
 
 
@@ -306,6 +316,19 @@ class DatasetTable:
                 found.append(c)
         return found
 
+    def rowless(self, upto: int | None = None) -> Aggregates:
+        """What made no row (dead letters, skips, duplicates, deletes) in the commits up to version
+        `upto` (None: the known version): only our commits' metadata records them."""
+        found = Aggregates()
+        for c in self.commits(None):
+            if upto is not None and c.version > upto:
+                continue
+            if c.aggregates is not None:
+                found.merge_rowless(c.aggregates)
+            if c.removed is not None:  # a delete: its rows left the files, the count stays here
+                found.deleted += c.removed.utterances
+        return found
+
     def _entry(self, version: int) -> TableCommit | None:
         fs, root = self._log_fs()
         try:
@@ -318,6 +341,7 @@ class DatasetTable:
         info: dict = {}
         adds = removes = 0
         txns: dict[str, int | None] = {}
+        removed_paths: list[str] = []
         for line in raw.splitlines():
             if not line.strip():
                 continue
@@ -326,11 +350,14 @@ class DatasetTable:
                 info = action["commitInfo"]
             elif "txn" in action:
                 txns[action["txn"]["appId"]] = int(action["txn"]["version"])
+            elif "remove" in action:
+                removed_paths.append(action["remove"]["path"])
             adds += "add" in action
             removes += "remove" in action
         commit = TableCommit.from_history({**info, "version": version})
         commit.metrics = {**commit.metrics, "num_added_files": adds, "num_removed_files": removes}
         commit.txns = txns
+        commit.removed_paths = removed_paths
         return commit
 
     def _log_fs(self):
@@ -360,7 +387,8 @@ class DatasetTable:
         return sorted(dt.get_add_actions(flatten=True).column("path").to_pylist()) if dt is not None else []
 
     def commit(self, adds: list[dict], offsets: list[OffsetRange], apps: dict[tuple[str, int], str],
-               metadata: dict[str, str], check: Callable[[dict[tuple[str, int], int | None]], None]) -> int:
+               metadata: dict[str, str], check: Callable[[dict[tuple[str, int], int | None]], None],
+               removes: list[str] = (), based_on: int | None = None) -> int:
         """Commit `adds` (Add actions of files already in the table directory, `add_action`) with one
         app transaction per range of `offsets` (version = its last offset). Before each attempt the
         log is read up to its latest entry and the stored versions handed to `check` (it raises to
@@ -368,7 +396,11 @@ class DatasetTable:
 
         Losing the race for the next version (another writer committed it) reads that entry and
         checks again; an outcome we cannot know (a timeout, a dropped connection) is resolved by
-        reading the log: our commit id there means it landed. Returns the version committed."""
+        reading the log: our commit id there means it landed. Returns the version committed.
+
+        `removes`: data files this commit takes out of the table (a delete's rewrite), planned on
+        version `based_on`: a commit since then that removed any of them (a compaction) raises
+        `FilesRemovedMeanwhile` (their rows moved: the caller plans again)."""
         now = int(time.time() * 1000)
         lines = [orjson.dumps({"commitInfo": {"timestamp": now, "operation": "WRITE",
                                               "operationParameters": {"mode": "Append"},
@@ -376,6 +408,7 @@ class DatasetTable:
         lines += [orjson.dumps({"txn": {"appId": apps[(r.topic, r.partition)], "version": r.last, "lastUpdated": now}})
                   for r in offsets]
         lines += [orjson.dumps({"add": a}) for a in adds]
+        lines += [orjson.dumps({"remove": {"path": p, "deletionTimestamp": now, "dataChange": True}}) for p in removes]
         body = b"\n".join(lines) + b"\n"
         last_error: Exception | None = None
         read_at: int | None = None
@@ -388,6 +421,11 @@ class DatasetTable:
                 if read_at is not None and (mine := self._landed(metadata[META_COMMIT], read_at)) is not None:
                     return mine  # an attempt whose answer was lost did land
                 read_at = self._version
+                if removes and based_on is not None:
+                    gone = {p for c in self.commits(based_on) for p in c.removed_paths} & set(removes)
+                    if gone:
+                        raise FilesRemovedMeanwhile(f"{len(gone)} file(s) this delete rewrites were removed "
+                                                    f"since version {based_on} (e.g. {sorted(gone)[0]})")
                 check({(r.topic, r.partition): self.stored(apps[(r.topic, r.partition)]) for r in offsets})
                 version = read_at + 1
                 try:
