@@ -172,22 +172,44 @@ async def settle_before_leaving(consumer: AIOKafkaConsumer) -> bool:
     return True
 
 
+async def cut_after(aw: Any, timeout: float) -> Any:
+    """Await `aw` for at most `timeout` seconds; past it, cancel it and return without waiting for
+    it to end (TimeoutError). Why not `asyncio.wait_for`: it waits for the cancelled task to finish,
+    and aiokafka's stop can outlive a cancel (a heartbeat task that swallows it, a LeaveGroup after
+    a join the broker holds), so a cut-short leave would not return."""
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(timeout, 0.001))
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise TimeoutError
+
+
+# each part a cut-short leave closes (the fetcher, the connections) gets at most this long
+CUT_CLOSE_S = 1.0
+
+
 async def leave_group(consumer: AIOKafkaConsumer, timeout: float) -> bool:
     """Stop a group consumer within `timeout` seconds: settle the group first when this member
     leads it (`settle_before_leaving`), then LeaveGroup. Past the timeout the leave is cut and
-    what needs no broker answer is closed (the fetcher, the connections), so nothing is left
-    open at exit; the group then drops the member after its session timeout. Returns whether
-    the leave finished in time."""
+    what needs no broker answer is closed (the fetcher, the connections; `CUT_CLOSE_S` each), so
+    nothing is left open at exit and the call returns within `timeout + 2 * CUT_CLOSE_S`; the
+    group then drops the member after its session timeout. Returns whether the leave finished
+    in time."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
-        with contextlib.suppress(Exception):  # a failed heartbeat only skips the settling
-            await asyncio.wait_for(settle_before_leaving(consumer), timeout=timeout)
-        await asyncio.wait_for(consumer.stop(), timeout=max(deadline - loop.time(), 0.001))
+        with contextlib.suppress(Exception):  # a failed or slow heartbeat only skips the settling
+            await cut_after(settle_before_leaving(consumer), timeout)
+        await cut_after(consumer.stop(), deadline - loop.time())
         return True
     except TimeoutError:
         for part in (getattr(consumer, "_fetcher", None), getattr(consumer, "_client", None)):
             if part is not None:
-                with contextlib.suppress(Exception, TimeoutError):
-                    await asyncio.wait_for(part.close(), timeout=1.0)
+                with contextlib.suppress(Exception):
+                    await cut_after(part.close(), CUT_CLOSE_S)
         return False
