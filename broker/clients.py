@@ -133,3 +133,83 @@ async def close_quietly(client: Any) -> None:
     if close is not None:
         with contextlib.suppress(Exception):
             await close()
+
+
+# A clean leave waits at most this long for a rejoin its heartbeat asked for (besides the caller's bound).
+SETTLE_POLL_S = 0.05
+
+
+def is_group_leader(consumer: AIOKafkaConsumer) -> bool:
+    """Whether this member computed its group's last assignment: aiokafka keeps the group's
+    topics only on the leader (set in `_perform_assignment`, cleared before every rejoin)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    return coordinator is not None and getattr(coordinator, "_group_subscription", None) is not None
+
+
+async def settle_before_leaving(consumer: AIOKafkaConsumer) -> bool:
+    """Before the group's leader leaves: one heartbeat now, and when it answers that the group is
+    rebalancing (a member left or joined within the last heartbeat interval), the rejoin it asks
+    for, so the leader hands the group on from a settled generation.
+
+    Why: Tansu 0.6.0 loses a group whose leader sends LeaveGroup while the group rebalances before
+    the leader rejoined; no member that joins later is ever assigned (README, Embedded defaults;
+    tests/test_group_leave.py). Apache Kafka elects a new leader either way: there this costs one
+    round trip. The caller bounds the wait. Returns whether a rejoin was waited for."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not is_group_leader(consumer):
+        return False
+    await coordinator.ensure_coordinator_known()
+    await coordinator._do_heartbeat()  # RebalanceInProgress -> request_rejoin(); aiokafka's own call
+    subscription = consumer._subscription.subscription
+    if subscription is None or not coordinator.need_rejoin(subscription):
+        return False
+    log.info("the group rebalances as its leader stops: rejoining once before leaving")
+    while coordinator.need_rejoin(subscription) or subscription.assignment is None:
+        await asyncio.sleep(SETTLE_POLL_S)
+        subscription = consumer._subscription.subscription
+        if subscription is None:
+            break
+    return True
+
+
+async def cut_after(aw: Any, timeout: float) -> Any:
+    """Await `aw` for at most `timeout` seconds; past it, cancel it and return without waiting for
+    it to end (TimeoutError). Why not `asyncio.wait_for`: it waits for the cancelled task to finish,
+    and aiokafka's stop can outlive a cancel (a heartbeat task that swallows it, a LeaveGroup after
+    a join the broker holds), so a cut-short leave would not return."""
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(timeout, 0.001))
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise TimeoutError
+
+
+# each part a cut-short leave closes (the fetcher, the connections) gets at most this long
+CUT_CLOSE_S = 1.0
+
+
+async def leave_group(consumer: AIOKafkaConsumer, timeout: float) -> bool:
+    """Stop a group consumer within `timeout` seconds: settle the group first when this member
+    leads it (`settle_before_leaving`), then LeaveGroup. Past the timeout the leave is cut and
+    what needs no broker answer is closed (the fetcher, the connections; `CUT_CLOSE_S` each), so
+    nothing is left open at exit and the call returns within `timeout + 2 * CUT_CLOSE_S`; the
+    group then drops the member after its session timeout. Returns whether the leave finished
+    in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        with contextlib.suppress(Exception):  # a failed or slow heartbeat only skips the settling
+            await cut_after(settle_before_leaving(consumer), timeout)
+        await cut_after(consumer.stop(), deadline - loop.time())
+        return True
+    except TimeoutError:
+        for part in (getattr(consumer, "_fetcher", None), getattr(consumer, "_client", None)):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    await cut_after(part.close(), CUT_CLOSE_S)
+        return False

@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
-from broker.clients import make_consumer, make_producer, start_when_broker_is_up
+from broker.clients import leave_group, make_consumer, make_producer, start_when_broker_is_up
 from broker.topics import ensure_dead_letter_topic
 from pipeline.batch import BatchOutcome
 from pipeline.config import Settings
@@ -254,7 +254,9 @@ class StreamConsumer:
         """Stop the group consumer within what is left of the shutdown budget. Its stop finishes the
         join in flight before it leaves, and the broker may hold a join until every member rejoined
         or timed out; past the budget the join is cut and the group drops this member after its
-        session timeout. Nothing depends on it: offsets were committed after their files."""
+        session timeout. The group's leader first rejoins a rebalance its heartbeat reports (Tansu
+        loses a group whose leader leaves mid-rebalance). Nothing depends on it: offsets were
+        committed after their files."""
         consumer = self.consumer
         assert consumer is not None
         started = self.stats.stop_requested_at
@@ -262,9 +264,7 @@ class StreamConsumer:
         budget = max(budget - LEAVE_RESERVE_S, LEAVE_MIN_S)
         if not self.gate.held:  # revoked or never assigned: nothing to hand over, no long wait for a join
             budget = min(budget, LEAVE_UNASSIGNED_S)
-        try:
-            await asyncio.wait_for(consumer.stop(), timeout=budget)
-        except TimeoutError:
+        if not await leave_group(consumer, budget):  # a leader settles the group first (broker/clients.py)
             log.warning("leaving the group did not finish within the shutdown budget (a join the broker holds): "
                         "stopped without LeaveGroup; the group drops this member after its session timeout")
 
