@@ -147,7 +147,7 @@ class Batcher:
         for ev in events:
             if ev.action in DELETE_ACTIONS and (self.allowed_buckets is None or ev.bucket in self.allowed_buckets):
                 b.deletes.append(ObjectDelete(ev.bucket, ev.key, source.topic, source.partition, source.offset,
-                                              ev.event_time))
+                                              ev.event_time, ev.version_id))
                 self._deleted_keys.add((ev.bucket, ev.key))
             elif not ev.is_create:
                 b.skipped_at.append(source)

@@ -548,6 +548,7 @@ def assemble_stage(
                 etag=d.value.etag,  # type: ignore[union-attr]
                 size_bytes=d.value.size,  # type: ignore[union-attr]
                 event_time=ev.event_time,
+                version_id=ev.version_id,
                 duration_sec=round(b - a, 6),
                 sampling_rate=audio.sample_rate,
                 channels=audio.channels,

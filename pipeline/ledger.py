@@ -95,8 +95,13 @@ class ObjectDelete:
 
     "Before": in the delete's own partition (every event of one object shares a Kafka key, so one
     partition), a lower offset; a row from another topic or partition (a backfill), an event time
-    at or before the delete's (either time unknown: before). A versionId in the event is not
-    matched (rows do not record it): every version of the key goes."""
+    at or before the delete's (either time unknown: before).
+
+    `version_id` (S3 `ObjectRemoved:Delete` of one version in a versioned bucket): only rows of that
+    version go, plus rows with no version id that are "before" (written before the column existed,
+    or from an unversioned event): their version is unknown, and keeping a row whose owner may have
+    deleted it is the wrong way to err (consent first). No `version_id` (R2, lifecycle, a delete
+    marker, an unversioned bucket): every version of the key before the delete goes."""
 
     bucket: str
     key: str
@@ -104,15 +109,31 @@ class ObjectDelete:
     partition: int
     offset: int
     event_time: datetime | None = None
+    version_id: str | None = None
 
-    def removes(self, topic: str, partition: int, offset: int, event_time: datetime | None) -> bool:
-        """Whether a row of this object written from the event at (topic, partition, offset) goes."""
+    def removes(self, topic: str, partition: int, offset: int, event_time: datetime | None,
+                version_id: str | None = None) -> bool:
+        """Whether a row of this object written from the event at (topic, partition, offset), of
+        S3 version `version_id`, goes."""
+        if self.version_id is not None and version_id is not None and version_id != self.version_id:
+            return False
         if (topic, partition) == (self.topic, self.partition):
             return offset < self.offset
         return event_time is None or self.event_time is None or event_time <= self.event_time
 
 
-DELETE_COLUMNS = ["bucket", "id", "kafka_topic", "kafka_partition", "kafka_offset", "event_time"]
+DELETE_COLUMNS = ["bucket", "id", "kafka_topic", "kafka_partition", "kafka_offset", "event_time", "version_id"]
+
+
+def _read_rows(output: Output, name: str, columns: list[str]) -> pa.Table:
+    """The file's `columns`; a file written before `version_id` existed reads it as nulls."""
+    try:
+        return output.read_columns(name, columns)
+    except pa.ArrowInvalid:
+        if "version_id" not in columns:
+            raise
+        t = output.read_columns(name, [c for c in columns if c != "version_id"])
+        return t.add_column(columns.index("version_id"), "version_id", pa.nulls(t.num_rows, pa.string()))
 
 
 @dataclass
@@ -415,14 +436,19 @@ class OutputLedger:
             by_key.setdefault((d.bucket, d.key), []).append(d)
         plan = DeletePlan(based_on, [], [], [], Aggregates(), [], footer.name if footer.rows else None, footer.rows)
         candidates = sorted(names) + ([footer.name] if footer.rows else [])
+        surviving: set[tuple[str, str, str]] = set()
         for name in candidates:
-            keys = self.output.read_columns(name, DELETE_COLUMNS)
-            cols = {c: keys.column(c).to_pylist() for c in DELETE_COLUMNS}
-            mask = [any(d.removes(t, p, o, et) for d in by_key.get((b, k), ()))
-                    for b, k, t, p, o, et in zip(*(cols[c] for c in DELETE_COLUMNS))]
+            keys = _read_rows(self.output, name, DELETE_COLUMNS + ["etag"])
+            cols = {c: keys.column(c).to_pylist() for c in DELETE_COLUMNS + ["etag"]}
+            mask = [any(d.removes(t, p, o, et, v) for d in by_key.get((b, k), ()))
+                    for b, k, t, p, o, et, v in zip(*(cols[c] for c in DELETE_COLUMNS))]
+            # a row that stays keeps its (bucket, key, etag) in the dedupe index: another version
+            # with the same bytes (so the same etag) may be the one deleted
+            surviving.update((b, k, e or "") for b, k, e, m in zip(cols["bucket"], cols["id"], cols["etag"], mask)
+                             if not m and (b, k) in by_key)
             if not any(mask):
                 continue
-            full = self.output.read_columns(name, SCHEMA.names)
+            full = _read_rows(self.output, name, SCHEMA.names)
             keep_mask = pa.array([not m for m in mask])
             gone, kept = full.filter(pa.array(mask)), full.filter(keep_mask)
             plan.removed.add_columns(gone.select([c for c in ROW_COLUMNS if c in gone.column_names]))
@@ -444,6 +470,7 @@ class OutputLedger:
                 plan.removes.append(name)
         if plan.footer_name == footer.name and footer.rows:
             plan.adds.append(add_action(footer.name, footer.size, footer.rows))
+        plan.versions = sorted(set(plan.versions) - surviving)
         return plan
 
     def dead_letter_commits(self, topic: str, partition: int, committed: int | None) -> list[TableCommit]:

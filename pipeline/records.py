@@ -243,6 +243,9 @@ class TranscribedAudio:
     vad_model: str | None = column(pa.string(), default=None)  # the analysis models' names (also _manifest.json)
     dnsmos_model: str | None = column(pa.string(), default=None)
     speaker_model: str | None = column(pa.string(), default=None)
+    # the S3 versionId the row was made from (None: R2, an unversioned bucket, or a file written before
+    # the column): a delete naming a version removes that version's rows only
+    version_id: str | None = column(pa.string(), default=None)
 
     @derived_column(pa.int16(), after="tokens")
     def token_codebooks(self) -> int:

@@ -170,3 +170,33 @@ def test_a_delete_after_compaction_removes_the_row_from_the_compacted_file(strea
 
     assert_exactly_once(out, versions(e for e in created if e is not created[5]))
     assert_summary_counts_deletes(st, events=1, rows=1)
+
+
+@pytest.mark.parametrize("stream", ["local"], indirect=True)
+def test_a_delete_naming_a_version_removes_that_version_only_and_a_delete_marker_removes_every_version(
+        stream, models, s3, bucket, speech_corpus):
+    """A versioned bucket holds two versions of one key: a permanent delete of the first (its
+    versionId in the event) leaves the second's row; a delete with no version then removes it."""
+    st, _ = stream
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    key, made = "v/0000.flac", []
+    for clip in speech_corpus[:2]:
+        body = clip.path.read_bytes()
+        put = s3.put_object(Bucket=bucket, Key=key, Body=body)
+        made.append(ObjectEvent(bucket=bucket, key=key, size=len(body), etag=put["ETag"].strip('"'),
+                                version_id=put["VersionId"]))
+    assert made[0].version_id != made[1].version_id and made[0].etag != made[1].etag
+    publish(st, made)
+    consume_until_idle(st, models)
+    out = open_output(st.output_dir, st)
+    assert_exactly_once(out, versions(made))
+
+    publish(st, [replace(delete_of(made[0]), version_id=made[0].version_id)])
+    consume_until_idle(st, models)
+    assert_exactly_once(out, versions(made[1:]))
+    assert_summary_counts_deletes(st, events=1, rows=1)
+
+    publish(st, [delete_of(made[1])])  # no version: a delete marker, every version goes
+    consume_until_idle(st, models)
+    assert output_rows(out) == []
+    assert_summary_counts_deletes(st, events=2, rows=2)

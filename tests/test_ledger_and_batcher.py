@@ -528,3 +528,95 @@ def test_a_delete_that_loses_its_files_to_a_compaction_is_planned_again_and_remo
     doc = publish_summary(tmp_path)
     assert doc["deleted"] == {"events": 1, "rows": 1} and doc["total_files"] == 5
     assert table.transaction_version("metavoice-consumer:t:0") == 6
+
+
+def _commit_versions(tmp_path, versions, delete=None):
+    """Rows of one key b/k.flac from t[0] at offsets 0.., one per (etag, version_id); then a
+    micro-batch holding `delete` at the next offset."""
+    from dataclasses import replace as _replace
+
+    rows = [_replace(row(0), id="k.flac", etag=e, version_id=v, kafka_offset=i) for i, (e, v) in enumerate(versions)]
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table(rows), [OffsetRange("t", 0, 0, len(rows) - 1)], agg(rows))
+    OutputLedger(tmp_path).commit_file(w.finalize())
+    w.close()
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([]), [OffsetRange("t", 0, len(rows), len(rows))], Aggregates(delete_events=1))
+    footer = w.finalize()
+    w.close()
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    ledger.commit_file(footer, [ObjectDelete("b", "k.flac", "t", 0, len(rows), version_id=delete)])
+    table = ledger.table.snapshot().to_pyarrow_dataset().to_table(columns=["etag", "version_id"])
+    return ledger, sorted(zip(*(table.column(c).to_pylist() for c in ("etag", "version_id"))))
+
+
+def test_a_delete_naming_a_version_removes_that_versions_rows_only(tmp_path):
+    ledger, left = _commit_versions(tmp_path, [("e1", "v1"), ("e2", "v2")], delete="v1")
+    assert left == [("e2", "v2")]
+    assert publish_summary(tmp_path)["deleted"] == {"events": 1, "rows": 1}
+    assert not ledger.already_written("b", "k.flac", "e1") and ledger.already_written("b", "k.flac", "e2")
+    again = OutputLedger(tmp_path)  # the log's removed versions, read back from the table
+    again.refresh()
+    assert not again.already_written("b", "k.flac", "e1") and again.already_written("b", "k.flac", "e2")
+
+
+def test_a_delete_without_a_version_removes_every_version_before_it(tmp_path):
+    _, left = _commit_versions(tmp_path, [("e1", "v1"), ("e2", "v2")], delete=None)
+    assert left == []
+    assert publish_summary(tmp_path)["deleted"] == {"events": 1, "rows": 2}
+
+
+def test_a_versioned_delete_also_removes_rows_that_recorded_no_version(tmp_path):
+    """Consent first: a row whose version is unknown (written before the column) may be the one deleted."""
+    _, left = _commit_versions(tmp_path, [("e0", None), ("e2", "v2")], delete="v1")
+    assert left == [("e2", "v2")]
+
+
+def test_a_deleted_version_whose_bytes_a_surviving_version_shares_stays_in_the_dedupe_index(tmp_path):
+    """Two versions with the same content share the etag: deleting one must not let the other's
+    re-delivered event write a second row."""
+    ledger, left = _commit_versions(tmp_path, [("same", "v1"), ("same", "v2")], delete="v1")
+    assert left == [("same", "v2")]
+    assert ledger.already_written("b", "k.flac", "same")
+    again = OutputLedger(tmp_path)
+    again.refresh()
+    assert again.already_written("b", "k.flac", "same")
+
+
+def test_a_table_made_before_the_version_id_column_gains_it_and_reads_old_and_new_rows_together(tmp_path):
+    """The first start after the upgrade adds the column to the table's schema (delta-rs
+    `alter.add_columns`); deltalake and polars read the old file's rows with a null version_id."""
+    from dataclasses import replace as _replace
+
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    from pipeline.output.layout import DATA_DIR
+    from pipeline.records import SCHEMA
+
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "version_id"])
+    uri = OutputLedger(tmp_path).table.uri
+    DeltaTable.create(uri, old_schema)
+    old = write_file(tmp_path, 0, 1)  # k0, as a consumer before the column wrote it
+    path = tmp_path / DATA_DIR / old.name
+    before = path.stat().st_size
+    pq.write_table(pq.read_table(path).select(old_schema.names).cast(old_schema), path)
+    entry = sorted((tmp_path / DATA_DIR / "_delta_log").glob("*.json"))[-1]  # its Add action's size, as written
+    entry.write_text(entry.read_text().replace(f'"size":{before},', f'"size":{path.stat().st_size},'))
+
+    recover(OutputLedger(tmp_path), IDENTITY)
+    assert "version_id" in [f.name for f in DeltaTable(uri).schema().fields]
+    rows = [_replace(row(1), version_id="v1")]
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table(rows), [OffsetRange("t", 0, 1, 1)], agg(rows))
+    OutputLedger(tmp_path).commit_file(w.finalize())
+    w.close()
+
+    want = [("k0.flac", None), ("k1.flac", "v1")]
+    t = DeltaTable(uri).to_pyarrow_table(columns=["id", "version_id"])
+    assert sorted(zip(*(t.column(c).to_pylist() for c in ("id", "version_id")))) == want
+    df = pl.read_delta(uri, columns=["id", "version_id"]).sort("id")
+    assert list(df.iter_rows()) == want

@@ -70,7 +70,9 @@ UTTERANCE_COLUMNS = [
     pa.field("dnsmos_model", pa.string()),
     pa.field("speaker_model", pa.string()),
 ]
-SCHEMA_NOW = pa.schema(list(SCHEMA_AS_WRITTEN) + UTTERANCE_COLUMNS)
+# Appended for issue 20 item 5 (a delete naming an S3 version): null in files written before it.
+VERSION_COLUMNS = [pa.field("version_id", pa.string())]
+SCHEMA_NOW = pa.schema(list(SCHEMA_AS_WRITTEN) + UTTERANCE_COLUMNS + VERSION_COLUMNS)
 
 
 def _nested_fields(field: pa.Field, path: str = "") -> list[tuple[str, str, bool, object]]:

@@ -286,6 +286,7 @@ class DatasetTable:
 
         with self._lock:
             if self.refresh() is not None:
+                self._evolve()
                 return self
             try:
                 DeltaTable.create(self.uri, SCHEMA, mode="ignore", storage_options=self.options or None)
@@ -294,6 +295,21 @@ class DatasetTable:
             if self.refresh() is None:
                 raise OutputWriteFailed(f"could not create the table {self.uri}")
             return self
+
+    def _evolve(self) -> None:
+        """Add SCHEMA's columns a table made before them lacks (appended, nullable: the old
+        files read them as nulls), so every reader sees the new columns of the rows written now."""
+        from deltalake import DeltaTable
+        from deltalake.schema import Field, Schema
+
+        dt = DeltaTable(self.uri, storage_options=self.options or None)
+        have = {f.name for f in dt.schema().fields}
+        wanted = Schema.from_arrow(SCHEMA).fields
+        missing = [Field(f.name, f.type, nullable=True) for f in wanted if f.name not in have]
+        if missing:
+            log.info("adding column(s) %s to the table %s", [f.name for f in missing], self.uri)
+            dt.alter.add_columns(missing)
+            self.refresh()
 
     @property
     def version(self) -> int | None:
