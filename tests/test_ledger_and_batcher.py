@@ -19,7 +19,7 @@ from pipeline.summary import Aggregates
 
 from .output_files import inprogress_files
 from .test_parquet_writer import agg, row
-from .test_summary_aggregates import write_file
+from .test_summary_aggregates import commit_delete, delete_footer, write_file
 
 
 def test_dedupe_index_answers_membership_across_merges():
@@ -171,13 +171,7 @@ def test_a_restart_from_a_checkpoint_older_than_a_delete_and_a_vacuum_forgets_th
     recover(OutputLedger(tmp_path), IDENTITY)  # checkpoint holds k1
     old = (tmp_path / STATE_DEDUPE).read_bytes()
     write_file(tmp_path, 2, 2, named_versions=False)  # a commit to be read from its file, then vacuumed
-    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
-    w.append(to_table([]), [OffsetRange("t", 0, 4, 4)], Aggregates(delete_events=1))
-    footer = w.finalize()
-    w.close()
-    deleting = OutputLedger(tmp_path)
-    deleting.refresh()
-    deleting.commit_file(footer, [ObjectDelete("b", "k1.flac", "t", 0, 4)])
+    commit_delete(tmp_path, "k1.flac", 4)
     table = open_table(tmp_path)
     table.optimize.compact()
     _vacuum(table, 0, True, dry_run=False)
@@ -503,10 +497,7 @@ def test_a_delete_that_loses_its_files_to_a_compaction_is_planned_again_and_remo
 
     for first in (0, 2, 4):
         write_file(tmp_path, first, 2)  # k0..k5 at offsets 0..5, three files
-    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
-    w.append(to_table([]), [OffsetRange("t", 0, 6, 6)], Aggregates(delete_events=1))  # the delete's record
-    footer = w.finalize()
-    w.close()
+    footer = delete_footer(tmp_path, 6)  # the delete's record
     ledger = OutputLedger(tmp_path)
     ledger.refresh()
     real, plans = OutputLedger._plan_deletes, []
@@ -540,13 +531,7 @@ def _commit_versions(tmp_path, versions, delete=None):
     w.append(to_table(rows), [OffsetRange("t", 0, 0, len(rows) - 1)], agg(rows))
     OutputLedger(tmp_path).commit_file(w.finalize())
     w.close()
-    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
-    w.append(to_table([]), [OffsetRange("t", 0, len(rows), len(rows))], Aggregates(delete_events=1))
-    footer = w.finalize()
-    w.close()
-    ledger = OutputLedger(tmp_path)
-    ledger.refresh()
-    ledger.commit_file(footer, [ObjectDelete("b", "k.flac", "t", 0, len(rows), version_id=delete)])
+    ledger = commit_delete(tmp_path, "k.flac", len(rows), version_id=delete)
     table = ledger.table.snapshot().to_pyarrow_dataset().to_table(columns=["etag", "version_id"])
     return ledger, sorted(zip(*(table.column(c).to_pylist() for c in ("etag", "version_id"))))
 

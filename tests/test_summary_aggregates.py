@@ -94,6 +94,26 @@ def write_file(tmp_path, first: int, n: int, group: str = "metavoice-consumer", 
     return out
 
 
+
+def delete_footer(tmp_path, offset: int):
+    """The finalized file of a micro-batch holding only a delete event at t[0] `offset` (no row)."""
+    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
+    w.append(to_table([]), [OffsetRange("t", 0, offset, offset)], Aggregates(delete_events=1))
+    footer = w.finalize()
+    w.close()
+    return footer
+
+
+def commit_delete(tmp_path, key: str, offset: int, version_id: str | None = None) -> OutputLedger:
+    """A delete of b/`key` at t[0] `offset` committed as the committer does; returns its ledger."""
+    from pipeline.ledger import ObjectDelete
+
+    footer = delete_footer(tmp_path, offset)
+    ledger = OutputLedger(tmp_path)
+    ledger.refresh()
+    ledger.commit_file(footer, [ObjectDelete("b", key, "t", 0, offset, version_id=version_id)])
+    return ledger
+
 def test_summary_is_brought_up_to_date_with_files_it_missed(tmp_path):
     write_file(tmp_path, 0, 2)
     publish_summary(tmp_path)

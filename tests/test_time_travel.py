@@ -69,20 +69,11 @@ def test_a_version_counts_what_made_no_row_up_to_it_as_summary_json_does(tmp_pat
 def test_a_version_before_a_delete_keeps_the_row_and_one_after_counts_it_deleted(tmp_path):
     """A delete is a table version like any other: the version before it still holds the row,
     the version after it neither holds nor counts it, as summary.json does."""
-    from pipeline.ledger import ObjectDelete, OutputLedger, publish_summary
-    from pipeline.parquet import OffsetRange, RollingParquetWriter
-    from pipeline.records import to_table
-    from pipeline.summary import Aggregates
-    from tests.test_summary_aggregates import write_file
+    from pipeline.ledger import publish_summary
+    from tests.test_summary_aggregates import commit_delete, write_file
 
     write_file(tmp_path, 0, 2)  # rows k0, k1 (version 1)
-    w = RollingParquetWriter(tmp_path, roll_max_rows=100, roll_max_seconds=60)
-    w.append(to_table([]), [OffsetRange("t", 0, 2, 2)], Aggregates(delete_events=1))
-    footer = w.finalize()
-    w.close()
-    ledger = OutputLedger(tmp_path)
-    ledger.refresh()
-    ledger.commit_file(footer, [ObjectDelete("b", "k1.flac", "t", 0, 2)])
+    commit_delete(tmp_path, "k1.flac", 2)
     summary = publish_summary(tmp_path)
 
     before, after = read_snapshot(tmp_path, version=1).report(), read_snapshot(tmp_path).report()

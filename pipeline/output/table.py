@@ -302,7 +302,7 @@ class DatasetTable:
         from deltalake import DeltaTable
         from deltalake.schema import Field, Schema
 
-        dt = DeltaTable(self.uri, storage_options=self.options or None)
+        dt = self._base or DeltaTable(self.uri, storage_options=self.options or None)  # refresh loaded it
         have = {f.name for f in dt.schema().fields}
         wanted = Schema.from_arrow(SCHEMA).fields
         missing = [Field(f.name, f.type, nullable=True) for f in wanted if f.name not in have]
